@@ -1,0 +1,159 @@
+"""Checkpoint loading (every wrapping the released SR weights use) and our self-describing checkpoints.
+
+Everything is read with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused,
+never executed. Loading into a model is strict by default and a mismatch is reported key by key.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = "srmodels-checkpoint-v1"
+# Wrapper keys in the order they are preferred: EMA weights beat raw ones (Real-ESRGAN, SwinIR real-world).
+WRAPPER_KEYS = ("params_ema", "params", "weight_net_state_dict", "state_dict", "model")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+# Original ESRGAN (xinntao/ESRGAN) names -> BasicSR RRDBNet names.
+_ESRGAN_RENAMES = (
+    (re.compile(r"^RRDB_trunk\.(\d+)\.RDB(\d)\."), r"body.\1.rdb\2."),
+    (re.compile(r"^trunk_conv\."), "conv_body."),
+    (re.compile(r"^upconv1\."), "conv_up1."),
+    (re.compile(r"^upconv2\."), "conv_up2."),
+    (re.compile(r"^HRconv\."), "conv_hr."),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely or does not fit the model."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any] | Mapping[str, torch.Tensor]:
+    """The raw object stored in ``path``, loaded without arbitrary unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused, the file needs arbitrary unpickling (not a plain tensor checkpoint); "
+            f"loading it could execute code ({first})") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Plain ``{key: tensor}`` from any known wrapping, prefixes stripped and ESRGAN names mapped."""
+    if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        for key in WRAPPER_KEYS:
+            if key in obj and _is_tensor_dict(obj[key]):
+                obj = obj[key]
+                break
+        else:
+            raise CheckpointError(
+                f"{source}: no state dict found; top-level keys {sorted(map(str, obj))[:10]}, "
+                f"expected a tensor dict or one of {', '.join(WRAPPER_KEYS)}")
+    if not _is_tensor_dict(obj):
+        raise CheckpointError(f"{source}: does not hold a state dict of tensors")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        for prefix in STRIP_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        for pattern, repl in _ESRGAN_RENAMES:
+            key = pattern.sub(repl, key)
+        out[key] = value
+    return out
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The unwrapped tensors of any checkpoint the project knows (see the module docstring)."""
+    return unwrap_state_dict(read_checkpoint(path), source=str(path))
+
+
+def checkpoint_meta(obj: Any) -> dict[str, Any] | None:
+    """Our own checkpoints describe themselves; released ones return None."""
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        return dict(obj["meta"])
+    return None
+
+
+def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Lines naming missing, unexpected and wrongly shaped keys (empty when the dict fits exactly)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+
+    def block(title: str, keys: list[str]) -> list[str]:
+        if not keys:
+            return []
+        shown = keys[:8] + ([f"... and {len(keys) - 8} more"] if len(keys) > 8 else [])
+        return [f"{title} ({len(keys)}): " + ", ".join(shown)]
+
+    return block("missing", missing) + block("unexpected", unexpected) + block("wrong shape", shaped)
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+              source: str = "checkpoint") -> list[str]:
+    """Load strictly (default) with a readable report; non-strict loads what fits and returns the report."""
+    report = mismatch_report(model, state_dict)
+    if report and strict:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(report))
+    if report:
+        log.warning("%s: partial load into %s: %s", source, type(model).__name__, "; ".join(report))
+        expected = model.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k].shape}
+    model.load_state_dict(state_dict, strict=strict)
+    return report
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """HEAD's commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """Short stable hash of a params mapping (key order independent)."""
+    import json
+
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *, arch: str, kwargs: dict[str, Any],
+                    scale: int, input_range: float, variant: str | None = None, step: int = 0, epoch: int = 0,
+                    provenance: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint that can rebuild its model alone (``weights_only``-loadable: tensors and plain types)."""
+    meta = {"arch": arch, "variant": variant, "kwargs": kwargs, "scale": int(scale), "input_range": float(input_range),
+            "step": int(step), "epoch": int(epoch), "provenance": provenance or {}}
+    if extra:
+        meta.update(extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": FORMAT, "meta": meta, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}},
+               tmp)
+    tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint behind

@@ -1,0 +1,170 @@
+"""The ``srmodels`` command: eval, upscale, downscale (and bench).
+
+Input problems end in one line naming the file and the problem, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .images import ImageError, check_pair, list_images, pair_by_stem, read_image, to_tensor, to_uint8, write_image
+from .imresize import downscale_uint8
+from .inference import upscale
+from .metrics import calculate_psnr, calculate_ssim
+from .model import load_model
+
+log = logging.getLogger("srmodels")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("srmodels: error: --device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _inputs(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(list_images(p))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise ImageError(f"{p}: no such file or folder")
+    if not files:
+        raise ImageError(f"no images found in {', '.join(paths)}")
+    return files
+
+
+def _sr(model, lr: np.ndarray, args, device: torch.device) -> np.ndarray:
+    x = to_tensor(lr).to(device)
+    y = upscale(model, x, model.scale, self_ensemble=args.self_ensemble, tile=args.tile, tile_overlap=args.tile_overlap)
+    return to_uint8(y)
+
+
+def cmd_eval(args) -> int:
+    device = resolve_device(args.device)
+    model = load_model(args.weights, args.arch).to(device)
+    scale = args.scale
+    if model.scale != scale:
+        raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
+    hr_files = list_images(args.hr)
+    if not hr_files:
+        raise ImageError(f"{args.hr}: no images")
+    pairs = pair_by_stem(hr_files, list_images(args.lr), scale) if args.lr else [(p, None) for p in hr_files]
+    rows = []
+    for hr_path, lr_path in pairs:
+        hr = read_image(hr_path)
+        if lr_path is None:
+            hr = hr[: hr.shape[0] // scale * scale, : hr.shape[1] // scale * scale]
+            lr = downscale_uint8(hr, scale)
+        else:
+            lr = read_image(lr_path)
+            hr = check_pair(hr, lr, scale, hr_path, lr_path)
+        sr = _sr(model, lr, args, device)
+        psnr = calculate_psnr(sr, hr, crop_border=args.crop_border, y_channel=args.y_channel)
+        ssim = calculate_ssim(sr, hr, crop_border=args.crop_border, y_channel=args.y_channel)
+        rows.append({"image": hr_path.stem, "psnr": round(float(psnr), 4), "ssim": round(float(ssim), 5)})
+        print(f"{hr_path.stem:<24} {psnr:8.4f} dB  {ssim:.5f}")
+    result = {
+        "images": rows,
+        "mean_psnr": round(float(np.mean([r["psnr"] for r in rows])), 4),
+        "mean_ssim": round(float(np.mean([r["ssim"] for r in rows])), 5),
+        "protocol": {"scale": scale, "crop_border": args.crop_border,
+                     "channel": "y" if args.y_channel else "rgb", "self_ensemble": args.self_ensemble,
+                     "tile": args.tile, "tile_overlap": args.tile_overlap,
+                     "lr": "given" if args.lr else "matlab bicubic of HR"},
+    }
+    print(f"{'mean':<24} {result['mean_psnr']:8.4f} dB  {result['mean_ssim']:.5f}  "
+          f"({'Y' if args.y_channel else 'RGB'}, crop {args.crop_border}, {len(rows)} images)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def cmd_upscale(args) -> int:
+    device = resolve_device(args.device)
+    model = load_model(args.weights, args.arch).to(device)
+    out = Path(args.output)
+    for path in _inputs(args.inputs):
+        sr = _sr(model, read_image(path), args, device)
+        stem = path.stem
+        target = out / f"{stem[:-2] if stem.lower().endswith(f'x{model.scale}') else stem}.png"
+        write_image(target, sr)
+        log.info("%s -> %s", path, target)
+    return 0
+
+
+def cmd_downscale(args) -> int:
+    out = Path(args.output)
+    for path in list_images(args.hr):
+        hr = read_image(path)
+        hr = hr[: hr.shape[0] // args.scale * args.scale, : hr.shape[1] // args.scale * args.scale]
+        write_image(out / f"{path.stem}x{args.scale}.png", downscale_uint8(hr, args.scale))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--weights", required=True, help="checkpoint (ours, or released weights)")
+        p.add_argument("--arch", help="variant name for released weights (ours describe themselves)")
+        p.add_argument("--self-ensemble", action="store_true", help="x8 flips/rotations, averaged")
+        p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (bounds memory)")
+        p.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in LR pixels")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    p = sub.add_parser("eval", help="PSNR/SSIM of a model on a folder of HR images")
+    model_args(p)
+    p.add_argument("--hr", required=True, help="folder of HR images")
+    p.add_argument("--lr", help="folder of LR images (bird <-> birdx4); default: MATLAB bicubic of HR")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--crop-border", type=int, default=4)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--y-channel", dest="y_channel", action="store_true", default=True, help="score on Y (default)")
+    g.add_argument("--rgb", dest="y_channel", action="store_false", help="score on RGB")
+    p.add_argument("--json", help="write per-image and mean results here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("upscale", help="super-resolve images")
+    model_args(p)
+    p.add_argument("inputs", nargs="+", help="images or folders")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("downscale", help="MATLAB-bicubic LR images ({stem}x4.png, the DIV2K naming)")
+    p.add_argument("hr", help="folder of HR images")
+    p.add_argument("output", help="output folder")
+    p.add_argument("--scale", type=int, default=4)
+    p.set_defaults(func=cmd_downscale)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        with torch.inference_mode():
+            return args.func(args)
+    except (ImageError, CheckpointError) as err:
+        print(f"srmodels: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Fusion of several SR candidates by learned softmax weights.
+
+``AttentionWeightNet`` is the per-pixel weight network of NTIRE 2025 image SR x4 team 27 ("Junyi"; released as
+``models/team27_FusionNet.py`` in wentheart/cvpr2025sr): 3x3 convs 3N->64->32->16 with ReLU, a 1x1 conv to N, softmax
+over the candidates. With ``num_candidates=3`` it has the team's 28,387 parameters and loads their checkpoint
+strictly. ``ImageWeightNet`` is their comparative variant: one weight per candidate per image, predicted from the LR
+input. Both only predict weights; ``fuse`` applies them, so the weights can be inspected and pictured.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def fuse(candidates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of N RGB candidates.
+
+    candidates: (B, 3N, H, W), the candidates concatenated on channels; weights: (B, N, H, W) or (B, N, 1, 1).
+    """
+    b, c, h, w = candidates.shape
+    n = weights.shape[1]
+    if c != 3 * n:
+        raise ValueError(f"{c} candidate channels do not match {n} weights (expected {3 * n})")
+    return (candidates.view(b, n, 3, h, w) * weights.unsqueeze(2)).sum(dim=1)
+
+
+class AttentionWeightNet(nn.Module):
+    """Per-pixel softmax weights over ``num_candidates`` SR outputs (team 27's fusion net)."""
+
+    def __init__(self, num_candidates: int = 3) -> None:
+        super().__init__()
+        if num_candidates < 2:
+            raise ValueError(f"fusion needs at least 2 candidates, got {num_candidates}")
+        self.num_candidates = num_candidates
+        self.conv1 = nn.Conv2d(3 * num_candidates, 64, 3, padding=1)
+        self.conv2 = nn.Conv2d(64, 32, 3, padding=1)
+        self.attention = nn.Sequential(
+            nn.Conv2d(32, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, num_candidates, 1),
+        )
+
+    def forward(self, candidates: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(candidates))
+        x = F.relu(self.conv2(x))
+        return torch.softmax(self.attention(x), dim=1)
+
+
+class ImageWeightNet(nn.Module):
+    """One softmax weight per candidate per image, predicted from the LR input (team 27's comparison)."""
+
+    def __init__(self, num_candidates: int = 2, in_chans: int = 3, num_feat: int = 64) -> None:
+        super().__init__()
+        if num_candidates < 2:
+            raise ValueError(f"fusion needs at least 2 candidates, got {num_candidates}")
+        self.num_candidates = num_candidates
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, num_feat, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_feat, num_feat, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(num_feat, num_feat, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(num_feat, num_candidates, 1),
+        )
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(lr).mean(dim=(2, 3), keepdim=True)
+        return torch.softmax(self.head(pooled), dim=1)
+
+
+# kind -> class; the pipeline's ``fusion.kind`` param names one of these.
+FUSION_KINDS: dict[str, type[nn.Module]] = {"pixel": AttentionWeightNet, "image": ImageWeightNet}
+
+
+def fusion_inputs(kind: str, candidates: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """What each kind of weight net looks at: the candidates (pixel) or the LR image (image)."""
+    return candidates if kind == "pixel" else lr

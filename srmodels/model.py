@@ -1,0 +1,99 @@
+"""Backbones with uniform I/O, and building them from variant names or checkpoints.
+
+Everything outside ``srmodels.archs`` talks to a backbone through ``SRModel``: RGB in [0, 1] in, RGB on the
+[0, 1] scale out (not clamped). A network trained on another pixel scale (RFDN_AIM.pth: 0-255) records that scale
+as ``input_range`` and is rescaled here, never by the caller.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import archs
+from .checkpoint import CheckpointError, checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def scale_of(arch: str, kwargs: dict[str, Any]) -> int:
+    """Upscaling factor implied by an architecture's constructor arguments."""
+    if arch == "rfdn":
+        return 4  # the official RFDN ignores its upscale argument
+    return int(kwargs.get("scale", kwargs.get("upscale", 4)))
+
+
+class SRModel(nn.Module):
+    """A raw backbone plus the pixel scale its weights were trained on."""
+
+    def __init__(self, net: nn.Module, arch: str, kwargs: dict[str, Any], input_range: float = 1.0,
+                 variant: str | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.arch = arch
+        self.kwargs = kwargs
+        self.variant = variant
+        self.input_range = float(input_range)
+        self.scale = scale_of(arch, kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_range == 1.0:
+            return self.net(x)
+        return self.net(x * self.input_range) / self.input_range
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this model."""
+        return {"arch": self.arch, "variant": self.variant, "kwargs": self.kwargs, "scale": self.scale,
+                "input_range": self.input_range}
+
+
+def build_model(variant: str, overrides: dict[str, Any] | None = None) -> SRModel:
+    """A freshly initialised model of a named variant (see ``srmodels.archs.VARIANTS``)."""
+    arch, kwargs, input_range = archs.variant_spec(variant)
+    kwargs.update(overrides or {})
+    return SRModel(archs.ARCHS[arch](**kwargs), arch, kwargs, input_range, variant)
+
+
+def infer_variant(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Variants whose state_dict has exactly these keys and shapes (built on the meta device: no memory)."""
+    matches = []
+    for name, (arch, kwargs, _) in archs.VARIANTS.items():
+        with torch.device("meta"):
+            expected = archs.ARCHS[arch](**kwargs).state_dict()
+        if expected.keys() == state_dict.keys() and all(expected[k].shape == state_dict[k].shape for k in expected):
+            matches.append(name)
+    return matches
+
+
+def load_model(weights: str | Path, variant: str | None = None, input_range: float | None = None) -> SRModel:
+    """Rebuild a model from a checkpoint: ours describe themselves; released ones need or imply a variant.
+
+    For released weights the variant's input range applies (``rfdn`` -> 0-255, the scale of RFDN_AIM.pth)
+    unless ``input_range`` is given.
+    """
+    raw = read_checkpoint(weights)
+    state_dict = unwrap_state_dict(raw, source=str(weights))
+    meta = checkpoint_meta(raw)
+    if meta is not None:
+        if variant is not None and variant not in (meta.get("variant"), meta["arch"]):
+            log.warning("%s describes itself as %s (%s); ignoring --arch %s", weights, meta.get("variant"),
+                        meta["arch"], variant)
+        net = archs.ARCHS[meta["arch"]](**meta["kwargs"])
+        model = SRModel(net, meta["arch"], meta["kwargs"], meta["input_range"], meta.get("variant"))
+    else:
+        if variant is None:
+            found = infer_variant(state_dict)
+            if len(found) != 1:
+                raise CheckpointError(
+                    f"{weights}: a released checkpoint without a description; pass --arch "
+                    f"({'it fits: ' + ', '.join(found) if found else 'it fits none of the known variants'})")
+            variant = found[0]
+            log.info("%s: recognised as variant %s", weights, variant)
+        arch, kwargs, default_range = archs.variant_spec(variant)
+        net = archs.ARCHS[arch](**kwargs)
+        model = SRModel(net, arch, kwargs, default_range if input_range is None else input_range, variant)
+    load_into(model.net, state_dict, strict=True, source=str(weights))
+    return model.eval()
