@@ -71,9 +71,12 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
         raise CheckpointError(f"{source}: does not hold a state dict of tensors")
     out: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
-        for prefix in STRIP_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        stripped = True
+        while stripped:  # wrappers nest in any order: torch.compile over DDP, DDP over compile
+            stripped = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
         for pattern, repl in _ESRGAN_RENAMES:
             key = pattern.sub(repl, key)
         out[key] = value

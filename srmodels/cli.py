@@ -115,6 +115,43 @@ def cmd_downscale(args) -> int:
     return 0
 
 
+def _numeric_leaves(obj, prefix: str = "") -> dict[str, float]:
+    if isinstance(obj, dict):
+        out: dict[str, float] = {}
+        for k, v in obj.items():
+            out.update(_numeric_leaves(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return {prefix[:-1]: float(obj)}
+    return {}
+
+
+def compare_metrics(old: dict, new: dict, tol_db: float, tol_ssim: float) -> list[str]:
+    """Lines naming every PSNR/SSIM that moved past its tolerance, appeared or disappeared."""
+    a, b = _numeric_leaves(old), _numeric_leaves(new)
+    problems = []
+    for key in sorted(set(a) | set(b)):
+        leaf = key.rsplit(".", 1)[-1].lower()
+        tol = tol_ssim if "ssim" in leaf else tol_db if "psnr" in leaf else None
+        if tol is None:
+            continue
+        if key not in a or key not in b:
+            problems.append(f"{key}: only in {'committed' if key in a else 'new'} metrics")
+        elif abs(a[key] - b[key]) > tol:
+            problems.append(f"{key}: {a[key]:.4f} -> {b[key]:.4f} (moved {b[key] - a[key]:+.4f}, tolerance {tol})")
+    return problems
+
+
+def cmd_compare_metrics(args) -> int:
+    old, new = (json.loads(Path(p).read_text()) for p in (args.committed, args.new))
+    problems = compare_metrics(old, new, args.tol_db, args.tol_ssim)
+    for line in problems:
+        print(f"MOVED {line}")
+    n = sum(1 for k in _numeric_leaves(old) if "psnr" in k.lower() or "ssim" in k.lower())
+    print(f"compare-metrics: {n} metrics compared, {len(problems)} moved past tolerance")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -151,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output folder")
     p.add_argument("--scale", type=int, default=4)
     p.set_defaults(func=cmd_downscale)
+
+    p = sub.add_parser("compare-metrics", help="fail when PSNR/SSIM metrics moved (CI re-validation)")
+    p.add_argument("committed", help="metrics.json of the committed run")
+    p.add_argument("new", help="metrics.json of the new run")
+    p.add_argument("--tol-db", type=float, default=0.01)
+    p.add_argument("--tol-ssim", type=float, default=0.001)
+    p.set_defaults(func=cmd_compare_metrics)
     return parser
 
 

@@ -22,8 +22,9 @@ Two entry points:
   rounded half away from zero and saturated to [0, 255], as MATLAB's resize kernel returns the input class
   after every pass. This is what reproduces the released Set5 / DIV2K LR files most closely.
 
-Each axis pass is a dense (out, in) weight matrix applied with a matrix product: the symmetric taps are
-folded into the matrix by scatter-adding, so no padding copies are needed.
+Each axis pass applies MATLAB's (out, taps) weight table: per output line, one small matrix-vector product
+with the input lines it reads (mirrored taps index the image directly, so no padded copy is made).
+:func:`weight_matrix` gives the same pass as a dense (out, in) matrix, for inspection and tests.
 """
 from __future__ import annotations
 
@@ -115,24 +116,21 @@ def _resolve_shape(
     return scales, out_hw
 
 
-def _apply_along_axis(mat: np.ndarray, x: np.ndarray, axis: int, block: int = 32) -> np.ndarray:
-    """``mat @ x`` along ``axis``, one band of output rows at a time.
+def _apply_along_axis(idx: np.ndarray, weights: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    """Resize ``x`` along ``axis`` with per-output-pixel taps: ``out[i] = weights[i] @ x[idx[i]]``.
 
-    The matrix is banded (each output reads ~4/scale consecutive inputs, plus mirrored taps at the borders),
-    so multiplying each block of output rows by only the input rows it touches skips the zeros and costs
-    about block-times-tap-count instead of out-times-in.
+    This is the banded (out, in) weight matrix applied without its zeros: one small matrix-vector product
+    per output line over the ~4/scale input lines it reads. It is single-threaded BLAS-level work, which
+    stays fast on busy machines where many small multithreaded matrix products thrash (measured: ~0.1 s vs
+    ~0.8 s for a DIV2K-sized x4 downscale on 2 shared cores). Mirrored taps stay separate products, summed
+    in tap order, as MATLAB's resize kernel does.
     """
     moved = np.moveaxis(x, axis, 0)
-    n_in = moved.shape[0]
-    flat = moved.reshape(n_in, -1)
-    out = np.empty((mat.shape[0], flat.shape[1]), dtype=np.float64)
-    nonzero = mat != 0
-    for r0 in range(0, mat.shape[0], block):
-        r1 = min(r0 + block, mat.shape[0])
-        cols = np.flatnonzero(nonzero[r0:r1].any(axis=0))
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        np.matmul(mat[r0:r1, c0:c1], flat[c0:c1], out=out[r0:r1])
-    return np.moveaxis(out.reshape((mat.shape[0],) + moved.shape[1:]), 0, axis)
+    flat = np.ascontiguousarray(moved).reshape(moved.shape[0], -1)
+    out = np.empty((idx.shape[0], flat.shape[1]), dtype=np.float64)
+    for i in range(idx.shape[0]):
+        np.dot(weights[i], flat[idx[i]], out=out[i])
+    return np.moveaxis(out.reshape((idx.shape[0],) + moved.shape[1:]), 0, axis)
 
 
 def _round_uint8(x: np.ndarray) -> np.ndarray:
@@ -156,8 +154,8 @@ def _resize(
     # Smaller scale first; np.argsort with a stable kind keeps rows first on a tie, like MATLAB's sort.
     for axis in np.argsort(np.asarray(scales), kind="stable"):
         axis = int(axis)
-        mat = weight_matrix(out.shape[axis], out_hw[axis], scales[axis], antialiasing)
-        out = _apply_along_axis(mat, out, axis)
+        idx, weights = contributions(out.shape[axis], out_hw[axis], scales[axis], antialiasing)
+        out = _apply_along_axis(idx, weights, out, axis)
         if round_each_pass:
             out = _round_uint8(out)
     return np.ascontiguousarray(out)

@@ -56,6 +56,7 @@ SCHEMA: dict[str, Any] = {
     "scale": int,
     "device": OneOf("auto", "cpu", "cuda"),
     "threads": int,
+    "paths": {"prepared": str, "finetune": str, "cache": str, "fusion": str, "test": str, "score": str},
     "data": {
         "source": OneOf("samples", "div2k"),
         "fusion_split": OneOf("disjoint", "shared"),

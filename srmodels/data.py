@@ -1,0 +1,404 @@
+"""The ``prepare`` stage: turn the configured image source into the lossless folders every later stage reads.
+
+Layout written under ``out_dir`` (8-bit RGB PNG throughout)::
+
+    train_patches/hr/<stem>_s###.png + lr/<stem>_s###.png   backbone training sub-images
+    fusion_train/hr/<stem>.png + lr/<stem>.png               full images the fusion net learns from
+    val/hr/<stem>.png + lr/<stem>.png                        model selection only
+    eval/<set>/lr/<stem>.png [+ eval/<set>/hr/<stem>.png]    scored sets: 'test' and each data.benchmarks entry
+    splits.json                                              the manifest (which stems went where, and how)
+
+Every HR image is mod-cropped to a multiple of ``scale`` and its LR image is exactly HR / scale. An LR image
+that is not on disk is made from the HR one with the MATLAB-compatible bicubic of :mod:`srmodels.imresize`,
+the degradation that produced the DIV2K / Set5 ``LR_bicubic`` files, so made and released LR images agree.
+
+Planning (listing folders, checking names and ranges) happens before anything is deleted or written, so a
+typo in params.yaml or a missing folder stops the stage without touching the previous output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from skimage import data as skdata
+from tqdm import tqdm
+
+from .images import ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image, write_image
+from .imresize import downscale_uint8
+from .params import ParamsError
+
+log = logging.getLogger(__name__)
+
+# The folders (and the manifest) prepare owns inside out_dir; only these are cleared before writing.
+OUTPUT_DIRS = ("train_patches", "fusion_train", "val", "eval")
+MANIFEST = "splits.json"
+SPLITS = ("backbone_train", "fusion_train", "val", "test")
+
+
+def _gray_to_rgb(img: np.ndarray) -> np.ndarray:
+    """Repeat a grayscale photograph's channel so every image in the pipeline is HxWx3."""
+    return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+
+
+# name -> loader of the scikit-image photographs (bundled with the package: no network needed).
+# The stereo pair is one tuple in skimage; its two views are separate images here.
+SAMPLE_LOADERS: dict[str, Callable[[], np.ndarray]] = {
+    "astronaut": lambda: skdata.astronaut(),
+    "chelsea": lambda: skdata.chelsea(),
+    "coffee": lambda: skdata.coffee(),
+    "rocket": lambda: skdata.rocket(),
+    "hubble_deep_field": lambda: skdata.hubble_deep_field(),
+    "immunohistochemistry": lambda: skdata.immunohistochemistry(),
+    "retina": lambda: skdata.retina(),
+    "motorcycle_left": lambda: skdata.stereo_motorcycle()[0],
+    "motorcycle_right": lambda: skdata.stereo_motorcycle()[1],
+    "camera": lambda: _gray_to_rgb(skdata.camera()),
+    "moon": lambda: _gray_to_rgb(skdata.moon()),
+    "coins": lambda: _gray_to_rgb(skdata.coins()),
+    "clock": lambda: _gray_to_rgb(skdata.clock()),
+    "brick": lambda: _gray_to_rgb(skdata.brick()),
+    "grass": lambda: _gray_to_rgb(skdata.grass()),
+    "gravel": lambda: _gray_to_rgb(skdata.gravel()),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image to prepare: its output stem and where its HR and LR images come from."""
+
+    stem: str
+    origin: str                                  # names the source in messages: a file or 'skimage.data.<name>'
+    load_hr: Callable[[], np.ndarray] | None     # None: the set has no ground truth (DIV2K_test)
+    lr_path: Path | None                         # None: LR is made from the HR with the MATLAB bicubic
+
+
+@dataclass
+class Plan:
+    """Every entry of every split, decided before any output is touched."""
+
+    splits: dict[str, list[Entry]]               # backbone_train, fusion_train, val, test
+    info: dict[str, Any] = field(default_factory=dict)   # source-specific facts for the manifest
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop the bottom/right so both sides are multiples of ``scale`` (the LR is then exactly HR / scale)."""
+    h, w = img.shape[:2]
+    return img[: h - h % scale, : w - w % scale]
+
+
+def patch_positions(length: int, size: int, step: int) -> list[int]:
+    """Top (or left) offsets of sub-images along one side: every ``step``, plus one flush with the far edge.
+
+    The extra last position keeps the border rows/columns in the training data when ``step`` does not divide
+    ``length - size``. Empty when ``length < size``.
+    """
+    if length < size:
+        return []
+    positions = list(range(0, length - size + 1, step))
+    if positions[-1] != length - size:
+        positions.append(length - size)
+    return positions
+
+
+def extract_patches(
+    hr: np.ndarray, lr: np.ndarray, hr_size: int, step: int, scale: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(HR sub-image, matching LR sub-image) pairs, row-major. HR offsets are multiples of ``scale``."""
+    lr_size = hr_size // scale
+    for y in patch_positions(hr.shape[0], hr_size, step):
+        for x in patch_positions(hr.shape[1], hr_size, step):
+            ly, lx = y // scale, x // scale
+            yield hr[y : y + hr_size, x : x + hr_size], lr[ly : ly + lr_size, lx : lx + lr_size]
+
+
+def _check_rgb(img: np.ndarray, origin: str) -> np.ndarray:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ImageError(f"{origin}: expected an HxWx3 uint8 image, got {img.dtype} {img.shape}")
+    return np.ascontiguousarray(img)
+
+
+def load_pair(entry: Entry, scale: int) -> tuple[np.ndarray | None, np.ndarray, bool]:
+    """(mod-cropped HR or None, LR, whether the LR was made here) for one entry.
+
+    A given LR must be exactly the mod-cropped HR / scale, else ImageError naming the LR file.
+    """
+    hr = None
+    if entry.load_hr is not None:
+        hr = _check_rgb(entry.load_hr(), entry.origin)
+        if hr.shape[0] < scale or hr.shape[1] < scale:
+            raise ImageError(f"{entry.origin}: {hr.shape[1]}x{hr.shape[0]} is smaller than the scale x{scale}")
+    if entry.lr_path is None:
+        if hr is None:
+            raise ImageError(f"{entry.origin}: neither an HR nor an LR image")
+        hr = np.ascontiguousarray(mod_crop(hr, scale))
+        return hr, downscale_uint8(hr, scale), True
+    lr = read_image(entry.lr_path)
+    if hr is not None:
+        # check_pair accepts exactly HR // scale per side, i.e. the size of the mod-cropped HR / scale.
+        hr = np.ascontiguousarray(check_pair(hr, lr, scale, Path(entry.origin), entry.lr_path))
+    return hr, lr, False
+
+
+def _hr_entry(stem: str, hr_path: Path, lr_path: Path | None) -> Entry:
+    return Entry(stem=stem, origin=str(hr_path), load_hr=partial(read_image, hr_path), lr_path=lr_path)
+
+
+def _lr_by_stem(folder: Path, scale: int) -> dict[str, Path]:
+    """LR files of an optional folder keyed by HR stem ('0001x4' -> '0001'); {} when the folder is absent."""
+    if not folder.is_dir():
+        return {}
+    return {lr_stem(p.stem, scale): p for p in list_images(folder)}
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def plan_samples(samples: dict[str, list[str]]) -> Plan:
+    """Split the scikit-image photographs as ``data.samples`` says; unknown or repeated names are errors."""
+    seen: dict[str, str] = {}
+    splits: dict[str, list[Entry]] = {}
+    for split in SPLITS:
+        for name in samples[split]:
+            if name not in SAMPLE_LOADERS:
+                raise ParamsError(f"data.samples.{split}: unknown sample {name!r}; "
+                                  f"valid: {', '.join(sorted(SAMPLE_LOADERS))}")
+            if name in seen:
+                where = "twice" if seen[name] == split else f"in both {seen[name]} and {split}"
+                raise ParamsError(f"data.samples.{split}: {name!r} is listed {where} (splits must not overlap)")
+            seen[name] = split
+        splits[split] = [Entry(stem=name, origin=f"skimage.data.{name}", load_hr=SAMPLE_LOADERS[name], lr_path=None)
+                         for name in sorted(samples[split])]
+    return Plan(splits=splits, info={"test_set": "skimage.data"})
+
+
+def _check_ranges(div2k: dict[str, Any]) -> None:
+    ranges = {s: div2k[s] for s in ("backbone_train", "fusion_train", "val")}
+    names = list(ranges)
+    for i, a in enumerate(names):
+        lo, hi = ranges[a]
+        if lo < 1:
+            raise ParamsError(f"data.div2k.{a}: image numbers start at 1, got {ranges[a]}")
+        for b in names[i + 1 :]:
+            if lo <= ranges[b][1] and ranges[b][0] <= hi:
+                raise ParamsError(f"data.div2k.{b}: {ranges[b]} overlaps data.div2k.{a} {ranges[a]} "
+                                  "(splits must not overlap)")
+
+
+def plan_div2k(div2k: dict[str, Any], scale: int, base_dir: Path) -> Plan:
+    """Entries for the standard DIV2K layout under ``data.div2k.root`` (relative to ``base_dir``).
+
+    Train splits are inclusive number ranges inside DIV2K_train; the test set is DIV2K_valid (with HR) or
+    DIV2K_test (LR only). A missing HR folder or image is an ImageError naming the path; a missing LR folder or
+    file means the LR is made with the MATLAB bicubic.
+    """
+    _check_ranges(div2k)
+    root = _resolve(div2k["root"], base_dir)
+    if not root.is_dir():
+        raise ImageError(f"{root}: DIV2K root (data.div2k.root) not found; expected DIV2K_train_HR, "
+                         f"DIV2K_train_LR_bicubic/X{scale}, DIV2K_valid_HR, ... inside it")
+    lr_sub = f"X{scale}"
+    train_hr = {p.stem: p for p in list_images(root / "DIV2K_train_HR")}
+    train_lr = _lr_by_stem(root / "DIV2K_train_LR_bicubic" / lr_sub, scale)
+    splits: dict[str, list[Entry]] = {}
+    for split in ("backbone_train", "fusion_train", "val"):
+        first, last = div2k[split]
+        entries = []
+        for n in range(first, last + 1):
+            stem = f"{n:04d}"
+            if stem not in train_hr:
+                raise ImageError(f"{root / 'DIV2K_train_HR' / (stem + '.png')}: no such image "
+                                 f"(data.div2k.{split} = {div2k[split]})")
+            entries.append(_hr_entry(stem, train_hr[stem], train_lr.get(stem)))
+        splits[split] = entries
+
+    if div2k["test"] == "valid":
+        valid_lr = _lr_by_stem(root / "DIV2K_valid_LR_bicubic" / lr_sub, scale)
+        splits["test"] = [_hr_entry(p.stem, p, valid_lr.get(p.stem)) for p in list_images(root / "DIV2K_valid_HR")]
+        test_set = "DIV2K_valid"
+    else:
+        lr_files = list_images(root / "DIV2K_test_LR_bicubic" / lr_sub)
+        splits["test"] = [Entry(stem=lr_stem(p.stem, scale), origin=str(p), load_hr=None, lr_path=p)
+                          for p in lr_files]
+        test_set = "DIV2K_test"
+    if not splits["test"]:
+        raise ImageError(f"{root}: the {test_set} folder holds no images")
+    return Plan(splits=splits, info={"root": div2k["root"], "test_set": test_set})
+
+
+_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def plan_benchmark(name: str, folder: str, scale: int, base_dir: Path) -> list[Entry]:
+    """Entries of one extra scored set: ``folder/HR`` and optionally ``folder/LR_bicubic/X<scale>``.
+
+    When the LR folder exists every HR needs its LR (``bird`` <-> ``birdx4``); otherwise LR is made here.
+    """
+    if not _SET_NAME.match(name) or name == "test":
+        raise ParamsError(f"data.benchmarks.{name}: not usable as a set name (letters, digits, '_', '.', '-'; "
+                          "'test' is the main test set)")
+    root = _resolve(folder, base_dir)
+    if not root.is_dir():
+        raise ImageError(f"{root}: benchmark folder of data.benchmarks.{name} not found")
+    hr_files = list_images(root / "HR")
+    if not hr_files:
+        raise ImageError(f"{root / 'HR'}: no images (data.benchmarks.{name})")
+    lr_dir = root / "LR_bicubic" / f"X{scale}"
+    if not lr_dir.is_dir():
+        return [_hr_entry(p.stem, p, None) for p in hr_files]
+    return [_hr_entry(hr.stem, hr, lr) for hr, lr in pair_by_stem(hr_files, list_images(lr_dir), scale)]
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def _clear(out_dir: Path) -> None:
+    """Remove what a previous run wrote, so no stale image survives a change of split or source."""
+    for name in OUTPUT_DIRS:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def _write_full(folder: Path, stem: str, hr: np.ndarray | None, lr: np.ndarray) -> None:
+    write_image(folder / "lr" / f"{stem}.png", lr)
+    if hr is not None:
+        write_image(folder / "hr" / f"{stem}.png", hr)
+
+
+def _write_patches(folder: Path, stem: str, hr: np.ndarray, lr: np.ndarray, hr_size: int, step: int,
+                   scale: int) -> int:
+    """Write one image's sub-images; returns how many (0 when the image is smaller than ``hr_size``)."""
+    count = 0
+    for count, (hr_patch, lr_patch) in enumerate(extract_patches(hr, lr, hr_size, step, scale), start=1):
+        write_image(folder / "hr" / f"{stem}_s{count:03d}.png", hr_patch)
+        write_image(folder / "lr" / f"{stem}_s{count:03d}.png", lr_patch)
+    return count
+
+
+def _progress(entries: list[Entry], desc: str) -> Iterator[Entry]:
+    # disable=None: a bar on a terminal, silence in redirected logs.
+    return iter(tqdm(entries, desc=desc, unit="img", disable=None, leave=False))
+
+
+def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | None = None) -> dict[str, Any]:
+    """Write the training, validation and evaluation folders and ``out_dir/splits.json``; return the manifest.
+
+    Args:
+        data: the validated ``params['data']`` section.
+        scale: the super-resolution factor (LR = HR / scale).
+        out_dir: where the layout described in the module docstring is written (its own subfolders are
+            cleared first; other files in it are left alone).
+        base_dir: what relative paths in ``data`` (DIV2K root, benchmark folders) are relative to; default the
+            current directory, i.e. the repository root when DVC runs the stage.
+
+    Raises:
+        ParamsError: unknown sample names, overlapping splits, unusable patch or set settings.
+        ImageError: a missing folder or image, a corrupt file, an LR whose size is not HR / scale.
+    """
+    out_dir = Path(out_dir)
+    base_dir = Path.cwd() if base_dir is None else Path(base_dir)
+    hr_size, step = data["patches"]["hr_size"], data["patches"]["step"]
+    if hr_size < scale or hr_size % scale:
+        raise ParamsError(f"data.patches.hr_size: must be a positive multiple of scale {scale}, got {hr_size}")
+    if step < scale or step % scale:
+        # An HR offset that is not a multiple of scale has no exact LR counterpart.
+        raise ParamsError(f"data.patches.step: must be a positive multiple of scale {scale}, got {step}")
+
+    # Plan everything first: configuration and input errors must not destroy the previous output.
+    plan = plan_samples(data["samples"]) if data["source"] == "samples" else plan_div2k(data["div2k"], scale, base_dir)
+    eval_sets: dict[str, list[Entry]] = {"test": plan.splits["test"]}
+    for name in sorted(data["benchmarks"]):
+        eval_sets[name] = plan_benchmark(name, data["benchmarks"][name], scale, base_dir)
+    shared = data["fusion_split"] == "shared"
+    if shared and plan.splits["fusion_train"]:
+        log.info("fusion_split is 'shared': the fusion net learns from the backbone_train images; the "
+                 "%d configured fusion_train image(s) are not used", len(plan.splits["fusion_train"]))
+    fusion_entries = plan.splits["backbone_train"] if shared else plan.splits["fusion_train"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear(out_dir)
+    lr_made: dict[str, list[str]] = {}
+    patches_per_image: dict[str, int] = {}
+    skipped: list[str] = []
+
+    def note_made(split: str, stem: str, made: bool) -> None:
+        if made:
+            lr_made.setdefault(split, []).append(stem)
+
+    for entry in _progress(plan.splits["backbone_train"], "backbone_train"):
+        hr, lr, made = load_pair(entry, scale)
+        assert hr is not None  # training splits always have HR
+        note_made("backbone_train", entry.stem, made)
+        n = _write_patches(out_dir / "train_patches", entry.stem, hr, lr, hr_size, step, scale)
+        if n == 0:
+            log.warning("%s: %dx%d is smaller than the %d-pixel sub-image; no training patches from it",
+                        entry.origin, hr.shape[1], hr.shape[0], hr_size)
+            skipped.append(entry.stem)
+        patches_per_image[entry.stem] = n
+        if shared:
+            # Same images, loaded once: the full pair is what the fusion net learns from.
+            _write_full(out_dir / "fusion_train", entry.stem, hr, lr)
+    if not shared:
+        for entry in _progress(fusion_entries, "fusion_train"):
+            hr, lr, made = load_pair(entry, scale)
+            note_made("fusion_train", entry.stem, made)
+            _write_full(out_dir / "fusion_train", entry.stem, hr, lr)
+    for entry in _progress(plan.splits["val"], "val"):
+        hr, lr, made = load_pair(entry, scale)
+        note_made("val", entry.stem, made)
+        _write_full(out_dir / "val", entry.stem, hr, lr)
+    has_hr: dict[str, bool] = {}
+    for name, entries in eval_sets.items():
+        for entry in _progress(entries, f"eval/{name}"):
+            hr, lr, made = load_pair(entry, scale)
+            note_made(f"eval/{name}", entry.stem, made)
+            _write_full(out_dir / "eval" / name, entry.stem, hr, lr)
+        has_hr[name] = all(e.load_hr is not None for e in entries)
+    for split, stems in lr_made.items():
+        log.info("%s: LR of %d image(s) made from HR with the MATLAB bicubic (no LR file given)", split, len(stems))
+
+    num_patches = sum(patches_per_image.values())
+    manifest: dict[str, Any] = {
+        "source": data["source"],
+        **plan.info,
+        "scale": scale,
+        "fusion_split": data["fusion_split"],
+        # Says outright where the fusion images came from: 'backbone_train' means the fusion net sees the
+        # backbones' own training images (team 27's setup), so its val/test scores are the honest ones.
+        "fusion_train_from": "backbone_train" if shared else "fusion_train",
+        "splits": {
+            "backbone_train": [e.stem for e in plan.splits["backbone_train"]],
+            "fusion_train": [e.stem for e in fusion_entries],
+            "val": [e.stem for e in plan.splits["val"]],
+            "eval": {name: [e.stem for e in entries] for name, entries in eval_sets.items()},
+        },
+        "eval_has_hr": has_hr,
+        "patches": {"hr_size": hr_size, "lr_size": hr_size // scale, "step": step},
+        "num_patches": num_patches,
+        "patches_per_image": patches_per_image,
+        "skipped_small": skipped,
+        "lr_made": lr_made,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("prepared %d training patches from %d images, %d fusion, %d val, eval sets %s in %s", num_patches,
+             len(plan.splits["backbone_train"]), len(fusion_entries), len(plan.splits["val"]),
+             ", ".join(f"{k} ({len(v)})" for k, v in eval_sets.items()), out_dir)
+    return manifest

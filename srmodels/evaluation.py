@@ -1,0 +1,107 @@
+"""The `test` and `score` steps: fuse cached outputs of the scored sets, then score every model on them.
+
+Nothing here runs a backbone: candidates come from the cache (see ``srmodels.cache``).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .cache import load_output
+from .fusion import fuse, fusion_inputs
+from .images import list_images, read_image, to_tensor, to_uint8, write_image
+from .imresize import imresize
+from .metrics import calculate_psnr, calculate_ssim
+from .report import weight_map_image
+
+log = logging.getLogger(__name__)
+
+
+def eval_sets(prepared: Path) -> list[str]:
+    return sorted(p.name for p in (prepared / "eval").iterdir() if p.is_dir())
+
+
+def candidate_dir(cache_root: Path, member: str, set_name: str, self_ensemble: bool) -> Path:
+    return cache_root / member / ("eval_se" if self_ensemble else "eval") / set_name
+
+
+def load_candidates(dirs: list[Path], stem: str) -> torch.Tensor:
+    """(1, 3N, H, W) float32: the members' cached outputs for one image, concatenated on channels."""
+    return torch.from_numpy(np.concatenate([load_output(d / f"{stem}.npy") for d in dirs]).astype(np.float32))[None]
+
+
+def fuse_eval_sets(net: torch.nn.Module, kind: str, members: list[str], cache_root: Path, prepared: Path,
+                   out_dir: Path, *, self_ensemble: bool, device: torch.device) -> dict[str, int]:
+    """Write ``sr/<set>/<stem>.png`` (fused, 8-bit) and ``weights/<set>/<stem>.png`` (who wins where)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    net = net.to(device).eval()
+    counts = {}
+    with torch.inference_mode():
+        for set_name in eval_sets(prepared):
+            dirs = [candidate_dir(cache_root, m, set_name, self_ensemble) for m in members]
+            lr_files = list_images(prepared / "eval" / set_name / "lr")
+            for lr_path in tqdm(lr_files, desc=f"fuse {set_name}", leave=False):
+                cand = load_candidates(dirs, lr_path.stem).to(device)
+                lr = to_tensor(read_image(lr_path)).to(device)
+                weights = net(fusion_inputs(kind, cand, lr))
+                fused = fuse(cand, weights).clamp_(0, 1)
+                write_image(out_dir / "sr" / set_name / f"{lr_path.stem}.png", to_uint8(fused))
+                w = weights[0].float().cpu().numpy()
+                if w.shape[1:] != fused.shape[2:]:  # one weight per image: picture it at full size
+                    w = np.broadcast_to(w, (w.shape[0], *fused.shape[2:]))
+                write_image(out_dir / "weights" / set_name / f"{lr_path.stem}.png", weight_map_image(w, members))
+            counts[set_name] = len(lr_files)
+    return counts
+
+
+def _scores(sr: np.ndarray, hr: np.ndarray, crop_border: int) -> dict[str, float]:
+    return {"psnr_y": calculate_psnr(sr, hr, crop_border=crop_border, y_channel=True),
+            "ssim_y": calculate_ssim(sr, hr, crop_border=crop_border, y_channel=True),
+            "psnr_rgb": calculate_psnr(sr, hr, crop_border=crop_border, y_channel=False),
+            "ssim_rgb": calculate_ssim(sr, hr, crop_border=crop_border, y_channel=False)}
+
+
+def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_dir: Path, *, scale: int,
+                    crop_border: int, self_ensemble: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Scores of bicubic, each member (plain and x8), and the fusion on every set that has ground truth.
+
+    Every SR image is quantised to 8 bit first, as it would be when saved. Returns (summary, per-image rows):
+    summary[set][model] = mean scores; sets without HR (LR-only test sets) are listed as unscored.
+    """
+    summary: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for set_name in eval_sets(prepared):
+        hr_dir = prepared / "eval" / set_name / "hr"
+        if not hr_dir.is_dir():
+            log.info("%s: LR only (no ground truth); SR images are in %s", set_name, test_dir / "sr" / set_name)
+            summary[set_name] = {"scored": False}
+            continue
+        per_model: dict[str, list[dict[str, float]]] = {}
+        for hr_path in tqdm(list_images(hr_dir), desc=f"score {set_name}", leave=False):
+            stem = hr_path.stem
+            hr = read_image(hr_path)
+            lr = read_image(prepared / "eval" / set_name / "lr" / f"{stem}.png")
+            outputs = {"bicubic": np.clip(np.round(imresize(lr, scale=scale)), 0, 255).astype(np.uint8)}
+            for m in members:
+                outputs[m] = to_uint8(torch.from_numpy(
+                    load_output(candidate_dir(cache_root, m, set_name, False) / f"{stem}.npy").astype(np.float32)))
+                if self_ensemble:
+                    outputs[f"{m}+se"] = to_uint8(torch.from_numpy(
+                        load_output(candidate_dir(cache_root, m, set_name, True) / f"{stem}.npy").astype(np.float32)))
+            outputs["fusion"] = read_image(test_dir / "sr" / set_name / f"{stem}.png")
+            for model, sr in outputs.items():
+                s = _scores(sr, hr, crop_border)
+                per_model.setdefault(model, []).append(s)
+                rows.append({"set": set_name, "image": stem, "model": model, **{k: round(v, 4) for k, v in s.items()}})
+        summary[set_name] = {
+            model: {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
+            for model, scores in per_model.items()}
+        summary[set_name]["num_images"] = len(next(iter(per_model.values())))
+    return summary, rows

@@ -1,0 +1,24 @@
+"""Stage `cache@<backbone>`: run the fine-tuned backbone once over every image later stages use."""
+from _common import setup
+
+import json
+import sys
+from pathlib import Path
+
+from srmodels.cache import cache_outputs
+from srmodels.model import load_model
+from srmodels.train import resolve_device, seed_everything
+
+name = sys.argv[1]
+params = setup(f"cache@{name}")
+inf, paths = params["inference"], params["paths"]
+seed_everything(params["seed"], params["threads"])
+device = resolve_device(params["device"])
+model = load_model(Path(paths["finetune"]) / name / "best.pth")
+if inf["compile"] and device.type == "cuda":
+    model = __import__("torch").compile(model)
+out_dir = Path(paths["cache"]) / name
+counts = cache_outputs(model, Path(paths["prepared"]), out_dir, scale=params["scale"],
+                       self_ensemble=inf["self_ensemble"], tile=inf["tile"], tile_overlap=inf["tile_overlap"],
+                       device=device)
+(out_dir / "counts.json").write_text(json.dumps(counts, indent=1) + "\n")

@@ -1,0 +1,37 @@
+"""Stage `fusion`: train the fusion weight net on the members' cached outputs, select on validation."""
+from _common import provenance, setup
+
+import json
+from pathlib import Path
+
+from srmodels.datasets import FusionCrops, fusion_images
+from srmodels.fusion import FUSION_KINDS
+from srmodels.tracking import start_stage
+from srmodels.train import resolve_device, seed_everything, set_threads, train_fusion
+
+params = setup("fusion")
+fp, paths, scale = params["fusion"], params["paths"], params["scale"]
+prepared, cache, out_dir = Path(paths["prepared"]), Path(paths["cache"]), Path(paths["fusion"])
+members = fp["members"]
+device = resolve_device(params["device"])
+set_threads(params["threads"])
+seed_everything(params["seed"], device)
+
+net = FUSION_KINDS[fp["kind"]](num_candidates=len(members))
+train = FusionCrops([cache / m / "fusion_train" for m in members], prepared / "fusion_train" / "hr",
+                    prepared / "fusion_train" / "lr", lr_patch=fp["lr_patch"], scale=scale,
+                    crops_per_image=fp["crops_per_image"], seed=params["seed"])
+# Select on what the test stage will fuse: self-ensembled members when inference.self_ensemble is on.
+val_split = "val_se" if params["inference"]["self_ensemble"] else "val"
+val = fusion_images([cache / m / val_split for m in members], prepared / "val" / "hr", prepared / "val" / "lr", scale)
+
+with start_stage(params, "fusion") as run:
+    run.log_params({f"fusion.{k}": v for k, v in fp.items()})
+    metrics = train_fusion(net, train, val, kind=fp["kind"], epochs=fp["epochs"], batch=fp["batch"], lr=fp["lr"],
+                           l1_weight=fp["l1_weight"], mse_weight=fp["mse_weight"], device=device,
+                           seed=params["seed"], out_dir=out_dir, crop_border=params["metrics"]["crop_border"],
+                           provenance=provenance(params), members=members, log_metrics=run.log_metrics,
+                           threads=params["threads"])
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    run.log_artifact(out_dir / "curve.csv")
