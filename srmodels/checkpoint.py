@@ -126,16 +126,24 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
     return report
 
 
+# DVC rewrites these tracked files between the stages of one run; they must not make the tree look "dirty".
+_BOOKKEEPING_PATHSPEC = (":(exclude,glob)**/dvc.lock", ":(exclude,glob)**/.gitignore")
+
+
 def git_commit(cwd: str | Path | None = None) -> str:
-    """HEAD's commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+    """HEAD's commit, '+dirty' for uncommitted tracked changes other than DVC's bookkeeping; 'unknown' outside git."""
+    def git(*args: str) -> str | None:
+        try:
+            res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
         return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", *_BOOKKEEPING_PATHSPEC)
+    return sha + ("+dirty" if dirty else "")
 
 
 def params_hash(params: Mapping[str, Any]) -> str:

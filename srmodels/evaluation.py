@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .cache import load_output
 from .fusion import fuse, fusion_inputs
 from .images import list_images, read_image, to_tensor, to_uint8, write_image
-from .imresize import imresize
+from .imresize import imresize_uint8
 from .metrics import calculate_psnr, calculate_ssim
 from .report import weight_map_image
 
@@ -88,7 +88,7 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
             stem = hr_path.stem
             hr = read_image(hr_path)
             lr = read_image(prepared / "eval" / set_name / "lr" / f"{stem}.png")
-            outputs = {"bicubic": np.clip(np.round(imresize(lr, scale=scale)), 0, 255).astype(np.uint8)}
+            outputs = {"bicubic": imresize_uint8(lr, scale=scale)}
             for m in members:
                 outputs[m] = to_uint8(torch.from_numpy(
                     load_output(candidate_dir(cache_root, m, set_name, False) / f"{stem}.npy").astype(np.float32)))

@@ -50,10 +50,18 @@ def _check_nchw(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
 
 
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision sums of several outputs lose bits (bf16 has an ulp of 1/16 at 8): sum in float32 and
+    # cast back at the end; full-precision outputs accumulate in their own dtype.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _accumulate(acc: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     # y comes from invert_transform, always fresh memory, so it can become the accumulator itself; adding in
     # place saves a full output buffer and is fine for autograd (addition saves nothing for backward).
-    return y if acc is None else acc.add_(y)
+    if acc is None:
+        return y.to(_accumulator_dtype(y.dtype))
+    return acc.add_(y)
 
 
 def self_ensemble(model: Model, x: torch.Tensor, *, batch_transforms: bool | None = None) -> torch.Tensor:
@@ -73,9 +81,13 @@ def self_ensemble(model: Model, x: torch.Tensor, *, batch_transforms: bool | Non
     if batch_transforms is None:
         batch_transforms = x.device.type != "cpu"
     acc: torch.Tensor | None = None
+    out_dtype: torch.dtype | None = None
     if not batch_transforms:
         for rot, flip in TRANSFORMS:
-            acc = _accumulate(acc, invert_transform(model(apply_transform(x, rot, flip)), rot, flip))
+            y = model(apply_transform(x, rot, flip))
+            out_dtype = y.dtype
+            acc = _accumulate(acc, invert_transform(y, rot, flip))
+            del y
     else:
         square = x.shape[-1] == x.shape[-2]
         groups = [TRANSFORMS] if square else [TRANSFORMS[:4], TRANSFORMS[4:]]
@@ -84,12 +96,13 @@ def self_ensemble(model: Model, x: torch.Tensor, *, batch_transforms: bool | Non
             out = model(torch.cat([apply_transform(x, rot, flip) for rot, flip in group], dim=0))
             if out.shape[0] != b * len(group):
                 raise ValueError(f"model returned batch {out.shape[0]} for an input batch of {b * len(group)}")
+            out_dtype = out.dtype
             for (rot, flip), chunk in zip(group, out.split(b, dim=0)):
                 acc = _accumulate(acc, invert_transform(chunk, rot, flip))
             del out
-    assert acc is not None
+    assert acc is not None and out_dtype is not None
     # Division by a power of two: exact, so an equivariant model's output comes back unchanged.
-    return acc / len(TRANSFORMS)
+    return (acc / len(TRANSFORMS)).to(out_dtype)
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -143,6 +156,7 @@ def tiled_forward(model: Model, x: torch.Tensor, scale: int, tile: int, overlap:
     logger.debug("tiled forward: %dx%d input, %d x %d tiles of %dx%d", h, w, len(ys), len(xs), th, tw)
 
     acc: torch.Tensor | None = None
+    out_dtype = x.dtype
     # The kept regions form a grid (row core x column core), so the per-pixel count is the outer product
     # of per-axis counts: counted per axis, expanded only for the final division.
     count_y = torch.zeros(h * scale, device=x.device)
@@ -165,8 +179,11 @@ def tiled_forward(model: Model, x: torch.Tensor, scale: int, tile: int, overlap:
                     f"({x.shape[0]}, C, {th * scale}, {tw * scale}) for scale {scale}"
                 )
             if acc is None:
+                out_dtype = out.dtype
                 acc = torch.zeros(
-                    (x.shape[0], out.shape[1], h * scale, w * scale), dtype=out.dtype, device=x.device
+                    (x.shape[0], out.shape[1], h * scale, w * scale),
+                    dtype=_accumulator_dtype(out.dtype),
+                    device=x.device,
                 )
             kept = out[..., (r0 - y0) * scale : (r1 - y0) * scale, (c0 - x0) * scale : (c1 - x0) * scale]
             region = (..., slice(r0 * scale, r1 * scale), slice(c0 * scale, c1 * scale))
@@ -175,7 +192,7 @@ def tiled_forward(model: Model, x: torch.Tensor, scale: int, tile: int, overlap:
             del out, kept
     assert acc is not None
     count = (count_y[:, None] * count_x[None, :]).to(acc.dtype)
-    return acc / count
+    return (acc / count).to(out_dtype)
 
 
 _self_ensemble = self_ensemble  # upscale's `self_ensemble` flag shadows the function inside it

@@ -3,10 +3,12 @@
 Protocol (reference README, 'Reference numbers'; NTIRE ``utils_image.cal_psnr_ssim``; BasicSR):
 
 * Images are HxWxC RGB (or HxW single-channel) arrays. Every computation runs in float64 on the 0-255 scale.
-* The input convention is explicit: ``data_range`` is the value of white in the arrays passed in -- 255 for
-  uint8 (or float arrays on 0-255), 1.0 for float arrays in [0, 1]. Arrays are multiplied by
-  ``255 / data_range``; nothing is guessed from the dtype or the values, and nothing is clipped or rounded
-  here (clamp and round SR outputs to uint8 first if you want the "as saved" numbers).
+* The input convention is explicit: the keyword ``data_range`` is the value of white in the arrays passed
+  in. Its default, 255, is the uint8 / 0-255 convention of saved images; pass ``data_range=1.0`` for float
+  arrays in [0, 1]. Arrays are multiplied by ``255 / data_range``; nothing is inferred from the dtype or the
+  values (a [0, 1] float image passed with the default is NOT detected -- it scores as a nearly black
+  image), except that uint8 with a data_range other than 255 is rejected. Nothing is clipped or rounded
+  here: clamp and round SR outputs to uint8 first for the "as saved" numbers of the reference protocol.
 * ``y_channel=True``: BT.601 luma ``Y = 16 + 65.481 R + 128.553 G + 24.966 B`` with RGB in [0, 1], giving Y
   in [16, 235] on the 0-255 scale, not rounded.
 * ``crop_border`` pixels are removed on every side (after the Y conversion, which is per pixel anyway).
@@ -53,7 +55,7 @@ def to_float255(img: np.ndarray, data_range: float) -> np.ndarray:
     return out
 
 
-def rgb_to_y(img: np.ndarray, *, data_range: float) -> np.ndarray:
+def rgb_to_y(img: np.ndarray, *, data_range: float = 255.0) -> np.ndarray:
     """BT.601 luma of an HxWx3 RGB image, float64 on the 0-255 scale (16 for black, 235 for white).
 
     ``Y = 16 + 65.481 R + 128.553 G + 24.966 B`` with R, G, B in [0, 1]; not rounded. ``data_range`` is the
@@ -62,7 +64,10 @@ def rgb_to_y(img: np.ndarray, *, data_range: float) -> np.ndarray:
     rgb = to_float255(img, data_range)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb_to_y expects an HxWx3 RGB image, got shape {rgb.shape}")
-    return rgb @ (_Y_WEIGHTS / _PEAK) + _Y_OFFSET
+    # An explicit weighted sum, not a matmul: BLAS rounds differently with the array's memory layout, and a
+    # transposed view of identical pixels must still score inf.
+    w = _Y_WEIGHTS / _PEAK
+    return rgb[..., 0] * w[0] + rgb[..., 1] * w[1] + rgb[..., 2] * w[2] + _Y_OFFSET
 
 
 def _prepare(
@@ -92,7 +97,7 @@ def _prepare(
 
 
 def calculate_psnr(
-    img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool, *, data_range: float
+    img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool, *, data_range: float = 255.0
 ) -> float:
     """PSNR in dB of ``img`` against ``ref`` (peak 255 on the 0-255 scale, also on Y); ``inf`` if identical.
 
@@ -100,7 +105,7 @@ def calculate_psnr(
         img, ref: HxWx3 RGB (or HxW) arrays of identical shape.
         crop_border: pixels removed on each side before comparing.
         y_channel: compare BT.601 Y instead of all RGB values.
-        data_range: value of white in the inputs: 255 for uint8 / 0-255 floats, 1.0 for [0, 1] floats.
+        data_range: value of white in the inputs: 255 (default) for uint8 / 0-255 floats, 1.0 for [0, 1] floats.
     """
     a, b = _prepare(img, ref, crop_border, y_channel, data_range)
     mse = float(np.mean((a - b) ** 2))
@@ -141,7 +146,7 @@ def _ssim_channel(a: np.ndarray, b: np.ndarray, taps: np.ndarray) -> float:
 
 
 def calculate_ssim(
-    img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool, *, data_range: float
+    img: np.ndarray, ref: np.ndarray, crop_border: int, y_channel: bool, *, data_range: float = 255.0
 ) -> float:
     """SSIM of ``img`` against ``ref`` (11x11 Gaussian, sigma 1.5, 0-255 constants, valid-region mean).
 

@@ -20,11 +20,12 @@ How separate stage processes find their common parent
 
 Where the data goes
     ``params['mlflow']['tracking_uri']`` (default ``sqlite:///mlflow.db``), overridden by ``$MLFLOW_TRACKING_URI``.
-    ``none`` (or empty) turns tracking off. A relative sqlite path (or a bare store folder) resolves against the
-    repository root: ``$DVC_ROOT`` when set, else the current directory. DVC sets ``DVC_ROOT`` for every stage
-    command, and for ``dvc exp run`` (workspace, ``--temp`` and queued runs alike) it overrides it with the
-    *parent* repository's root, not the ``.dvc/tmp/exps/...`` copy (dvc 3.x, ``repo/experiments/queue/base.py``),
-    so temporary experiments write to the repository's own ``mlflow.db``. A new experiment gets an absolute
+    ``none`` / ``off`` (or an empty params value) turns tracking off. A relative sqlite path (or a bare store
+    folder) resolves against the repository root: ``$DVC_ROOT`` when set, else the current directory. DVC sets
+    ``DVC_ROOT`` for every stage command, and for ``dvc exp run`` (workspace, ``--temp`` and queued runs alike)
+    it overrides it with the *parent* repository's root, not the ``.dvc/tmp/exps/...`` copy (dvc 3.x,
+    ``repo/experiments/queue/base.py``; checked with dvc 3.67 ``--temp``), so temporary experiments write to
+    the repository's own ``mlflow.db``. A new experiment gets an absolute
     ``file://.../mlartifacts`` artifact location next to the database, so artifacts never land inside
     ``.dvc/tmp`` either. For an http(s) server the server decides where artifacts go.
 
@@ -50,13 +51,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping
 
-from .checkpoint import params_hash
+from .checkpoint import git_commit as code_version, params_hash
 from .params import flatten
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,6 @@ _MAX_KEY = 250
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
-# DVC rewrites these tracked files while a pipeline runs; they must not change the pipeline key mid-run.
-_BOOKKEEPING_PATHSPEC = (":(exclude,glob)**/dvc.lock", ":(exclude,glob)**/.gitignore")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -128,27 +126,6 @@ def artifact_location(uri: str, root: Path | None = None) -> str | None:
         if path.startswith("/"):
             return (Path(path).parent / ARTIFACTS_DIR).as_uri()
     return ((root or repo_root()) / ARTIFACTS_DIR).as_uri()  # other databases: beside the repository
-
-
-def _git(args: list[str], cwd: Path | None) -> str | None:
-    try:
-        res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() if res.returncode == 0 else None
-
-
-def code_version(cwd: Path | None = None) -> str:
-    """HEAD's commit, ``+dirty`` for uncommitted tracked changes other than DVC's bookkeeping; 'unknown' outside git.
-
-    Same format as :func:`srmodels.checkpoint.git_commit`, except that ``dvc.lock`` / ``.gitignore`` edits
-    (which ``dvc repro`` makes between stages) do not count as dirty.
-    """
-    sha = _git(["rev-parse", "HEAD"], cwd)
-    if not sha:
-        return "unknown"
-    dirty = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", *_BOOKKEEPING_PATHSPEC], cwd)
-    return sha + ("+dirty" if dirty else "")
 
 
 def pipeline_key(params: Mapping[str, Any], cwd: Path | None = None) -> str:
@@ -332,7 +309,7 @@ class StageRun:
     def _end(self, status: str) -> None:
         self._client.set_terminated(self.run_id, status=status)
         # The parent spans several processes: it ends with each stage and is set RUNNING again by the next.
-        self._client.set_terminated(self.parent_run_id, status="FAILED" if status == "FAILED" else "FINISHED")
+        self._client.set_terminated(self.parent_run_id, status=status)
 
     # -- guarded calls -----------------------------------------------------------------------------------------
     def _fail(self, action: str, err: BaseException) -> None:

@@ -33,7 +33,8 @@ metrics = {
 out_dir.mkdir(parents=True, exist_ok=True)
 (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
 write_csv(out_dir / "per_image.csv", rows)
-(out_dir / "table.md").write_text(markdown_table(summary))
+table_rows = [{"set": s, "model": m, **v} for s, d in summary.items() for m, v in d.items() if isinstance(v, dict)]
+(out_dir / "table.md").write_text(markdown_table(table_rows))
 plots = out_dir / "plots"
 plots.mkdir(exist_ok=True)
 key = "psnr_y" if mp["y_channel"] else "psnr_rgb"

@@ -229,3 +229,22 @@ def test_upscale_keeps_grad_when_wanted(tiny):
     assert out.requires_grad and not out.is_inference()
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_half_precision_outputs_accumulate_in_float32(tiny):
+    x = _rand(1, 3, 9, 12, seed=6)
+
+    def half_model(t: torch.Tensor) -> torch.Tensor:
+        return tiny(t).to(torch.bfloat16)
+
+    def widened(t: torch.Tensor) -> torch.Tensor:
+        return half_model(t).float()
+
+    with torch.no_grad():
+        ens = self_ensemble(half_model, x)
+        assert ens.dtype == torch.bfloat16
+        # Summed in float32, rounded to bf16 once: equal to the float32 ensemble of the same bf16 outputs.
+        assert torch.equal(ens, self_ensemble(widened, x).to(torch.bfloat16))
+        tiled = tiled_forward(half_model, x, SCALE, 8, 4)
+        assert tiled.dtype == torch.bfloat16
+        assert torch.equal(tiled, tiled_forward(widened, x, SCALE, 8, 4).to(torch.bfloat16))

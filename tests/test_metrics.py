@@ -123,5 +123,7 @@ def test_input_conventions_and_errors():
         calculate_psnr(a, b, 20, False, data_range=255)  # crop leaves nothing
     with pytest.raises(ValueError):
         calculate_ssim(a[:14], b[:14], 2, False, data_range=255)  # smaller than the 11x11 window
+    # The default convention is 0-255; data_range is keyword-only so a positional slip cannot set it.
+    assert calculate_psnr(a, b, 4, True) == p255
     with pytest.raises(TypeError):
-        calculate_psnr(a, b, 0, False)  # data_range is required
+        calculate_psnr(a, b, 0, False, 255)  # type: ignore[misc]

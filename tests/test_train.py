@@ -148,7 +148,7 @@ def test_fusion_crops_align_candidates_lr_hr(tmp_path):
 def sr_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sr")
     rng = np.random.default_rng(0)
-    lr_dir, hr_dir = write_split(root / "train", {f"t{i}_s001": smooth_image(rng, 80, 80) for i in range(12)})
+    lr_dir, hr_dir = write_split(root / "train", {f"t{i}_s001": smooth_image(rng, 80, 80) for i in range(8)})
     val_lr, val_hr = write_split(root / "val", {f"v{i}": smooth_image(rng, 64, 64) for i in range(2)})
     return {"train": (lr_dir, hr_dir), "val": list_pairs(val_hr, val_lr, SCALE)}
 
@@ -182,13 +182,25 @@ def test_finetune_learns_and_writes_outputs(sr_data, straight):
     rows = list(csv.DictReader((out / "curve.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"] and rows[0]["train_loss"] == ""
     assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"])
-    assert metrics["epochs"] == 2 and metrics["steps"] == 6 and metrics["resumed_from_epoch"] == 0
+    assert metrics["epochs"] == 2 and metrics["steps"] == 4 and metrics["resumed_from_epoch"] == 0
     assert metrics["best_val_psnr"] == max(float(r["val_psnr"]) for r in rows)
     # best.pth rebuilds itself and scores what was reported.
     best = load_model(out / "best.pth")
     assert checkpoint_meta(read_checkpoint(out / "best.pth"))["epoch"] == metrics["best_epoch"]
     psnr, _ = evaluate(lambda x: best(x), sr_data["val"], SCALE, 4)
     assert psnr == pytest.approx(metrics["best_val_psnr"], abs=1e-9)
+
+
+def test_initial_model_can_be_best(sr_data, straight, tmp_path):
+    """A pretrained start that training only spoils: epoch 0 stays best and best.pth keeps its weights."""
+    _, _, straight_out = straight
+    model = load_model(straight_out / "best.pth")
+    train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
+    metrics = finetune(model, train, sr_data["val"], epochs=1, batch=4, lr=0.5, schedule="constant",
+                       device="cpu", seed=0, out_dir=tmp_path, crop_border=4, threads=THREADS)
+    assert metrics["best_epoch"] == 0 and not metrics["improved"]
+    assert metrics["final_val_psnr"] < metrics["initial_val_psnr"] == metrics["best_val_psnr"]
+    assert same_weights(load_model(tmp_path / "best.pth"), load_model(straight_out / "best.pth"))
 
 
 def test_same_seed_same_weights(sr_data, straight, tmp_path):
@@ -251,7 +263,7 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
     train, val = fusion_sets(fusion_data)
     torch.manual_seed(0)
     net = AttentionWeightNet(num_candidates=2)
-    metrics = train_fusion(net, train, val, kind="pixel", epochs=8, batch=8, lr=3e-3, l1_weight=0.8,
+    metrics = train_fusion(net, train, val, kind="pixel", epochs=4, batch=8, lr=3e-3, l1_weight=0.8,
                            mse_weight=0.2, device="cpu", seed=0, out_dir=tmp_path, crop_border=4,
                            provenance={"test": True}, threads=THREADS)
     best_member = max(metrics["member_val_psnr"].values())
@@ -268,7 +280,7 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
     with torch.no_grad():
         w = reloaded.eval()(cands)[0]
     assert w[0, :, 4:28].mean() > 0.9 and w[1, :, 36:60].mean() > 0.9
-    assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 9
+    assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 5
 
 
 def test_image_fusion_checkpoint(fusion_data, tmp_path):

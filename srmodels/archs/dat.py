@@ -575,11 +575,11 @@ class DAT(nn.Module):
         split_size = list(to_2tuple(split_size))
         num_feat = 64
         self.img_range = img_range
-        # a plain attribute, not a buffer: checkpoints do not carry it
+        # a plain attribute, not a buffer: checkpoints do not carry it (forward moves it to the input)
         if in_chans == 3:
-            self.mean = torch.tensor((0.4488, 0.4371, 0.4040)).view(1, 3, 1, 1)
+            self.mean = torch.tensor((0.4488, 0.4371, 0.4040), device="cpu").view(1, 3, 1, 1)
         else:
-            self.mean = torch.zeros(1, 1, 1, 1)
+            self.mean = torch.zeros(1, 1, 1, 1, device="cpu")
         self.upscale = upscale
         self.upsampler = upsampler
 
@@ -589,7 +589,7 @@ class DAT(nn.Module):
         self.use_chk = use_chk
         self.num_features = self.embed_dim = embed_dim
         self.before_RG = nn.Sequential(_ToTokens(), nn.LayerNorm(embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()
         self.layers = nn.ModuleList([
             ResidualGroup(dim=embed_dim, num_heads=num_heads[i], reso=img_size, split_size=split_size,
                           expansion_factor=expansion_factor, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate,

@@ -38,6 +38,14 @@ def conv_same(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.
     return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=(kernel_size - 1) // 2)
 
 
+def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """NHWC copy of a CPU batch: oneDNN convolves it directly instead of reordering every activation to its
+    blocked layout and back around each conv (measured 5-25% of a CPU forward). Other devices are left alone."""
+    if x.device.type == "cpu" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def lrelu_(x: torch.Tensor) -> torch.Tensor:
     # In place as upstream: every call site owns a fresh tensor nobody else reads.
     return F.leaky_relu(x, _LRELU_SLOPE, inplace=True)
@@ -131,10 +139,10 @@ class RFDN(nn.Module):
         if h < MIN_INPUT_SIZE or w < MIN_INPUT_SIZE:
             raise ValueError(f"RFDN needs H, W >= {MIN_INPUT_SIZE} (its ESA pools 7x7 at 1/2 resolution); "
                              f"got {h}x{w}")
-        fea = self.fea_conv(x)
+        fea = self.fea_conv(channels_last_on_cpu(x))
         b1 = self.B1(fea)
         b2 = self.B2(b1)
         b3 = self.B3(b2)
         b4 = self.B4(b3)
         out = self.LR_conv(self.c(torch.cat((b1, b2, b3, b4), dim=1))) + fea
-        return self.upsampler(out)
+        return self.upsampler(out).contiguous()

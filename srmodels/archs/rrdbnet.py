@@ -33,6 +33,14 @@ def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
     return nn.Conv2d(in_ch, out_ch, 3, 1, 1)
 
 
+def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """NHWC copy of a CPU batch: oneDNN convolves it directly instead of reordering every activation to its
+    blocked layout and back around each conv (measured ~5% of a CPU forward). Other devices are left alone."""
+    if x.device.type == "cpu" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def lrelu_(x: torch.Tensor) -> torch.Tensor:
     # In place as upstream: applied only to fresh conv outputs.
     return F.leaky_relu(x, _LRELU_SLOPE, inplace=True)
@@ -117,8 +125,8 @@ class RRDBNet(nn.Module):
         if self.unshuffle_factor > 1:
             # Same channel order as BasicSR's own pixel_unshuffle (c, dy, dx), which released x2/x1 weights expect.
             x = F.pixel_unshuffle(x, self.unshuffle_factor)
-        feat = self.conv_first(x)
+        feat = self.conv_first(channels_last_on_cpu(x))
         feat = feat + self.conv_body(self.body(feat))
         feat = lrelu_(self.conv_up1(F.interpolate(feat, scale_factor=2.0, mode="nearest")))
         feat = lrelu_(self.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")))
-        return self.conv_last(lrelu_(self.conv_hr(feat)))
+        return self.conv_last(lrelu_(self.conv_hr(feat))).contiguous()

@@ -202,14 +202,15 @@ class WindowAttention(nn.Module):
         """(num_heads, N, N) bias for every token pair of a window."""
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1)
+        # Contiguous, so that bias + mask comes out contiguous too and the attention kernel need not copy it.
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B * num_windows, N, C); mask: additive (num_windows, N, N) or None."""
         b_, n, c = x.shape
         q, k, v = self.qkv(x).view(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         if mask is None:
-            bias = self.relative_position_bias().unsqueeze(0).contiguous()
+            bias = self.relative_position_bias().unsqueeze(0)
         else:
             bias = self.relative_position_bias().unsqueeze(0) + mask.unsqueeze(1)
             if b_ != mask.shape[0]:
