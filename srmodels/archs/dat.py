@@ -137,11 +137,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     q, k, v: (branches, B, windows, heads, N, d); biases[i]: (heads, N, N) or None; masks[i]: (windows, N, N).
     """
     attn = (q * scale) @ k.transpose(-2, -1)
-    for i, branch in enumerate(attn):
-        if biases[i] is not None:
-            branch.add_(biases[i])
+    for i, bias in enumerate(biases):
+        # indexing (not unbind) keeps the in-place adds legal under autograd
+        if bias is not None:
+            attn[i].add_(bias)
         if masks is not None:
-            branch.add_(masks[i].unsqueeze(1))
+            attn[i].add_(masks[i].unsqueeze(1))
     return attn_drop(attn.softmax(dim=-1)) @ v
 
 
@@ -403,16 +404,19 @@ class Adaptive_Channel_Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int, cache: Optional[_Cache] = None) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 4, 1).unbind(0)  # each (B, heads, d, N)
-        conv_x = self.dwconv(_tokens_as_image(qkv[:, :, 2].reshape(B, N, C), H, W)
-                             .contiguous(memory_format=torch.channels_last))
+        heads = self.num_heads
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(B, N, 3, heads, C // heads).permute(2, 0, 3, 4, 1).unbind(0)  # each (B, heads, d, N)
+        conv_x = self.dwconv(_tokens_as_image(qkv[..., 2 * C:], H, W).contiguous(memory_format=torch.channels_last))
 
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        attn = (q @ k.transpose(-2, -1)) * self.temperature
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        attened_x = (attn @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+        # q and k are L2-normalised over the tokens. Dividing the small (d x d) product by both norms equals
+        # normalising first, and the column sums over the token-major layout are much cheaper than
+        # reductions along the strided token axis.
+        norms = qkv[..., :2 * C].square().sum(1).sqrt_().clamp_min_(1e-12).view(B, 2, heads, C // heads)
+        attn = (q @ k.transpose(-2, -1)) / (norms[:, 0, :, :, None] * norms[:, 1, :, None, :])
+        attn = self.attn_drop((attn * self.temperature).softmax(dim=-1))
+        # (N x d) @ (d x d) per head gives token-major rows, so one cheap interleave makes (B, N, C)
+        attened_x = (v.transpose(-2, -1) @ attn.transpose(-2, -1)).transpose(1, 2).reshape(B, N, C)
 
         # adaptive interaction: channel gate from the attention branch, spatial gate from the conv branch
         channel_map = self.channel_interaction(_tokens_as_image(attened_x, H, W))

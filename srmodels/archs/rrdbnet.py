@@ -34,8 +34,11 @@ def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
 
 
 def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:
-    """NHWC copy of a CPU batch: oneDNN convolves it directly instead of reordering every activation to its
-    blocked layout and back around each conv (measured ~5% of a CPU forward). Other devices are left alone."""
+    """NHWC copy of a CPU batch, other devices untouched.
+
+    oneDNN convolves NHWC activations directly; NCHW ones are reordered to its blocked layout and back around
+    every conv (~5% of a one-thread CPU forward here). Values change only by summation order.
+    """
     if x.device.type == "cpu" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
