@@ -114,64 +114,64 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def _core(start: int, size: int, length: int, margin: int) -> tuple[int, int]:
-    """Part of a tile kept in the blend: drop ``margin`` pixels on sides that are inside the image.
+def _windows(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Per-axis (window start, window size, kept start, kept end) of a tiled forward.
 
-    Near a tile's artificial border the model sees padding instead of the true neighbours; sides on the
-    image border are what the untiled model sees too, so they are kept.
+    Cores of ``tile`` pixels cover the axis (the last shifted back inside). Each model call sees its core
+    plus ``overlap`` pixels of real context on either side (the window is shifted inside the image rather
+    than padded, so every call has the same size), and keeps its core widened by ``overlap // 2`` towards
+    its neighbours, so neighbouring outputs overlap and are averaged.
     """
-    lo = start + (margin if start > 0 else 0)
-    hi = start + size - (margin if start + size < length else 0)
-    return lo, hi
+    win = min(tile + 2 * overlap, length)
+    margin = overlap // 2
+    out = []
+    for c0 in tile_starts(length, min(tile, length), tile):
+        c1 = min(c0 + tile, length)
+        w0 = min(max(c0 - overlap, 0), length - win)
+        k0 = max(c0 - margin, w0) if c0 > 0 else 0
+        k1 = min(c1 + margin, w0 + win) if c1 < length else length
+        out.append((w0, win, k0, k1))
+    return out
 
 
 def tiled_forward(model: Model, x: torch.Tensor, scale: int, tile: int, overlap: int) -> torch.Tensor:
-    """Run ``model`` on overlapping ``tile`` x ``tile`` LR crops and blend the outputs.
+    """Run ``model`` tile by tile with ``overlap`` LR pixels of context around each tile, blending the seams.
 
-    Tiles step by ``tile - overlap``; the last tile on each axis is shifted back inside the image (never
-    padded), so every call sees the same size ``min(tile, H)`` x ``min(tile, W)``. Each tile contributes its
-    output minus ``overlap // 2`` LR pixels (times ``scale``) on every side that borders another tile; where
-    such cores overlap the outputs are averaged (accumulated sum divided by the per-pixel count). Hence a
-    model whose receptive-field radius is at most ``overlap // 2`` gives the untiled result up to float
-    rounding; for global models (transformers) it is the usual approximation, with seams inside overlaps.
+    Each call sees a ``tile + 2 * overlap`` window (clipped to the image; edge windows shifted inside, never
+    padded, so all calls have one size) and contributes its ``tile`` core plus ``overlap // 2`` pixels towards
+    each neighbour; where contributions overlap they are averaged (sum / per-pixel count). A model whose
+    receptive-field radius is at most ``overlap // 2`` therefore gives the untiled result up to float rounding.
+    Models with wide context (RFDN's ESA pools over the whole input, transformers attend across windows) see
+    at least ``tile + overlap`` pixels per call, which is what keeps tiling within a few hundredths of a dB.
 
     If the tile covers the whole image the model is called once on ``x`` itself: bit-identical to untiled.
-    Only one tile's activations exist at a time; the output accumulator lives on ``x.device``.
+    Only one window's activations exist at a time; the output accumulator lives on ``x.device``.
     """
     _check_nchw(x)
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0, got {overlap}")
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")
     h, w = x.shape[-2:]
     if tile >= h and tile >= w:
         return model(x)
 
-    th, tw = min(tile, h), min(tile, w)
-    stride = tile - overlap
-    margin = overlap // 2
-    ys, xs = tile_starts(h, th, stride), tile_starts(w, tw, stride)
-    logger.debug("tiled forward: %dx%d input, %d x %d tiles of %dx%d", h, w, len(ys), len(xs), th, tw)
+    rows, cols = _windows(h, tile, overlap), _windows(w, tile, overlap)
+    logger.debug("tiled forward: %dx%d input, %d x %d windows", h, w, len(rows), len(cols))
+    # Kept regions form a grid (row range x column range): the per-pixel count is an outer product.
+    count_y = torch.zeros(h * scale, device=x.device)
+    count_x = torch.zeros(w * scale, device=x.device)
+    for _, _, k0, k1 in rows:
+        count_y[k0 * scale : k1 * scale] += 1
+    for _, _, k0, k1 in cols:
+        count_x[k0 * scale : k1 * scale] += 1
 
     acc: torch.Tensor | None = None
     out_dtype = x.dtype
-    # The kept regions form a grid (row core x column core), so the per-pixel count is the outer product
-    # of per-axis counts: counted per axis, expanded only for the final division.
-    count_y = torch.zeros(h * scale, device=x.device)
-    count_x = torch.zeros(w * scale, device=x.device)
-    for y0 in ys:
-        r0, r1 = _core(y0, th, h, margin)
-        count_y[r0 * scale : r1 * scale] += 1
-    for x0 in xs:
-        c0, c1 = _core(x0, tw, w, margin)
-        count_x[c0 * scale : c1 * scale] += 1
-
-    for y0 in ys:
-        r0, r1 = _core(y0, th, h, margin)
-        for x0 in xs:
-            c0, c1 = _core(x0, tw, w, margin)
+    for y0, th, r0, r1 in rows:
+        for x0, tw, c0, c1 in cols:
             out = model(x[..., y0 : y0 + th, x0 : x0 + tw])
             if out.ndim != 4 or out.shape[0] != x.shape[0] or tuple(out.shape[-2:]) != (th * scale, tw * scale):
                 raise ValueError(
@@ -217,7 +217,7 @@ def upscale(
         self_ensemble: average the x8 geometric self-ensemble (see :func:`self_ensemble`).
         tile: LR tile size for :func:`tiled_forward`; ``None`` runs the whole image at once. With the ensemble,
             each transformed image is tiled.
-        tile_overlap: overlap between tiles in LR pixels.
+        tile_overlap: LR pixels of context around each tile (see :func:`tiled_forward`).
         batch_transforms: forwarded to :func:`self_ensemble`.
 
     Runs under ``torch.inference_mode()`` unless gradients are wanted (grad mode on and ``x.requires_grad``).

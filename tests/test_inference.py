@@ -187,10 +187,11 @@ def test_tiled_too_small_overlap_is_not_exact(tiny):
 def test_tiled_exact_for_pointwise_model_and_bounded_tiles():
     x = _dyadic(2, 3, 23, 17)
     rec = Recorder()
-    out = tiled_forward(rec, x, SCALE, 8, 3)
+    out = tiled_forward(rec, x, SCALE, 6, 2)
     assert torch.equal(out, _nearest(x))
-    assert all(s == (2, 3, 8, 8) for s in rec.shapes)  # one fixed-size tile at a time, edges shifted in
-    assert len(rec.shapes) == len(tile_starts(23, 8, 5)) * len(tile_starts(17, 8, 5))
+    # one fixed-size window (tile + 2 * overlap) at a time, edge windows shifted inside the image
+    assert all(s == (2, 3, 10, 10) for s in rec.shapes)
+    assert len(rec.shapes) == len(tile_starts(23, 6, 6)) * len(tile_starts(17, 6, 6))
 
 
 def test_tiled_batch_safe_and_errors(tiny):
@@ -200,7 +201,9 @@ def test_tiled_batch_safe_and_errors(tiny):
         one = torch.cat([tiled_forward(tiny, x[i : i + 1], SCALE, 8, 4) for i in range(2)])
     torch.testing.assert_close(both, one, atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
-        tiled_forward(tiny, x, SCALE, 8, 8)
+        tiled_forward(tiny, x, SCALE, 8, -1)
+    with pytest.raises(ValueError):
+        tiled_forward(tiny, x, SCALE, 0, 4)
     with pytest.raises(ValueError):
         tiled_forward(tiny, x, 2, 8, 4)  # wrong scale for the model
     with pytest.raises(ValueError):

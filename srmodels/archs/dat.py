@@ -5,9 +5,9 @@ Linghe Kong, Xiaokang Yang, Xin Yuan. ICCV 2023. https://arxiv.org/abs/2308.0336
 Official code: https://github.com/zhengchen1999/DAT (basicsr/archs/dat_arch.py).
 
 This is an independent re-implementation. Constructor keywords, module attribute names (hence
-``state_dict`` keys, including every persistent buffer) and forward numerics follow the official code,
-so released checkpoints load with ``strict=True`` and give the same outputs. The forward is organised
-for CPU speed instead of following the official op sequence:
+``state_dict`` keys, including every persistent buffer) and forward semantics follow the official code,
+so released checkpoints load with ``strict=True`` and give the same outputs up to float32 rounding.
+The forward is organised for CPU speed instead of following the official op sequence:
 
 * the spatial attention moves q, k, v into window order (zero padding, cyclic shift and window
   partition at once) with one row gather, and moves the result back (un-partition, reverse shift,
@@ -16,7 +16,9 @@ for CPU speed instead of following the official op sequence:
 * feature maps stay token-major; the convolutions see them as channels-last NCHW views, so no
   transposes are needed around them;
 * shift masks and gather indices for a given input size are built once per forward and shared by
-  all blocks, instead of once per block.
+  all blocks, instead of once per block;
+* the channel attention divides its small (d x d) score matrix by the token norms of q and k instead
+  of normalising q and k along their strided token axis.
 """
 from __future__ import annotations
 
@@ -248,7 +250,8 @@ class Spatial_Attention(nn.Module):
             return None
         n = self.H_sp * self.W_sp
         table = self.pos(self.rpe_biases)
-        return table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        # contiguous: it is added to every window, and a strided operand slows those adds down
+        return table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
 class Adaptive_Spatial_Attention(nn.Module):
@@ -412,7 +415,7 @@ class Adaptive_Channel_Attention(nn.Module):
         # q and k are L2-normalised over the tokens. Dividing the small (d x d) product by both norms equals
         # normalising first, and the column sums over the token-major layout are much cheaper than
         # reductions along the strided token axis.
-        norms = qkv[..., :2 * C].square().sum(1).sqrt_().clamp_min_(1e-12).view(B, 2, heads, C // heads)
+        norms = qkv[..., :2 * C].square().sum(1).sqrt().clamp_min(1e-12).view(B, 2, heads, C // heads)
         attn = (q @ k.transpose(-2, -1)) / (norms[:, 0, :, :, None] * norms[:, 1, :, None, :])
         attn = self.attn_drop((attn * self.temperature).softmax(dim=-1))
         # (N x d) @ (d x d) per head gives token-major rows, so one cheap interleave makes (B, N, C)
@@ -504,7 +507,7 @@ class Upsample(nn.Sequential):
 
     def __init__(self, scale: int, num_feat: int) -> None:
         m: list[nn.Module] = []
-        if scale & (scale - 1) == 0:
+        if (scale & (scale - 1)) == 0:
             for _ in range(int(math.log2(scale))):
                 m += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
         elif scale == 3:
@@ -612,7 +615,8 @@ class DAT(nn.Module):
         else:
             self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans, (img_size, img_size))
 
-        self.apply(self._init_weights)
+        if not self.conv_first.weight.is_meta:  # shape-only (meta) models have no values to initialise
+            self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -57,6 +57,9 @@ def scaled_kaiming_init_(modules: list[nn.Conv2d], scale: float) -> None:
     for loading trained weights.
     """
     for m in modules:
+        if m.weight.is_meta:
+            # Shape-only build: nothing to draw, and normal_ on meta tensors is very slow (about 2 s here).
+            continue
         nn.init.kaiming_normal_(m.weight)
         m.weight.mul_(scale)
         if m.bias is not None:

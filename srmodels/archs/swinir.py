@@ -345,7 +345,7 @@ class PatchEmbed(nn.Module):
 
 
 class PatchUnEmbed(nn.Module):
-    """(B, H*W, C) -> (B, C, H, W) as a view (channels-last memory, which the convs take without a copy)."""
+    """(B, H*W, C) -> (B, C, H, W) as a view: channels-last memory, what the model's convs work in."""
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 4,
                  in_chans: int = 3, embed_dim: int = 96, norm_layer: type[nn.Module] | None = None) -> None:
@@ -531,6 +531,11 @@ class SwinIR(nn.Module):
             self.conv_last = nn.Conv2d(embed_dim, num_out_ch, 3, 1, 1)
 
         self.apply(self._init_weights)
+        # Channels-last conv weights make every conv read and write NHWC, which is the memory layout of the
+        # (B, H*W, C) tokens: no transposing copies between the transformer and the convs, and oneDNN's NHWC
+        # kernels (and pixel shuffle) are faster on CPU. Loading a state_dict copies into these tensors and
+        # keeps the layout.
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -599,4 +604,4 @@ class SwinIR(nn.Module):
             x = x + self.conv_last(res)
 
         x = x / self.img_range + mean
-        return x[:, :, :h * self.upscale, :w * self.upscale]
+        return x[:, :, :h * self.upscale, :w * self.upscale].contiguous()
