@@ -91,7 +91,12 @@ def _loader(dataset: Dataset, epoch: int, batch: int, seed: int, device: torch.d
     order = np.random.default_rng((seed, epoch)).permutation(len(dataset)).tolist()
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)  # only seeds the workers' own RNGs
     return DataLoader(dataset, batch_size=batch, sampler=order, num_workers=workers, generator=generator,
-                      pin_memory=device.type == "cuda", drop_last=False)
+                      pin_memory=device.type == "cuda", drop_last=_drop_last(len(dataset), batch))
+
+
+def _drop_last(items: int, batch: int) -> bool:
+    """Drop a ragged last batch (DAT's BatchNorm cannot train on a batch of one), unless it is the only one."""
+    return items > batch
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -263,7 +268,7 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
 
-    steps_per_epoch = math.ceil(len(train) / batch)
+    steps_per_epoch = len(train) // batch if _drop_last(len(train), batch) else 1
     config = {
         "model": model.describe(), "init_weights": _state_fingerprint(model.net), "batch": batch, "lr": lr,
         "schedule": schedule, "epochs": epochs if schedule == "cosine" else None,

@@ -5,18 +5,20 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from srmodels.cache import cache_outputs
 from srmodels.model import load_model
-from srmodels.train import resolve_device, seed_everything
+from srmodels.train import resolve_device, set_threads
 
 name = sys.argv[1]
 params = setup(f"cache@{name}")
 inf, paths = params["inference"], params["paths"]
-seed_everything(params["seed"], params["threads"])
+set_threads(params["threads"])
 device = resolve_device(params["device"])
 model = load_model(Path(paths["finetune"]) / name / "best.pth")
 if inf["compile"] and device.type == "cuda":
-    model = __import__("torch").compile(model)
+    model = torch.compile(model)
 out_dir = Path(paths["cache"]) / name
 counts = cache_outputs(model, Path(paths["prepared"]), out_dir, scale=params["scale"],
                        self_ensemble=inf["self_ensemble"], tile=inf["tile"], tile_overlap=inf["tile_overlap"],

@@ -48,10 +48,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], float]] = {
     # RRDBNet: ESRGAN / Real-ESRGAN generator
     "rrdbnet": ("rrdbnet", dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=64, num_block=23, num_grow_ch=32), 1.0),
     # Small variants: the default CPU pipeline profile and tests
+    # (the lightweight releases' pixelshuffledirect upsampler: a 64-channel x4 upsampler would cost 5x the body)
     "dat_small": ("dat", dict(upscale=4, in_chans=3, img_size=32, img_range=1.0, split_size=[4, 8], depth=[2, 2],
-                              embed_dim=32, num_heads=[2, 2], expansion_factor=2, resi_connection="1conv"), 1.0),
+                              embed_dim=32, num_heads=[2, 2], expansion_factor=2, resi_connection="1conv",
+                              upsampler="pixelshuffledirect"), 1.0),
     "swinir_small": ("swinir", dict(upscale=4, in_chans=3, img_size=32, window_size=8, img_range=1.0, depths=[2, 2],
-                                    embed_dim=32, num_heads=[2, 2], mlp_ratio=2, upsampler="pixelshuffle",
+                                    embed_dim=32, num_heads=[2, 2], mlp_ratio=2, upsampler="pixelshuffledirect",
                                     resi_connection="1conv"), 1.0),
     "rfdn_small": ("rfdn", dict(in_nc=3, nf=16, num_modules=4, out_nc=3, upscale=4), 1.0),
     "rrdbnet_small": ("rrdbnet", dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=16, num_block=2,

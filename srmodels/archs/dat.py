@@ -26,7 +26,6 @@ import math
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint
 

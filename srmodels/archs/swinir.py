@@ -21,6 +21,7 @@ What differs is how the work is laid out, for CPU inference speed:
   instead of once per block.
 * Relative-position bias and shift mask are passed as one additive term to
   ``F.scaled_dot_product_attention``, which scales, adds, normalises and weights in one fused kernel.
+* Feature maps are channels-last (NHWC), the memory layout of the tokens, so tokens and maps convert as views.
 * ``SwinTransformerBlock.forward`` therefore takes window-ordered tokens and a mask, not ``(x, x_size)``;
   ``BasicLayer`` and the model keep the official call signatures.
 """
@@ -152,6 +153,8 @@ class _WindowPlan:
 
 
 class Mlp(nn.Module):
+    """fc1, activation, fc2, with dropout after each."""
+
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
                  act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0) -> None:
         super().__init__()
@@ -200,10 +203,9 @@ class WindowAttention(nn.Module):
 
     def relative_position_bias(self) -> torch.Tensor:
         """(num_heads, N, N) bias for every token pair of a window."""
-        n = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        # Contiguous, so that bias + mask comes out contiguous too and the attention kernel need not copy it.
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()
+        # Gathering from the transposed table yields a contiguous result directly, so bias + mask is contiguous
+        # too and the attention kernel does not copy it.
+        return self.relative_position_bias_table.t()[:, self.relative_position_index]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B * num_windows, N, C); mask: additive (num_windows, N, N) or None."""
@@ -345,7 +347,7 @@ class PatchEmbed(nn.Module):
 
 
 class PatchUnEmbed(nn.Module):
-    """(B, H*W, C) -> (B, C, H, W) as a view: channels-last memory, what the model's convs work in."""
+    """(B, H*W, C) -> (B, C, H, W) as a channels-last view (no copy; the convs take NHWC as it is)."""
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 4,
                  in_chans: int = 3, embed_dim: int = 96, norm_layer: type[nn.Module] | None = None) -> None:
@@ -360,7 +362,9 @@ class PatchUnEmbed(nn.Module):
         self.embed_dim = embed_dim
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
-        return x.transpose(1, 2).view(x.shape[0], self.embed_dim, x_size[0], x_size[1])
+        # view + permute, not transpose + view: the latter gives a size-1 batch a stride that hides the NHWC
+        # layout from the convs, which then copy to NCHW.
+        return x.view(x.shape[0], x_size[0], x_size[1], self.embed_dim).permute(0, 3, 1, 2)
 
 
 def _residual_conv(dim: int, resi_connection: str) -> nn.Module:
@@ -531,11 +535,6 @@ class SwinIR(nn.Module):
             self.conv_last = nn.Conv2d(embed_dim, num_out_ch, 3, 1, 1)
 
         self.apply(self._init_weights)
-        # Channels-last conv weights make every conv read and write NHWC, which is the memory layout of the
-        # (B, H*W, C) tokens: no transposing copies between the transformer and the convs, and oneDNN's NHWC
-        # kernels (and pixel shuffle) are faster on CPU. Loading a state_dict copies into these tensors and
-        # keeps the layout.
-        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -580,7 +579,9 @@ class SwinIR(nn.Module):
         h, w = x.shape[-2:]
         x = self.check_image_size(x)
         mean = self.mean.to(device=x.device, dtype=x.dtype)
-        x = (x - mean) * self.img_range
+        # NHWC from the first conv on: it is the memory layout of the (B, H*W, C) tokens, so tokens and feature
+        # maps convert into each other as views, and oneDNN's NHWC convs and pixel shuffle are the faster ones.
+        x = ((x - mean) * self.img_range).contiguous(memory_format=torch.channels_last)
 
         if self.upsampler == "pixelshuffle":
             x = self.conv_first(x)
