@@ -115,6 +115,31 @@ def cmd_downscale(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench_one, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.cpu_only else [])
+    rows = []
+    for device in devices:
+        dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+        for size in args.sizes:
+            w, h = (int(v) for v in size.lower().split("x"))
+            for name in args.models:
+                for dtype in dtypes:
+                    for se in ([False, True] if args.self_ensemble else [False]):
+                        rows.append(bench_one(name, h, w, device=device, dtype=dtype, self_ensemble=se,
+                                              runs=args.runs, warmup=args.warmup))
+                        log.info("%s", rows[-1])
+    print(format_table(rows))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
 def _numeric_leaves(obj, prefix: str = "") -> dict[str, float]:
     if isinstance(obj, dict):
         out: dict[str, float] = {}
@@ -188,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output folder")
     p.add_argument("--scale", type=int, default=4)
     p.set_defaults(func=cmd_downscale)
+
+    p = sub.add_parser("bench", help="median ms per forward of each model (CPU, and CUDA when present)")
+    p.add_argument("--models", nargs="+", default=["dat_s", "swinir_m", "swinir_m_s48", "rfdn", "rrdbnet", "fusion"])
+    p.add_argument("--sizes", nargs="+", default=["64x64", "120x84"], help="LR sizes WxH")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch's default)")
+    p.add_argument("--self-ensemble", action="store_true", help="also time the x8 self-ensemble")
+    p.add_argument("--cpu-only", action="store_true")
+    p.add_argument("--json", help="write the rows here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare-metrics", help="fail when PSNR/SSIM metrics moved (CI re-validation)")
     p.add_argument("committed", help="metrics.json of the committed run")

@@ -144,3 +144,14 @@ def test_compare_metrics_tolerances():
     problems = compare_metrics(old, new, 0.01, 0.001)
     assert len(problems) == 1 and "psnr_y" in problems[0]
     assert compare_metrics(old, {"sets": {}}, 0.01, 0.001)
+
+
+def test_bench_prints_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--models", "rfdn_tiny", "fusion", "--sizes", "32x24", "--runs", "1", "--warmup", "0",
+                 "--self-ensemble", "--cpu-only", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["model"], r["self_ensemble"]) for r in rows] == [
+        ("rfdn_tiny", False), ("rfdn_tiny", True), ("fusion", False), ("fusion", True)]
+    assert all(r["ms"] > 0 and r["input"] == "32x24" and r["device"] == "cpu" for r in rows)
+    assert "ms/forward" in capsys.readouterr().out
