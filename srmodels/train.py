@@ -292,8 +292,10 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         model.eval()
         return evaluate(sr_fn, val_pairs, model.scale, crop_border, device=device)
 
-    def save_best(epoch: int, step: int) -> None:
-        save_checkpoint(best_path, model.net.state_dict(), **model.describe(), step=step, epoch=epoch,
+    def save_best(epoch: int, step: int, weights: dict[str, torch.Tensor] | None = None) -> None:
+        best["weights"] = weights or {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
+        best["step"] = step
+        save_checkpoint(best_path, best["weights"], **model.describe(), step=step, epoch=epoch,
                         provenance=provenance, extra={"val_psnr": best["psnr"]})
 
     state = _load_resume(resume_path, config, epochs) if resume else None
@@ -306,8 +308,10 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         best_per_image = dict(state["best_per_image"])
         log.info("resuming from %s after epoch %d (best %.4f dB at epoch %d)", resume_path, start, best["psnr"],
                  best["epoch"])
-        if not best_path.is_file():
-            log.warning("%s is missing; it is rewritten when an epoch beats %.4f dB", best_path, best["psnr"])
+        # DVC deletes a stage's outs before running it (and `dvc repro --force` re-runs finished stages), so the
+        # best weights travel in resume.pth and best.pth / curve.csv are rewritten from there.
+        save_best(best["epoch"], best.get("step", 0), best["weights"])
+        _write_curve(curve_path, history)
     else:
         start, step, history = 0, 0, []
         psnr0, best_per_image = validate()

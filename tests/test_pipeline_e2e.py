@@ -96,5 +96,7 @@ def test_fusion_param_change_skips_backbones_and_rerun_is_deterministic(repo):
     assert "Running stage 'fusion'" in out and "Running stage 'score'" in out
     # back to the committed params, then a forced clean re-run of everything: identical bytes
     _run(["git", "checkout", "--", "params.yaml"], repo, env)
+    for resume in (repo / "data/finetune").glob("*/resume.pth"):
+        resume.unlink()  # a clean run: no resuming of finished training
     _run([DVC, "repro", "--force", "--no-run-cache"], repo, env)
     assert _digests(repo) == before

@@ -217,6 +217,19 @@ def test_resume_extends_a_finished_run(sr_data, straight, tmp_path):
     assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 3
 
 
+def test_rerun_of_finished_run_restores_deleted_outputs(sr_data, tmp_path):
+    # What `dvc repro --force` does: delete best.pth and curve.csv, keep the persistent resume.pth, re-run.
+    first, _ = run_finetune(sr_data, tmp_path, epochs=2)
+    best_before = torch.load(tmp_path / "best.pth", weights_only=True)["state_dict"]
+    (tmp_path / "best.pth").unlink()
+    (tmp_path / "curve.csv").unlink()
+    again, _ = run_finetune(sr_data, tmp_path, epochs=2)
+    assert again["resumed_from_epoch"] == 2 and again["best_val_psnr"] == first["best_val_psnr"]
+    best_after = torch.load(tmp_path / "best.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(best_before[k], best_after[k]) for k in best_before)
+    assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 3
+
+
 def test_resume_after_interruption_matches_straight_run(sr_data, tmp_path):
     straight_metrics, straight_model = run_finetune(sr_data, tmp_path / "straight", epochs=2, schedule="cosine")
 
