@@ -299,6 +299,9 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
                         provenance=provenance, extra={"val_psnr": best["psnr"]})
 
     state = _load_resume(resume_path, config, epochs) if resume else None
+    if state is not None and "weights" not in state["best"]:
+        log.warning("%s predates best weights in resume files; starting fresh", resume_path)
+        state = None
     if state is not None:
         model.net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
