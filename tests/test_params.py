@@ -39,6 +39,7 @@ def test_both_profiles_validate():
     (("data", "samples", "val"), "coins", "data.samples.val: expected list"),
     (("inference", "tile"), "big", "inference.tile: expected an integer"),
     (("mlflow",), None, "mlflow: expected a mapping"),
+    (("backbones", "dat", "nprocs"), 2, "backbones.dat.nprocs: multi-process"),
 ])
 def test_errors_name_the_key(raw, path, value, message):
     bad = copy.deepcopy(raw)
