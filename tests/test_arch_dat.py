@@ -10,7 +10,7 @@ from torch import nn
 
 from srmodels.archs.dat import DAT, shift_window_mask, window_token_order
 
-from .conftest import REFERENCE, load_pt, reference_path
+from .conftest import REFERENCE, assert_intermediates_match, load_pt, reference_path
 
 ATOL = 5e-5
 PUBLIC = ("fixtures", "dat", "public")
@@ -126,23 +126,7 @@ def test_public_outputs(public_model: DAT, name: str) -> None:
 
 
 def test_public_intermediates(public_model: DAT) -> None:
-    """Named submodule outputs for the debug input: says where a departure starts."""
-    expected = load_pt(reference_path(*PUBLIC, "intermediates.pt"))
-    debug = [x for name, x in load_pt(reference_path(*PUBLIC, "inputs.pt")).items() if name.startswith("debug_")]
-    modules = dict(public_model.named_modules())
-    got: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o.clone()))
-               for name in expected]
-    try:
-        with torch.inference_mode():
-            public_model(debug[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, want in expected.items():
-        assert got[name].shape == want.shape, name
-        assert torch.allclose(got[name], want, atol=ATOL, rtol=0), \
-            f"{name}: max |diff| {(got[name] - want).abs().max().item():.3g}"
+    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
 
 
 def test_public_grad_mode_matches(public_model: DAT) -> None:

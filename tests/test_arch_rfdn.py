@@ -10,7 +10,7 @@ from torch import nn
 
 from srmodels.archs.rfdn import MIN_INPUT_SIZE, RFDN
 
-from .conftest import load_pt, reference_path
+from .conftest import assert_intermediates_match, load_pt, reference_path
 
 ATOL = 5e-5
 RELEASED_ATOL = 1e-2  # outputs on the 0-255 scale
@@ -67,22 +67,7 @@ def test_public_outputs(public_model: RFDN) -> None:
 
 
 def test_public_intermediates(public_model: RFDN) -> None:
-    """Named submodule outputs for the debug input: says where a departure starts."""
-    expected = load_pt(reference_path(*PUBLIC, "intermediates.pt"))
-    debug = [x for name, x in load_pt(reference_path(*PUBLIC, "inputs.pt")).items() if name.startswith("debug_")]
-    modules = dict(public_model.named_modules())
-    got: dict[str, torch.Tensor] = {}
-    # Clone: upstream applies in-place activations to some of these outputs right after they are produced.
-    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o.clone()))
-               for name in expected]
-    try:
-        with torch.inference_mode():
-            public_model(debug[0])
-    finally:
-        for h in handles:
-            h.remove()
-    for name, value in expected.items():
-        assert torch.allclose(got[name], value, atol=ATOL, rtol=0), name
+    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
 
 
 def test_released_rfdn_aim_weights() -> None:

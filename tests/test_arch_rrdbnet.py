@@ -9,7 +9,7 @@ import torch
 
 from srmodels.archs.rrdbnet import RRDBNet
 
-from .conftest import load_pt, reference_path
+from .conftest import assert_intermediates_match, load_pt, reference_path
 
 ATOL = 5e-5
 PUBLIC = ("fixtures", "rrdbnet", "public")
@@ -83,21 +83,7 @@ def test_public_outputs(public_model: RRDBNet) -> None:
 
 
 def test_public_intermediates(public_model: RRDBNet) -> None:
-    expected = load_pt(reference_path(*PUBLIC, "intermediates.pt"))
-    debug = [x for name, x in load_pt(reference_path(*PUBLIC, "inputs.pt")).items() if name.startswith("debug_")]
-    modules = dict(public_model.named_modules())
-    got: dict[str, torch.Tensor] = {}
-    # Clone: conv_up1/conv_up2/conv_hr outputs get an in-place LeakyReLU right after, as upstream.
-    handles = [modules[name].register_forward_hook(lambda m, i, o, name=name: got.__setitem__(name, o.clone()))
-               for name in expected]
-    try:
-        with torch.inference_mode():
-            public_model(debug[0])
-    finally:
-        for h in handles:
-            h.remove()
-    for name, value in expected.items():
-        assert torch.allclose(got[name], value, atol=ATOL, rtol=0), name
+    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
 
 
 # --- scale 2 / 1 -----------------------------------------------------------------------------------------

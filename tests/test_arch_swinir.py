@@ -11,7 +11,7 @@ from torch import nn
 
 from srmodels.archs.swinir import SwinIR, shift_window_mask, window_partition, window_reverse
 
-from .conftest import REFERENCE, load_pt, reference_path
+from .conftest import REFERENCE, assert_intermediates_match, load_pt, reference_path
 
 ATOL = 5e-5
 PUBLIC = ("fixtures", "swinir", "public")
@@ -134,22 +134,7 @@ def test_public_main_test_pipeline(public_model: SwinIR) -> None:
 
 
 def test_public_intermediates(public_model: SwinIR) -> None:
-    """Outputs of the official named submodules for the debug input: pinpoints where a change departs."""
-    expected = load_pt(reference_path(*PUBLIC, "intermediates.pt"))
-    x = [v for k, v in load_pt(reference_path(*PUBLIC, "inputs.pt")).items() if k.startswith("debug_")][0]
-    modules = dict(public_model.named_modules())
-    got: dict[str, torch.Tensor] = {}
-    hooks = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: got.__setitem__(n, out.clone()))
-             for n in expected]
-    try:
-        with torch.no_grad():
-            public_model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name, value in expected.items():
-        assert got[name].shape == value.shape, name
-        assert torch.allclose(got[name], value, atol=ATOL, rtol=0), name
+    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
 
 
 # --- padding and shift-mask paths ------------------------------------------------------------------------

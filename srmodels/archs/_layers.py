@@ -1,4 +1,4 @@
-"""Layers shared by the transformer backbones (our own versions of three small timm helpers).
+"""Layers shared by DAT and SwinIR: upsampling heads, and our own versions of three small timm helpers.
 
 timm is deliberately not a dependency: it imports torchvision, which has no CPU build on our machines.
 """
@@ -51,3 +51,28 @@ def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: 
     tensor.mul_(std * math.sqrt(2.0)).add_(mean)
     tensor.clamp_(min=a, max=b)
     return tensor
+
+
+class Upsample(nn.Sequential):
+    """Conv + PixelShuffle stages: log2(scale) x2 stages for powers of two, one x3 stage for 3 (DAT, SwinIR)."""
+
+    def __init__(self, scale: int, num_feat: int) -> None:
+        m: list[nn.Module] = []
+        if scale & (scale - 1) == 0:
+            for _ in range(int(math.log2(scale))):
+                m += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+        elif scale == 3:
+            m += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        else:
+            raise ValueError(f"scale {scale} is not supported; supported scales: 2^n and 3")
+        super().__init__(*m)
+
+
+class UpsampleOneStep(nn.Sequential):
+    """One conv straight to scale**2 * out channels and one PixelShuffle (the lightweight heads)."""
+
+    def __init__(self, scale: int, num_feat: int, num_out_ch: int,
+                 input_resolution: tuple[int, int] | None = None) -> None:
+        super().__init__(nn.Conv2d(num_feat, scale ** 2 * num_out_ch, 3, 1, 1), nn.PixelShuffle(scale))
+        self.num_feat = num_feat
+        self.input_resolution = input_resolution

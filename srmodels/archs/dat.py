@@ -22,14 +22,13 @@ The forward is organised for CPU speed instead of following the official op sequ
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import DropPath, to_2tuple, trunc_normal_
+from ._layers import DropPath, Upsample, UpsampleOneStep, to_2tuple, trunc_normal_
 
 __all__ = ["DAT"]
 
@@ -499,31 +498,6 @@ def _residual_conv(dim: int, resi_connection: str) -> nn.Module:
             nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
             nn.Conv2d(dim // 4, dim, 3, 1, 1))
     raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
-
-
-class Upsample(nn.Sequential):
-    """conv + PixelShuffle(2) repeated for scale 2^n, or one conv + PixelShuffle(3) for scale 3."""
-
-    def __init__(self, scale: int, num_feat: int) -> None:
-        m: list[nn.Module] = []
-        if (scale & (scale - 1)) == 0:
-            for _ in range(int(math.log2(scale))):
-                m += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-        elif scale == 3:
-            m += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
-        else:
-            raise ValueError(f"scale {scale} is not supported; use 2^n or 3")
-        super().__init__(*m)
-
-
-class UpsampleOneStep(nn.Sequential):
-    """A single conv + PixelShuffle straight to the output channels (lightweight models)."""
-
-    def __init__(self, scale: int, num_feat: int, num_out_ch: int,
-                 input_resolution: Optional[tuple[int, int]] = None) -> None:
-        self.num_feat = num_feat
-        self.input_resolution = input_resolution
-        super().__init__(nn.Conv2d(num_feat, scale ** 2 * num_out_ch, 3, 1, 1), nn.PixelShuffle(scale))
 
 
 class _ToTokens(nn.Module):

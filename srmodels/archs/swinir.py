@@ -27,7 +27,6 @@ What differs is how the work is laid out, for CPU inference speed:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ._layers import DropPath, to_2tuple, trunc_normal_
+from ._layers import DropPath, Upsample, UpsampleOneStep, to_2tuple, trunc_normal_
 
 __all__ = ["SwinIR", "RSTB", "BasicLayer", "SwinTransformerBlock", "WindowAttention", "window_partition",
            "window_reverse", "shift_window_mask"]
@@ -267,8 +266,10 @@ class SwinTransformerBlock(nn.Module):
         """x: (B, L, C) in this block's window order; mask: additive (num_windows, N, N) or None."""
         b, length, c = x.shape
         attn = self.attn(self.norm1(x).view(-1, self.window_size * self.window_size, c), mask)
-        x = x + self.drop_path(attn.view(b, length, c))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Residuals are added in place into the fresh branch outputs (which autograd does not save), sparing
+        # two full-size allocations per block.
+        x = self.drop_path(attn.view(b, length, c)).add_(x)
+        return self.drop_path(self.mlp(self.norm2(x))).add_(x)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "
@@ -402,31 +403,6 @@ class RSTB(nn.Module):
     def forward(self, x: torch.Tensor, x_size: tuple[int, int], windows: _WindowPlan | None = None) -> torch.Tensor:
         y = self.patch_unembed(self.residual_group(x, x_size, windows), x_size)
         return self.patch_embed(self.conv(y)) + x
-
-
-class Upsample(nn.Sequential):
-    """Conv + PixelShuffle stages: log2(scale) x2 stages for powers of two, one x3 stage for 3."""
-
-    def __init__(self, scale: int, num_feat: int) -> None:
-        m: list[nn.Module] = []
-        if scale & (scale - 1) == 0:
-            for _ in range(int(math.log2(scale))):
-                m += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-        elif scale == 3:
-            m += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
-        else:
-            raise ValueError(f"scale {scale} is not supported; supported scales: 2^n and 3")
-        super().__init__(*m)
-
-
-class UpsampleOneStep(nn.Sequential):
-    """One conv straight to scale**2 * out channels and one PixelShuffle (the lightweight SwinIR head)."""
-
-    def __init__(self, scale: int, num_feat: int, num_out_ch: int,
-                 input_resolution: tuple[int, int] | None = None) -> None:
-        super().__init__(nn.Conv2d(num_feat, scale ** 2 * num_out_ch, 3, 1, 1), nn.PixelShuffle(scale))
-        self.num_feat = num_feat
-        self.input_resolution = input_resolution
 
 
 class SwinIR(nn.Module):
