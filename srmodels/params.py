@@ -146,9 +146,8 @@ def _semantic_checks(p: dict[str, Any]) -> None:
         for field in ("epochs", "batch", "lr_patch", "nprocs"):
             if bb[field] < 1:
                 raise ParamsError(f"backbones.{name}.{field}: must be >= 1, got {bb[field]}")
-        if bb["nprocs"] != 1:  # refuse rather than silently train on one process
-            raise ParamsError(f"backbones.{name}.nprocs: multi-process (DDP) fine-tuning is not implemented yet; "
-                              f"use 1, got {bb['nprocs']}")
+        if bb["batch"] % bb["nprocs"]:  # batch is the global batch, split evenly over the DDP processes
+            raise ParamsError(f"backbones.{name}.batch: {bb['batch']} does not divide by nprocs={bb['nprocs']}")
     members = p["fusion"]["members"]
     for i, m in enumerate(members):
         if m not in p["backbones"]:

@@ -171,9 +171,10 @@ class StageRun:
     when nothing is tracked; ``active`` says whether calls still reach MLflow.
     """
 
-    def __init__(self, params: Mapping[str, Any], stage: str) -> None:
+    def __init__(self, params: Mapping[str, Any], stage: str, enabled: bool = True) -> None:
         self.params = params
         self.stage = stage
+        self.enabled = enabled
         self.uri: str | None = None
         self.key: str | None = None
         self.run_id: str | None = None
@@ -187,6 +188,8 @@ class StageRun:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> StageRun:
+        if not self.enabled:  # e.g. a DDP rank other than 0: rank 0 alone tracks the stage
+            return self
         try:
             self.uri = tracking_uri(self.params)
         except Exception as err:  # noqa: BLE001 - a bad URI must not stop the stage either
@@ -406,10 +409,11 @@ class StageRun:
 
 
 
-def start_stage(params: Mapping[str, Any], stage: str) -> StageRun:
+def start_stage(params: Mapping[str, Any], stage: str, enabled: bool = True) -> StageRun:
     """``with start_stage(params, 'fusion') as run: ...``: the stage's child run under its pipeline's parent.
 
     ``params`` is the validated params mapping (the whole of it: its hash is part of the pipeline key).
+    ``enabled=False`` gives a run that logs nothing (DDP ranks other than 0).
     Never raises because of MLflow; see the module docstring for what happens when the store is unreachable.
     """
-    return StageRun(params, stage)
+    return StageRun(params, stage, enabled)

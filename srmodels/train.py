@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import save_checkpoint
 from .datasets import FusionCrops, FusionImage, load_fusion_image, read_pair
 from .fusion import fuse, fusion_inputs
@@ -84,14 +86,24 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _loader(dataset: Dataset, epoch: int, batch: int, seed: int, device: torch.device, workers: int) -> DataLoader:
+def _loader(dataset: Dataset, epoch: int, batch: int, seed: int, device: torch.device, workers: int,
+            info: distributed.Dist = distributed.SINGLE) -> DataLoader:
     """This epoch's DataLoader: the order is a permutation drawn from (seed, epoch), so it does not depend on
-    how many epochs ran before in this process (resume) nor on the workers."""
+    how many epochs ran before in this process (resume) nor on the workers.
+
+    Under DDP ``batch`` is the global batch: every rank draws the same permutation and a ``DistributedSampler``
+    (no shuffling of its own) gives rank r the items r, r+N, r+2N, ... of it, in batches of B/N. Global step s
+    therefore trains on exactly the items order[s*B:(s+1)*B], the batch one process with batch B would see.
+    """
     dataset.set_epoch(epoch)  # type: ignore[attr-defined]
     order = np.random.default_rng((seed, epoch)).permutation(len(dataset)).tolist()
+    if info.enabled:
+        shard = DistributedSampler(order, num_replicas=info.world, rank=info.rank, shuffle=False, drop_last=True)
+        order = [order[i] for i in shard]
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)  # only seeds the workers' own RNGs
-    return DataLoader(dataset, batch_size=batch, sampler=order, num_workers=workers, generator=generator,
-                      pin_memory=device.type == "cuda", drop_last=_drop_last(len(dataset), batch))
+    return DataLoader(dataset, batch_size=batch // info.world, sampler=order, num_workers=workers,
+                      generator=generator, pin_memory=device.type == "cuda",
+                      drop_last=_drop_last(len(dataset), batch))
 
 
 def _drop_last(items: int, batch: int) -> bool:
@@ -250,20 +262,31 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         threads: CPU intra-op threads (None: leave torch's setting).
         val_tile: LR tile size for validation forwards (None: whole images).
 
+    Data-parallel (DDP) when called in every process of an initialised process group (``srmodels.distributed``):
+    ``batch`` is then the global batch and must divide by the world size; rank 0 alone validates, writes
+    out_dir and calls ``log_metrics``. Each rank is seeded with ``seed + rank`` (stochastic layers such as
+    DropPath differ per rank; data order and augmentation do not depend on the rank). On CUDA, BatchNorm layers
+    become SyncBatchNorm so that statistics span the global batch.
+
     Returns:
         best_val_psnr, best_epoch, initial_val_psnr, final_val_psnr, final_train_loss, improved (whether any
         epoch beat the initial model), epochs, steps, resumed_from_epoch, train_seconds (training only, all
-        sessions), samples_per_second and best_per_image.
+        sessions), samples_per_second (all ranks), world_size and best_per_image. Ranks other than 0 return
+        only epochs, steps and world_size.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if epochs < 0 or batch < 1:
         raise ValueError(f"epochs must be >= 0 and batch >= 1, got {epochs}, {batch}")
     device = torch.device(device)
+    info = distributed.current()
+    if batch % info.world:
+        raise ValueError(f"the global batch ({batch}) must divide by the number of processes ({info.world})")
     set_threads(threads)
-    seed_everything(seed, device)
+    seed_everything(seed + info.rank, device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if info.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     resume_path, best_path, curve_path = out_dir / "resume.pth", out_dir / "best.pth", out_dir / "curve.csv"
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
@@ -281,6 +304,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         "val": [Path(h).name for h, _ in val_pairs],
     }
     model.to(device=device, memory_format=fmt)
+    if info.enabled and cuda:
+        model.net = nn.SyncBatchNorm.convert_sync_batchnorm(model.net)  # same state_dict keys as BatchNorm
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     scheduler = _make_scheduler(optimizer, schedule, epochs * steps_per_epoch, milestones, gamma)
 
@@ -298,23 +323,31 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         save_checkpoint(best_path, best["weights"], **model.describe(), step=step, epoch=epoch,
                         provenance=provenance, extra={"val_psnr": best["psnr"]})
 
-    state = _load_resume(resume_path, config, epochs) if resume else None
+    state = _load_resume(resume_path, config, epochs) if resume and info.main else None
     if state is not None and "weights" not in state["best"]:
         log.warning("%s predates best weights in resume files; starting fresh", resume_path)
         state = None
+    # Only rank 0 reads out_dir (nodes need not share a file system); the others receive its state.
+    state = distributed.broadcast_object(state, info)
     if state is not None:
         model.net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"])
+        if info.main:
+            _set_rng_states(state["rng"])
+        else:  # the saved RNG is rank 0's; other ranks must keep their own streams
+            seed_everything(seed + info.rank + 1_000_003 * state["epoch"], device)
         start, step, best, history = state["epoch"], state["step"], dict(state["best"]), list(state["history"])
         best_per_image = dict(state["best_per_image"])
         log.info("resuming from %s after epoch %d (best %.4f dB at epoch %d)", resume_path, start, best["psnr"],
                  best["epoch"])
-        # DVC deletes a stage's outs before running it (and `dvc repro --force` re-runs finished stages), so the
-        # best weights travel in resume.pth and best.pth / curve.csv are rewritten from there.
-        save_best(best["epoch"], best.get("step", 0), best["weights"])
-        _write_curve(curve_path, history)
+        if info.main:
+            # DVC deletes a stage's outs before running it (and `dvc repro --force` re-runs finished stages), so
+            # the best weights travel in resume.pth and best.pth / curve.csv are rewritten from there.
+            save_best(best["epoch"], best.get("step", 0), best["weights"])
+            _write_curve(curve_path, history)
+    elif not info.main:
+        start, step, history, best, best_per_image = 0, 0, [], {}, {}
     else:
         start, step, history = 0, 0, []
         psnr0, best_per_image = validate()
@@ -326,18 +359,21 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         if log_metrics is not None:
             log_metrics({"val_psnr": psnr0}, 0)
     resumed_from = start
+    # DDP broadcasts rank 0's weights when it wraps the model and averages gradients in backward().
+    forward = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if info.enabled
+               else model)
 
     for epoch in range(start + 1, epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum, seen, last_lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-        bar = tqdm(_loader(train, epoch, batch, seed, device, workers), desc=f"epoch {epoch}/{epochs}",
-                   leave=False, disable=None, dynamic_ncols=True)
+        bar = tqdm(_loader(train, epoch, batch, seed, device, workers, info), desc=f"epoch {epoch}/{epochs}",
+                   leave=False, disable=None if info.main else True, dynamic_ncols=True)
         for lr_img, hr_img in bar:
             lr_img = lr_img.to(device, non_blocking=True).contiguous(memory_format=fmt)
             hr_img = hr_img.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with _autocast(device):
-                out = model(lr_img)
+                out = forward(lr_img)
             loss = F.l1_loss(out.float(), hr_img)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -352,7 +388,10 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         if schedule != "cosine":
             scheduler.step()
         seconds = time.perf_counter() - t0
+        loss_sum, seen = distributed.all_sum([loss_sum, seen], info, device)
         train_loss = loss_sum / max(seen, 1)
+        if not info.main:
+            continue
 
         val_psnr, per_image = validate()
         if val_psnr > best["psnr"]:
@@ -374,6 +413,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
             log_metrics({"train_loss": train_loss, "val_psnr": val_psnr, "lr": last_lr, "epoch_seconds": seconds},
                         epoch)
 
+    if not info.main:
+        return {"epochs": epochs, "steps": step, "world_size": info.world}
     trained = [h for h in history if h["epoch"] > 0]
     train_seconds = float(sum(h["seconds"] for h in trained))
     if trained and best["epoch"] == 0:
@@ -386,7 +427,7 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         "improved": best["epoch"] > 0, "epochs": history[-1]["epoch"], "steps": step,
         "resumed_from_epoch": resumed_from, "train_seconds": train_seconds,
         "samples_per_second": len(train) * len(trained) / train_seconds if train_seconds > 0 else None,
-        "best_per_image": best_per_image,
+        "world_size": info.world, "best_per_image": best_per_image,
     }
 
 

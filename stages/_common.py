@@ -18,8 +18,12 @@ from srmodels.params import ParamsError, load_params  # noqa: E402
 
 def setup(stage: str) -> dict[str, Any]:
     """Configure logging and return the validated params; invalid params end the stage with one line."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # under torchrun: tag lines with the rank; ranks other than 0 only report problems
+        stage = f"{stage}[rank {rank}/{world}]"
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {stage} %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
     try:
         return load_params(os.environ.get("SRMODELS_PARAMS", "params.yaml"))
     except ParamsError as err:

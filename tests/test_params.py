@@ -39,7 +39,8 @@ def test_both_profiles_validate():
     (("data", "samples", "val"), "coins", "data.samples.val: expected list"),
     (("inference", "tile"), "big", "inference.tile: expected an integer"),
     (("mlflow",), None, "mlflow: expected a mapping"),
-    (("backbones", "dat", "nprocs"), 2, "backbones.dat.nprocs: multi-process"),
+    (("backbones", "dat", "nprocs"), 3, "backbones.dat.batch: 8 does not divide by nprocs=3"),
+    (("backbones", "dat", "nprocs"), 0, "backbones.dat.nprocs: must be >= 1"),
 ])
 def test_errors_name_the_key(raw, path, value, message):
     bad = copy.deepcopy(raw)

@@ -210,6 +210,16 @@ def test_tracking_off_writes_nothing(env, tmp_path, caplog):
     assert not (tmp_path / "cwd" / "mlflow.db").exists()
 
 
+def test_disabled_stage_logs_nothing(env, client):
+    # DDP ranks other than 0: same code path, nothing reaches the store.
+    params = make_params("t-rank1")
+    with start_stage(params, "finetune@dat", enabled=False) as run:
+        run.log_params({"a": 1})
+        run.log_metrics({"x": 1.0}, 1)
+    assert not run.active and run.run_id is None
+    assert client.get_experiment_by_name("t-rank1") is None
+
+
 def test_uri_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path.resolve()

@@ -1,0 +1,78 @@
+"""DDP fine-tuning on CPU (gloo, 2 processes under torchrun) trains like one process with the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from srmodels import distributed
+from srmodels.images import write_image
+from srmodels.model import build_model
+from tests.test_train import SCALE, downscale, smooth_image
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    rng = np.random.default_rng(5)
+    # 10 patches, global batch 4: two steps per epoch and a ragged remainder that both runs must drop alike.
+    for split, count, size in (("train", 10, 64), ("val", 2, 64)):
+        for i in range(count):
+            hr = smooth_image(rng, size, size)
+            write_image(root / split / "hr" / f"{split}{i}_s001.png", hr)
+            write_image(root / split / "lr" / f"{split}{i}_s001.png", downscale(hr))
+    return root
+
+
+def run_worker(data: Path, out: Path, nprocs: int, variant: str = "rfdn_tiny", epochs: int = 2,
+               batch: int = 4) -> None:
+    args = [str(data), str(out), variant, str(epochs), str(batch)]
+    command = (distributed.torchrun_command(str(WORKER), args, nprocs) if nprocs > 1
+               else [sys.executable, str(WORKER), *args])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_gloo_processes_train_like_one(ddp_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_worker(ddp_data, one, 1)
+    run_worker(ddp_data, two, 2)
+    single = torch.load(one / "final_rank0.pt", weights_only=True)
+    ranks = [torch.load(two / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert single.keys() == ranks[0].keys() == ranks[1].keys()
+    for key in single:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks disagree on {key}"  # DDP keeps replicas equal
+        torch.testing.assert_close(ranks[0][key], single[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs")
+    torch.manual_seed(0)
+    init = build_model("rfdn_tiny").net.state_dict()
+    assert any(not torch.equal(init[k], single[k]) for k in single)  # it did train
+
+    m1 = json.loads((one / "metrics_rank0.json").read_text())
+    m2 = [json.loads((two / f"metrics_rank{r}.json").read_text()) for r in (0, 1)]
+    assert m1["world_size"] == 1 and m2[0]["world_size"] == 2 and m2[1]["world_size"] == 2
+    assert m1["steps"] == m2[0]["steps"] == m2[1]["steps"] == 4  # 2 epochs x floor(10 / 4)
+    # Rank 0 validated the same weights and reported the same losses (all-reduced over the ranks).
+    assert m2[0]["best_val_psnr"] == pytest.approx(m1["best_val_psnr"], abs=1e-3)
+    assert m2[0]["final_train_loss"] == pytest.approx(m1["final_train_loss"], rel=1e-4)
+    assert "best_val_psnr" not in m2[1]  # rank 1 neither validates nor reports
+    for name in ("best.pth", "resume.pth", "curve.csv"):
+        assert (two / name).is_file()
+
+
+def test_ddp_batch_must_divide(ddp_data, tmp_path):
+    args = [str(ddp_data), str(tmp_path), "rfdn_tiny", "1", "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(distributed.torchrun_command(str(WORKER), args, 2), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "must divide by the number of processes (2)" in done.stderr
