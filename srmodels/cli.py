@@ -19,17 +19,16 @@ from .imresize import downscale_uint8
 from .inference import upscale
 from .metrics import calculate_psnr, calculate_ssim
 from .model import load_model
+from .runtime import resolve_device
 
 log = logging.getLogger("srmodels")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; 'cuda' without a GPU is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("srmodels: error: --device cuda but no CUDA device is available")
-    return torch.device(name)
+def _device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except RuntimeError as err:  # a one-line CLI error, not a traceback
+        raise SystemExit(f"srmodels: error: --device {name}: {err}") from None
 
 
 def _inputs(paths: list[str]) -> list[Path]:
@@ -53,7 +52,7 @@ def _sr(model, lr: np.ndarray, args, device: torch.device) -> np.ndarray:
 
 
 def cmd_eval(args) -> int:
-    device = resolve_device(args.device)
+    device = _device(args.device)
     model = load_model(args.weights, args.arch).to(device)
     scale = args.scale
     if model.scale != scale:
@@ -94,7 +93,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_upscale(args) -> int:
-    device = resolve_device(args.device)
+    device = _device(args.device)
     model = load_model(args.weights, args.arch).to(device)
     out = Path(args.output)
     for path in _inputs(args.inputs):

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,10 @@ from .fusion import fuse, fusion_inputs
 from .images import to_tensor, to_uint8
 from .inference import upscale
 from .metrics import calculate_psnr
-from .model import SRModel
+from .runtime import seed_everything, set_threads
+
+if TYPE_CHECKING:  # the fusion stage trains without importing the backbones
+    from .model import SRModel
 
 log = logging.getLogger(__name__)
 
@@ -49,37 +52,6 @@ COSINE_ETA_MIN = 1e-7  # floor of the per-iteration cosine schedule (BasicSR's v
 
 
 # --------------------------------------------------------------------------------------------------- setup
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error rather than a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def set_threads(threads: int | None) -> None:
-    """Fix torch's CPU intra-op threads: float reductions split differently with another count."""
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(int(threads))
-
-
-def seed_everything(seed: int, device: torch.device | str = "cpu") -> None:
-    """Seed Python, NumPy and torch (all devices); on CPU also require deterministic kernels.
-
-    ``warn_only``: an op without a deterministic implementation warns instead of failing the run. On CUDA the
-    deterministic mode is left off: it needs a cuBLAS workspace setting and slows training, for bit-exactness
-    that cross-GPU runs would not have anyway.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if torch.device(device).type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
 
 def _autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); a disabled context elsewhere."""

@@ -9,7 +9,7 @@ import torch
 
 from srmodels.cache import cache_outputs
 from srmodels.model import load_model
-from srmodels.train import resolve_device, set_threads
+from srmodels.runtime import resolve_device, set_threads
 
 name = sys.argv[1]
 params = setup(f"cache@{name}")

@@ -18,7 +18,8 @@ from srmodels.checkpoint import load_into, load_state_dict
 from srmodels.datasets import PairedPatches, list_pairs
 from srmodels.model import build_model
 from srmodels.tracking import start_stage
-from srmodels.train import finetune, resolve_device, seed_everything, set_threads
+from srmodels.runtime import resolve_device, seed_everything, set_threads
+from srmodels.train import finetune
 
 name = sys.argv[1]
 params = setup(f"finetune@{name}")

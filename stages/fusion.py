@@ -7,7 +7,8 @@ from pathlib import Path
 from srmodels.datasets import FusionCrops, fusion_images
 from srmodels.fusion import FUSION_KINDS
 from srmodels.tracking import start_stage
-from srmodels.train import resolve_device, seed_everything, set_threads, train_fusion
+from srmodels.runtime import resolve_device, seed_everything, set_threads
+from srmodels.train import train_fusion
 
 params = setup("fusion")
 fp, paths, scale = params["fusion"], params["paths"], params["scale"]

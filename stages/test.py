@@ -7,8 +7,8 @@ from pathlib import Path
 from srmodels.checkpoint import checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
 from srmodels.evaluation import fuse_eval_sets
 from srmodels.fusion import FUSION_KINDS
+from srmodels.runtime import resolve_device, set_threads
 from srmodels.tracking import start_stage
-from srmodels.train import resolve_device, set_threads
 
 params = setup("test")
 paths = params["paths"]

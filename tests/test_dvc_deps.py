@@ -1,0 +1,70 @@
+"""dvc.yaml lists, for every stage, its script and every srmodels module the script imports (transitively).
+
+A module missing from a stage's deps means `dvc repro` would keep a stale output after that module changed.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def srmodels_imports(path: Path, seen: set[str] | None = None) -> set[str]:
+    """Repo-relative paths of the srmodels modules ``path`` imports at module level, followed transitively.
+
+    Imports inside functions are deliberately lazy (params' variant check, the CLI's bench) and are not followed.
+    """
+    seen = set() if seen is None else seen
+    tree = ast.parse(path.read_text())
+    package = path.parent.relative_to(ROOT).as_posix().replace("/", ".") if path.is_relative_to(ROOT / "srmodels") else ""
+    for node in tree.body:
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative import inside the package
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif node.module and node.module.startswith("srmodels"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("srmodels")]
+        for name in names:
+            rel = Path(*name.split("."))
+            for candidate in (ROOT / rel.with_suffix(".py"), ROOT / rel / "__init__.py"):
+                key = candidate.relative_to(ROOT).as_posix()
+                if candidate.is_file() and key not in seen:
+                    seen.add(key)
+                    srmodels_imports(candidate, seen)
+    return seen
+
+
+def covered(module: str, deps: list[str]) -> bool:
+    return any(module == d or module.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def stages() -> list[tuple[str, str, list[str]]]:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    out = []
+    for name, stage in spec.items():
+        body = stage.get("do", stage)
+        script = body["cmd"].split()[1]
+        out.append((name, script, [d for d in body["deps"] if isinstance(d, str)]))
+    return out
+
+
+@pytest.mark.parametrize("name,script,deps", stages(), ids=[s[0] for s in stages()])
+def test_stage_deps_cover_imports(name, script, deps):
+    assert script in deps and "stages/_common.py" in deps
+    needed = srmodels_imports(ROOT / script) | srmodels_imports(ROOT / "stages" / "_common.py")
+    needed.discard("srmodels/__init__.py")
+    missing = sorted(m for m in needed if not covered(m, deps))
+    assert not missing, f"{name}: dvc.yaml deps miss {missing}"
+
+
+def test_import_walk_sees_the_backbones():
+    found = srmodels_imports(ROOT / "stages" / "finetune.py")
+    assert {"srmodels/train.py", "srmodels/model.py", "srmodels/archs/__init__.py", "srmodels/archs/dat.py"} <= found
