@@ -18,6 +18,26 @@ def to_2tuple(x):
     return (x, x)
 
 
+def _onednn_linear_pointwise():
+    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+_LINEAR_POINTWISE = _onednn_linear_pointwise()
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear, act: nn.Module) -> torch.Tensor:
+    """``act(linear(x))``; for float32 CPU inference with exact GELU, one oneDNN matmul with GELU applied as it
+    writes the output (bit-identical here, and it spares a full read/write pass over the widest activation).
+
+    Training, other devices/dtypes, autocast and other activations take the plain two-op path.
+    """
+    if (_LINEAR_POINTWISE is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and type(act) is nn.GELU and act.approximate == "none"
+            and linear.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+        return _LINEAR_POINTWISE(x, linear.weight, linear.bias, "gelu", [], "none")
+    return act(linear(x))
+
+
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
     """Stochastic depth per sample: zero whole residual branches, rescale the kept ones."""
     if drop_prob == 0.0 or not training:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import DropPath, Upsample, UpsampleOneStep, to_2tuple, trunc_normal_
+from ._layers import DropPath, Upsample, UpsampleOneStep, linear_gelu, to_2tuple, trunc_normal_
 
 __all__ = ["DAT"]
 
@@ -176,7 +176,7 @@ class SGFN(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x)))
+        x = self.drop(linear_gelu(x, self.fc1, self.act))
         x = self.drop(self.sg(x, H, W))
         return self.drop(self.fc2(x))
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ._layers import DropPath, Upsample, UpsampleOneStep, to_2tuple, trunc_normal_
+from ._layers import DropPath, Upsample, UpsampleOneStep, linear_gelu, to_2tuple, trunc_normal_
 
 __all__ = ["SwinIR", "RSTB", "BasicLayer", "SwinTransformerBlock", "WindowAttention", "window_partition",
            "window_reverse", "shift_window_mask"]
@@ -165,7 +165,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(linear_gelu(x, self.fc1, self.act))))
 
 
 class WindowAttention(nn.Module):
