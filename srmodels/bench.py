@@ -1,7 +1,9 @@
-"""Forward-speed benchmark of the backbones and the fusion net: what `srmodels bench` prints.
+"""Speed benchmarks: what `srmodels bench` prints.
 
-Median wall time per forward over ``runs`` after ``warmup`` calls, under ``torch.inference_mode``; output
-megapixels per second; peak memory (CUDA: allocator peak; CPU: the process's peak RSS so far, which only grows).
+Forward: median wall time per forward over ``runs`` after ``warmup`` calls, under ``torch.inference_mode``;
+output megapixels per second; peak memory (CUDA: allocator peak; CPU: the process's peak RSS so far, which only
+grows). Fusion training: median time of one optimiser step of team 27's net on in-memory candidates, and the
+projected time of the NTIRE recipe from it.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from typing import Any
 
 import torch
 
-from .fusion import AttentionWeightNet
+from .fusion import AttentionWeightNet, fuse, fusion_loss
 from .inference import upscale
 from .model import build_model
 
 log = logging.getLogger(__name__)
 
+# team 27's recipe: 150 epochs over the 800 DIV2K training images, one crop each per epoch
+NTIRE_FUSION_SAMPLES = 150 * 800
 DEFAULT_VARIANTS = ("dat_s", "swinir_m", "swinir_m_s48", "rfdn", "rrdbnet", "fusion")
 
 
@@ -64,6 +68,58 @@ def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.d
     return {"model": name, "input": f"{w}x{h}", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
             "self_ensemble": self_ensemble, "ms": round(ms, 1), "mp_per_s": round(out_mp / (ms / 1000), 3),
             "peak_mb": round(_peak_mb(device), 1)}
+
+
+def bench_fusion_train(batch: int, lr_patch: int, *, device: torch.device, dtype: torch.dtype, runs: int,
+                       warmup: int, scale: int = 4) -> dict[str, Any]:
+    """Time optimiser steps of ``AttentionWeightNet(3)`` (forward, 0.8 L1 + 0.2 MSE, backward, Adam) on a batch
+    of ``batch`` candidate triples of (lr_patch * scale)^2 pixels, as ``train_fusion`` runs them (bf16 autocast
+    and channels_last on CUDA). Data loading is not included: the stage streams memory-mapped crops."""
+    with torch.inference_mode(False), torch.enable_grad():  # callers (the CLI) may run under inference_mode
+        return _fusion_train_steps(batch, lr_patch, device, dtype, runs, warmup, scale)
+
+
+def _fusion_train_steps(batch: int, lr_patch: int, device: torch.device, dtype: torch.dtype, runs: int,
+                        warmup: int, scale: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    net = AttentionWeightNet(3).to(device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    size = lr_patch * scale
+    cands = torch.rand(batch, 9, size, size, device=device).contiguous(memory_format=fmt)
+    hr = torch.rand(batch, 3, size, size, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    times = []
+    for i in range(warmup + runs):
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            weights = net(cands).float()
+        loss = fusion_loss(fuse(cands, weights), hr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    samples = batch / step
+    return {"batch": batch, "hr_patch": size, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "ms_per_step": round(step * 1000, 1), "samples_per_s": round(samples, 2),
+            "hr_mp_per_s": round(samples * size * size / 1e6, 3),
+            "ntire_recipe_minutes": round(NTIRE_FUSION_SAMPLES / samples / 60, 1), "peak_mb": round(_peak_mb(device), 1)}
+
+
+def format_train_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'fusion train':<14}{'HR patch':>9}{'device':>8}{'dtype':>10}{'ms/step':>10}{'samples/s':>11}"
+            f"{'HR MP/s':>9}{'NTIRE min':>11}{'peak MB':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{'batch ' + str(r['batch']):<14}{r['hr_patch']:>9}{r['device']:>8}{r['dtype']:>10}"
+                     f"{r['ms_per_step']:>10.1f}{r['samples_per_s']:>11.2f}{r['hr_mp_per_s']:>9.3f}"
+                     f"{r['ntire_recipe_minutes']:>11.1f}{r['peak_mb']:>10.1f}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, bench_one, format_table,
+                    format_train_table)
 from .checkpoint import CheckpointError
 from .images import ImageError, check_pair, list_images, pair_by_stem, read_image, to_tensor, to_uint8, write_image
 from .imresize import downscale_uint8
@@ -115,8 +117,6 @@ def cmd_downscale(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench_one, format_table
-
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.cpu_only else [])
@@ -131,11 +131,23 @@ def cmd_bench(args) -> int:
                         rows.append(bench_one(name, h, w, device=device, dtype=dtype, self_ensemble=se,
                                               runs=args.runs, warmup=args.warmup))
                         log.info("%s", rows[-1])
-    print(format_table(rows))
+    train_rows = []
+    if args.fusion_train:
+        batch, lr_patch = (int(v) for v in args.fusion_train.split(":"))
+        for device in devices:
+            for dtype in [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else []):
+                train_rows.append(bench_fusion_train(batch, lr_patch, device=device, dtype=dtype, runs=args.runs,
+                                                     warmup=args.warmup))
+                log.info("%s", train_rows[-1])
+    if rows:
+        print(format_table(rows))
+    if train_rows:
+        print(format_train_table(train_rows))
+        print(f"NTIRE min: {NTIRE_FUSION_SAMPLES:,} samples (150 epochs x 800 images) at the measured samples/s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"forward": rows, "fusion_train": train_rows}, indent=1) + "\n")
     return 0
 
 
@@ -214,13 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_downscale)
 
     p = sub.add_parser("bench", help="median ms per forward of each model (CPU, and CUDA when present)")
-    p.add_argument("--models", nargs="+", default=["dat_s", "swinir_m", "swinir_m_s48", "rfdn", "rrdbnet", "fusion"])
+    p.add_argument("--models", nargs="*", default=list(DEFAULT_VARIANTS), help="variants, or 'fusion' (none: skip)")
     p.add_argument("--sizes", nargs="+", default=["64x64", "120x84"], help="LR sizes WxH")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch's default)")
     p.add_argument("--self-ensemble", action="store_true", help="also time the x8 self-ensemble")
     p.add_argument("--cpu-only", action="store_true")
+    p.add_argument("--fusion-train", metavar="BATCH:LR_PATCH",
+                   help="also time fusion-net training steps, e.g. 72:128 (team 27's batch and patch)")
     p.add_argument("--json", help="write the rows here")
     p.set_defaults(func=cmd_bench)
 

@@ -79,3 +79,8 @@ FUSION_KINDS: dict[str, type[nn.Module]] = {"pixel": AttentionWeightNet, "image"
 def fusion_inputs(kind: str, candidates: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
     """What each kind of weight net looks at: the candidates (pixel) or the LR image (image)."""
     return candidates if kind == "pixel" else lr
+
+
+def fusion_loss(fused: torch.Tensor, hr: torch.Tensor, l1_weight: float = 0.8, mse_weight: float = 0.2) -> torch.Tensor:
+    """Team 27's objective: ``l1_weight * L1 + mse_weight * MSE`` of the fused image against HR."""
+    return l1_weight * F.l1_loss(fused, hr) + mse_weight * F.mse_loss(fused, hr)

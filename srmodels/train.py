@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import save_checkpoint
 from .datasets import FusionCrops, FusionImage, load_fusion_image, read_pair
-from .fusion import fuse, fusion_inputs
+from .fusion import fuse, fusion_inputs, fusion_loss
 from .images import to_tensor, to_uint8
 from .inference import upscale
 from .metrics import calculate_psnr
@@ -488,7 +488,7 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
             lr_img = lr_img.to(device, non_blocking=True)
             hr_img = hr_img.to(device, non_blocking=True)
             out = fused_fn(cands, lr_img)
-            loss = l1_weight * F.l1_loss(out, hr_img) + mse_weight * F.mse_loss(out, hr_img)
+            loss = fusion_loss(out, hr_img, l1_weight, mse_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -149,9 +149,15 @@ def test_compare_metrics_tolerances():
 def test_bench_prints_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--models", "rfdn_tiny", "fusion", "--sizes", "32x24", "--runs", "1", "--warmup", "0",
-                 "--self-ensemble", "--cpu-only", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+                 "--self-ensemble", "--cpu-only", "--fusion-train", "2:8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["forward"]
     assert [(r["model"], r["self_ensemble"]) for r in rows] == [
         ("rfdn_tiny", False), ("rfdn_tiny", True), ("fusion", False), ("fusion", True)]
     assert all(r["ms"] > 0 and r["input"] == "32x24" and r["device"] == "cpu" for r in rows)
-    assert "ms/forward" in capsys.readouterr().out
+    (train,) = result["fusion_train"]
+    assert train["batch"] == 2 and train["hr_patch"] == 32 and train["samples_per_s"] > 0
+    # The projection is the recipe's sample count at the measured rate.
+    assert train["ntire_recipe_minutes"] == pytest.approx(150 * 800 / train["samples_per_s"] / 60, rel=0.01)
+    printed = capsys.readouterr().out
+    assert "ms/forward" in printed and "NTIRE min" in printed
