@@ -49,6 +49,7 @@ BACKBONE = {
     "milestones": ListOf(int),
     "gamma": float,
     "nprocs": int,
+    "compile": bool,
 }
 
 SCHEMA: dict[str, Any] = {
@@ -78,6 +79,7 @@ SCHEMA: dict[str, Any] = {
         "l1_weight": float,
         "mse_weight": float,
         "crops_per_image": int,
+        "compile": bool,
     },
     "inference": {"self_ensemble": bool, "tile": Optional_(int), "tile_overlap": int, "compile": bool},
     "metrics": {"crop_border": int, "y_channel": bool},

@@ -214,7 +214,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
              lr: float, schedule: str, milestones: Sequence[int] = (), gamma: float = 0.5,
              device: torch.device | str = "cpu", seed: int = 0, out_dir: str | Path, crop_border: int,
              provenance: dict[str, Any] | None = None, resume: bool = True, log_metrics: LogMetrics | None = None,
-             workers: int = 0, threads: int | None = None, val_tile: int | None = None) -> dict[str, Any]:
+             workers: int = 0, threads: int | None = None, val_tile: int | None = None,
+             compile: bool = False) -> dict[str, Any]:
     """Fine-tune a backbone with L1 loss and Adam; returns summary metrics.
 
     Args:
@@ -233,6 +234,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         workers: DataLoader worker processes (items do not depend on it).
         threads: CPU intra-op threads (None: leave torch's setting).
         val_tile: LR tile size for validation forwards (None: whole images).
+        compile: ``torch.compile`` the training forward (fixed patch shapes, so one compilation); validation
+            sees whole images of varying sizes and stays eager.
 
     Data-parallel (DDP) when called in every process of an initialised process group (``srmodels.distributed``):
     ``batch`` is then the global batch and must divide by the world size; rank 0 alone validates, writes
@@ -334,6 +337,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
     # DDP broadcasts rank 0's weights when it wraps the model and averages gradients in backward().
     forward = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if info.enabled
                else model)
+    if compile:
+        forward = torch.compile(forward)
 
     for epoch in range(start + 1, epochs + 1):
         model.train()
@@ -410,7 +415,7 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
                  device: torch.device | str = "cpu", seed: int = 0, out_dir: str | Path, crop_border: int,
                  provenance: dict[str, Any] | None = None, members: Sequence[str] | None = None,
                  log_metrics: LogMetrics | None = None, workers: int = 0,
-                 threads: int | None = None) -> dict[str, Any]:
+                 threads: int | None = None, compile: bool = False) -> dict[str, Any]:
     """Train a fusion weight net on cached candidates; loss ``l1_weight * L1 + mse_weight * MSE`` of fuse vs HR.
 
     Args:
@@ -421,6 +426,7 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
         members: member names recorded in best.pth (default: ``train.members``).
         out_dir: receives best.pth (``arch='fusion_' + kind``, kwargs ``num_candidates``, extra members/kind) and
             curve.csv.
+        compile: ``torch.compile`` the net for training steps (validation stays eager).
 
     Returns:
         best_val_psnr, best_epoch, final_val_psnr, member_val_psnr (each candidate alone), mean_val_psnr (plain
@@ -445,12 +451,12 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     scale = train.scale
 
-    def weights_of(cands: torch.Tensor, lr_img: torch.Tensor) -> torch.Tensor:
-        with _autocast(device):
-            return net(fusion_inputs(kind, cands, lr_img).contiguous(memory_format=fmt)).float()
+    train_net = torch.compile(net) if compile else net
 
-    def fused_fn(cands: torch.Tensor, lr_img: torch.Tensor) -> torch.Tensor:
-        return fuse(cands, weights_of(cands, lr_img))
+    def fused_fn(cands: torch.Tensor, lr_img: torch.Tensor, module: nn.Module = net) -> torch.Tensor:
+        with _autocast(device):
+            weights = module(fusion_inputs(kind, cands, lr_img).contiguous(memory_format=fmt)).float()
+        return fuse(cands, weights)
 
     def validate() -> tuple[float, dict[str, float]]:
         net.eval()
@@ -487,7 +493,7 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
             cands = cands.to(device, non_blocking=True)
             lr_img = lr_img.to(device, non_blocking=True)
             hr_img = hr_img.to(device, non_blocking=True)
-            out = fused_fn(cands, lr_img)
+            out = fused_fn(cands, lr_img, train_net)
             loss = fusion_loss(out, hr_img, l1_weight, mse_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

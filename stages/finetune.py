@@ -51,7 +51,8 @@ with start_stage(params, f"finetune@{name}", enabled=info.main) as run:
     metrics = finetune(model, train, val_pairs, epochs=bb["epochs"], batch=bb["batch"], lr=bb["lr"],
                        schedule=bb["schedule"], milestones=bb["milestones"], gamma=bb["gamma"], device=device,
                        seed=params["seed"], out_dir=out_dir, crop_border=params["metrics"]["crop_border"],
-                       provenance=provenance(params), log_metrics=run.log_metrics, threads=params["threads"])
+                       provenance=provenance(params), log_metrics=run.log_metrics, threads=params["threads"],
+                       compile=bb["compile"])
     if info.main:
         metrics = {"backbone": name, "variant": bb["variant"], **metrics}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")

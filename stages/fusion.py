@@ -6,8 +6,8 @@ from pathlib import Path
 
 from srmodels.datasets import FusionCrops, fusion_images
 from srmodels.fusion import FUSION_KINDS
-from srmodels.tracking import start_stage
 from srmodels.runtime import resolve_device, seed_everything, set_threads
+from srmodels.tracking import start_stage
 from srmodels.train import train_fusion
 
 params = setup("fusion")
@@ -32,7 +32,7 @@ with start_stage(params, "fusion") as run:
                            l1_weight=fp["l1_weight"], mse_weight=fp["mse_weight"], device=device,
                            seed=params["seed"], out_dir=out_dir, crop_border=params["metrics"]["crop_border"],
                            provenance=provenance(params), members=members, log_metrics=run.log_metrics,
-                           threads=params["threads"])
+                           threads=params["threads"], compile=fp["compile"])
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     run.log_artifact(out_dir / "curve.csv")

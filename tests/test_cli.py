@@ -166,7 +166,7 @@ def test_bench_prints_table(tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = result["forward"]
     assert [(r["model"], r["self_ensemble"]) for r in rows] == [
-        ("rfdn_tiny", False), ("rfdn_tiny", True), ("fusion", False), ("fusion", True)]
+        ("rfdn_tiny", False), ("rfdn_tiny", True), ("fusion", False)]
     assert all(r["ms"] > 0 and r["input"] == "32x24" and r["device"] == "cpu" for r in rows)
     (train,) = result["fusion_train"]
     assert train["batch"] == 2 and train["hr_patch"] == 32 and train["samples_per_s"] > 0
