@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py, alone or under torchrun: fine-tune a tiny backbone and save its final weights.
 
-Usage: python ddp_worker.py DATA_DIR OUT_DIR VARIANT EPOCHS BATCH
+Usage: python ddp_worker.py DATA_DIR OUT_DIR VARIANT EPOCHS BATCH SCHEDULE
 """
 import json
 import sys
@@ -13,13 +13,14 @@ from srmodels.datasets import PairedPatches, list_pairs
 from srmodels.model import build_model
 from srmodels.train import finetune
 
-data, out, variant, epochs, batch = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+data, out, variant, epochs, batch, schedule = (Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
+                                               int(sys.argv[5]), sys.argv[6])
 info = distributed.init_from_env("cpu")
 torch.manual_seed(0)
 model = build_model(variant)
 train = PairedPatches(data / "train" / "lr", data / "train" / "hr", lr_patch=16, scale=4, seed=0)
 val = list_pairs(data / "val" / "hr", data / "val" / "lr", 4)
-metrics = finetune(model, train, val, epochs=epochs, batch=batch, lr=2e-3, schedule="cosine", device="cpu", seed=0,
+metrics = finetune(model, train, val, epochs=epochs, batch=batch, lr=2e-3, schedule=schedule, device="cpu", seed=0,
                    out_dir=out, crop_border=4, threads=1)
 state = {k: v.clone() for k, v in model.net.state_dict().items()}
 torch.save(state, out / f"final_rank{info.rank}.pt")

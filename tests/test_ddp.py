@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from srmodels import distributed
+from srmodels.datasets import PairedPatches
 from srmodels.images import write_image
 from srmodels.model import build_model
+from srmodels.train import finetune
 from tests.test_train import SCALE, downscale, smooth_image
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -33,9 +35,9 @@ def ddp_data(tmp_path_factory) -> Path:
     return root
 
 
-def run_worker(data: Path, out: Path, nprocs: int, variant: str = "rfdn_tiny", epochs: int = 2,
-               batch: int = 4) -> None:
-    args = [str(data), str(out), variant, str(epochs), str(batch)]
+def run_worker(data: Path, out: Path, nprocs: int, epochs: int, variant: str = "rfdn_tiny", batch: int = 4,
+               schedule: str = "constant") -> None:
+    args = [str(data), str(out), variant, str(epochs), str(batch), schedule]
     command = (distributed.torchrun_command(str(WORKER), args, nprocs) if nprocs > 1
                else [sys.executable, str(WORKER), *args])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -44,10 +46,12 @@ def run_worker(data: Path, out: Path, nprocs: int, variant: str = "rfdn_tiny", e
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_gloo_processes_train_like_one(ddp_data, tmp_path):
+def test_two_gloo_processes_train_like_one_and_resume(ddp_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_worker(ddp_data, one, 1)
-    run_worker(ddp_data, two, 2)
+    run_worker(ddp_data, one, 1, epochs=2)
+    # The 2-process run stops after epoch 1 and resumes (rank 0 reads resume.pth, the others receive it).
+    run_worker(ddp_data, two, 2, epochs=1)
+    run_worker(ddp_data, two, 2, epochs=2)
     single = torch.load(one / "final_rank0.pt", weights_only=True)
     ranks = [torch.load(two / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert single.keys() == ranks[0].keys() == ranks[1].keys()
@@ -61,6 +65,7 @@ def test_two_gloo_processes_train_like_one(ddp_data, tmp_path):
     m1 = json.loads((one / "metrics_rank0.json").read_text())
     m2 = [json.loads((two / f"metrics_rank{r}.json").read_text()) for r in (0, 1)]
     assert m1["world_size"] == 1 and m2[0]["world_size"] == 2 and m2[1]["world_size"] == 2
+    assert m2[0]["resumed_from_epoch"] == 1 and m1["resumed_from_epoch"] == 0
     assert m1["steps"] == m2[0]["steps"] == m2[1]["steps"] == 4  # 2 epochs x floor(10 / 4)
     # Rank 0 validated the same weights and reported the same losses (all-reduced over the ranks).
     assert m2[0]["best_val_psnr"] == pytest.approx(m1["best_val_psnr"], abs=1e-3)
@@ -70,9 +75,15 @@ def test_two_gloo_processes_train_like_one(ddp_data, tmp_path):
         assert (two / name).is_file()
 
 
-def test_ddp_batch_must_divide(ddp_data, tmp_path):
-    args = [str(ddp_data), str(tmp_path), "rfdn_tiny", "1", "3"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(distributed.torchrun_command(str(WORKER), args, 2), env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode != 0 and "must divide by the number of processes (2)" in done.stderr
+def test_global_batch_must_divide_by_world_size(ddp_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Dist(rank=0, world=2, local_rank=0))
+    train = PairedPatches(ddp_data / "train" / "lr", ddp_data / "train" / "hr", lr_patch=16, scale=SCALE, seed=0)
+    with pytest.raises(ValueError, match=r"global batch \(3\) must divide by the number of processes \(2\)"):
+        finetune(build_model("rfdn_tiny"), train, [], epochs=1, batch=3, lr=1e-3, schedule="constant",
+                 out_dir=tmp_path, crop_border=4)
+
+
+def test_torchrun_command_is_a_standalone_launch():
+    cmd = distributed.torchrun_command("stages/finetune.py", ["dat"], 4)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and "--nproc-per-node=4" in cmd and cmd[-2:] == ["stages/finetune.py", "dat"]
