@@ -96,10 +96,21 @@ def test_upscale_and_downscale(set5, rfdn_weights, tmp_path):
 
 
 def _run_cli(*args):
+    """The real entry point in its own process (what a user's shell sees)."""
     return subprocess.run([sys.executable, "-m", "srmodels.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_bad_inputs_one_line_errors(set5, rfdn_weights, tmp_path):
+def test_bad_inputs_one_line_errors(set5, rfdn_weights, tmp_path, capsys, caplog):
+    def _run_cli(*args):  # in-process for speed (a CLI process pays ~3 s of imports); see the evil case below
+        caplog.clear()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 2
+            print(exit_.code, file=sys.stderr)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err + caplog.text)  # log lines go to stderr too
+
     hr, lr = tmp_path / "hr", tmp_path / "lr"
     shutil.copytree(set5 / "HR", hr)
     shutil.copytree(set5 / "LR_bicubic" / "X4", lr)
@@ -129,7 +140,7 @@ def test_bad_inputs_one_line_errors(set5, rfdn_weights, tmp_path):
             return (print, ("pwned",))
 
     torch.save({"params": Evil()}, evil)
-    res = _run_cli("eval", "--weights", str(evil), "--arch", "rfdn", "--hr", str(hr), "--device", "cpu")
+    res = globals()["_run_cli"]("eval", "--weights", str(evil), "--arch", "rfdn", "--hr", str(hr), "--device", "cpu")
     assert res.returncode == 2 and "arbitrary unpickling" in res.stderr and "pwned" not in res.stdout
 
     res = _run_cli("eval", "--weights", str(rfdn_weights), "--hr", str(tmp_path / "nope"), "--device", "cpu")
