@@ -11,7 +11,7 @@ import logging
 import resource
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -37,6 +37,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_seconds(step: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> tuple[float, Any]:
+    """Median wall time of ``step()`` over ``runs`` calls after ``warmup`` untimed ones, and its last result."""
+    times, result = [], None
+    for i in range(warmup + runs):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.dtype, self_ensemble: bool,
               runs: int, warmup: int) -> dict[str, Any]:
     """Time one variant ('fusion' = team 27's net on three x4 candidates of an h x w LR image)."""
@@ -54,18 +71,13 @@ def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.d
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
     with torch.inference_mode(), autocast:
-        for i in range(warmup + runs):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = upscale(model, x, scale, self_ensemble=self_ensemble) if scale > 1 else model(x)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1000
+        seconds, out = _median_seconds(
+            lambda: upscale(model, x, scale, self_ensemble=self_ensemble) if scale > 1 else model(x),
+            device, runs, warmup)
+    ms = seconds * 1000
     out_mp = out.shape[-2] * out.shape[-1] / 1e6
-    return {"model": name, "input": f"{w}x{h}", "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+    return {"model": name, "input": f"{w}x{h}", "device": device.type, "dtype": _dtype_name(dtype),
             "self_ensemble": self_ensemble, "ms": round(ms, 1), "mp_per_s": round(out_mp / (ms / 1000), 3),
             "peak_mb": round(_peak_mb(device), 1)}
 
@@ -90,22 +102,18 @@ def _fusion_train_steps(batch: int, lr_patch: int, device: torch.device, dtype: 
     cands = torch.rand(batch, 9, size, size, device=device).contiguous(memory_format=fmt)
     hr = torch.rand(batch, 3, size, size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    times = []
-    for i in range(warmup + runs):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def train_step() -> None:
         with autocast:
             weights = net(cands).float()
         loss = fusion_loss(fuse(cands, weights), hr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+
+    step, _ = _median_seconds(train_step, device, runs, warmup)
     samples = batch / step
-    return {"batch": batch, "hr_patch": size, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+    return {"batch": batch, "hr_patch": size, "device": device.type, "dtype": _dtype_name(dtype),
             "ms_per_step": round(step * 1000, 1), "samples_per_s": round(samples, 2),
             "hr_mp_per_s": round(samples * size * size / 1e6, 3),
             "ntire_recipe_minutes": round(NTIRE_FUSION_SAMPLES / samples / 60, 1), "peak_mb": round(_peak_mb(device), 1)}

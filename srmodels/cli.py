@@ -123,13 +123,16 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.cpu_only else [])
+
+    def dtypes(device: torch.device) -> list[torch.dtype]:  # bf16 is the CUDA path's autocast dtype
+        return [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+
     rows = []
     for device in devices:
-        dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
         for size in args.sizes:
             w, h = (int(v) for v in size.lower().split("x"))
             for name in args.models:
-                for dtype in dtypes:
+                for dtype in dtypes(device):
                     # the fusion net fuses self-ensembled candidates; it has no x8 of its own
                     for se in ([False, True] if args.self_ensemble and name != "fusion" else [False]):
                         rows.append(bench_one(name, h, w, device=device, dtype=dtype, self_ensemble=se,
@@ -139,7 +142,7 @@ def cmd_bench(args) -> int:
     if args.fusion_train:
         batch, lr_patch = (int(v) for v in args.fusion_train.split(":"))
         for device in devices:
-            for dtype in [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else []):
+            for dtype in dtypes(device):
                 train_rows.append(bench_fusion_train(batch, lr_patch, device=device, dtype=dtype, runs=args.runs,
                                                      warmup=args.warmup))
                 log.info("%s", train_rows[-1])

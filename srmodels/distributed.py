@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
@@ -67,8 +68,6 @@ def init_from_env(device_type: str, timeout_minutes: int = 30) -> Dist:
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        from datetime import timedelta
-
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=timeout_minutes))
     log.info("DDP: rank %d of %d (local rank %d, backend %s)", info.rank, info.world, info.local_rank,
@@ -104,8 +103,3 @@ def all_sum(values: Sequence[float], info: Dist, device: torch.device) -> list[f
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def barrier(info: Dist) -> None:
-    if info.enabled:
-        dist.barrier()
