@@ -1,8 +1,10 @@
 """srmodels.archs._layers: the fused inference path gives what the plain layers give."""
+import pytest
 import torch
 from torch import nn
 
-from srmodels.archs._layers import linear_gelu
+from srmodels.archs import _layers
+from srmodels.archs._layers import linear, linear_add, linear_gelu, winograd_conv3x3
 
 
 def test_linear_gelu_matches_plain_layers():
@@ -19,3 +21,62 @@ def test_linear_gelu_matches_plain_layers():
     tanh = nn.GELU(approximate="tanh")
     with torch.inference_mode():
         torch.testing.assert_close(linear_gelu(x.detach(), fc, tanh), tanh(fc(x.detach())))
+
+
+def test_linear_and_linear_add_match_plain_layers():
+    torch.manual_seed(0)
+    fc = nn.Linear(24, 40)
+    x, r = torch.randn(3, 7, 24), torch.randn(3, 7, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, fc), fc(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(linear_add(x, fc, r), fc(x) + r, rtol=1e-6, atol=1e-6)
+    y = linear_add(x.requires_grad_(), fc, r)
+    y.sum().backward()
+    assert fc.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [(1, 8, 5, 9, 7), (2, 16, 16, 10, 12), (1, 3, 4, 1, 1), (1, 5, 6, 2, 3)])
+def test_winograd_conv3x3_matches_direct_convolution(n, c_in, c_out, h, w):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3, 1, 1)
+    x = torch.randn(n, c_in, h, w)
+    with torch.inference_mode():
+        ref = conv(x)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = winograd_conv3x3(inp, conv.weight, conv.bias)
+            assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(winograd_conv3x3(x, conv.weight, None), ref - conv.bias.view(1, -1, 1, 1),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_chunks_give_the_unchunked_result(monkeypatch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 7, 3, 1, 1)
+    x = torch.randn(1, 6, 21, 18)
+    with torch.inference_mode():
+        whole = winograd_conv3x3(x, conv.weight, conv.bias)
+        monkeypatch.setattr(_layers, "_WINOGRAD_CHUNK_BYTES", 1)  # one tile row per chunk
+        torch.testing.assert_close(winograd_conv3x3(x, conv.weight, conv.bias), whole, rtol=0, atol=0)
+
+
+def test_conv2d_takes_winograd_only_for_wide_float32_cpu_inference(monkeypatch):
+    calls = []
+    real = _layers.winograd_conv3x3
+    monkeypatch.setattr(_layers, "winograd_conv3x3", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    wide = _layers.Conv2d(128, 128, 3, 1, 1)
+    plain = nn.Conv2d(128, 128, 3, 1, 1)
+    plain.load_state_dict(wide.state_dict())
+    x = torch.randn(1, 128, 6, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(wide(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    # Training (autograd), narrow layers and other kernel shapes are nn.Conv2d's own forward.
+    assert torch.equal(wide(x), plain(x)) and wide(x).grad_fn is not None
+    narrow = _layers.Conv2d(64, 128, 3, 1, 1)
+    strided = _layers.Conv2d(128, 128, 3, 2, 1)
+    with torch.inference_mode():
+        narrow(torch.randn(1, 64, 6, 5)), strided(x)
+    assert calls == [1]
+    assert list(wide.state_dict()) == ["weight", "bias"]

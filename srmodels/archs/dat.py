@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import DropPath, Upsample, UpsampleOneStep, linear_gelu, to_2tuple, trunc_normal_
+from ._layers import DropPath, Upsample, UpsampleOneStep, linear_gelu, residual_conv, to_2tuple, trunc_normal_
 
 __all__ = ["DAT"]
 
@@ -474,7 +474,7 @@ class ResidualGroup(nn.Module):
                  qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop, drop_path=drop_paths[i],
                  act_layer=act_layer, norm_layer=norm_layer, rg_idx=rg_idx, b_idx=i)
             for i in range(depth)])
-        self.conv = _residual_conv(dim, resi_connection)
+        self.conv = residual_conv(dim, resi_connection)
 
     def forward(self, x: torch.Tensor, x_size: Sequence[int], cache: Optional[_Cache] = None) -> torch.Tensor:
         H, W = x_size
@@ -486,18 +486,6 @@ class ResidualGroup(nn.Module):
             else:
                 x = blk(x, x_size, cache)
         return res + _image_as_tokens(self.conv(_tokens_as_image(x, H, W)))
-
-
-def _residual_conv(dim: int, resi_connection: str) -> nn.Module:
-    if resi_connection == "1conv":
-        return nn.Conv2d(dim, dim, 3, 1, 1)
-    if resi_connection == "3conv":
-        # a bottleneck that saves parameters and memory
-        return nn.Sequential(
-            nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-            nn.Conv2d(dim // 4, dim, 3, 1, 1))
-    raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
 
 
 class _ToTokens(nn.Module):
@@ -578,7 +566,7 @@ class DAT(nn.Module):
                           resi_connection=resi_connection, rg_idx=i)
             for i in range(self.num_layers)])
         self.norm = norm_layer(embed_dim)
-        self.conv_after_body = _residual_conv(embed_dim, resi_connection)
+        self.conv_after_body = residual_conv(embed_dim, resi_connection)
 
         if upsampler == "pixelshuffle":
             self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1),

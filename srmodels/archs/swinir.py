@@ -34,7 +34,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ._layers import DropPath, Upsample, UpsampleOneStep, linear_gelu, to_2tuple, trunc_normal_
+from ._layers import (DropPath, Upsample, UpsampleOneStep, linear, linear_add, linear_gelu, residual_conv, to_2tuple,
+                      trunc_normal_)
 
 __all__ = ["SwinIR", "RSTB", "BasicLayer", "SwinTransformerBlock", "WindowAttention", "window_partition",
            "window_reverse", "shift_window_mask"]
@@ -164,8 +165,13 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(linear_gelu(x, self.fc1, self.act))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of x, plus ``residual`` when given (added inside the last matmul in inference)."""
+        x = self.drop(linear_gelu(x, self.fc1, self.act))
+        if residual is not None and not self.training:
+            return linear_add(x, self.fc2, residual)
+        x = self.drop(linear(x, self.fc2))
+        return x if residual is None else x + residual
 
 
 class WindowAttention(nn.Module):
@@ -206,10 +212,12 @@ class WindowAttention(nn.Module):
         # too and the attention kernel does not copy it.
         return self.relative_position_bias_table.t()[:, self.relative_position_index]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B * num_windows, N, C); mask: additive (num_windows, N, N) or None."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B * num_windows, N, C); mask: additive (num_windows, N, N) or None; ``residual``, shaped like x, is
+        added to the output (inside the output projection's matmul in inference)."""
         b_, n, c = x.shape
-        q, k, v = self.qkv(x).view(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = linear(x, self.qkv).view(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         if mask is None:
             bias = self.relative_position_bias().unsqueeze(0)
         else:
@@ -219,7 +227,10 @@ class WindowAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
                                            dropout_p=self.attn_drop.p if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b_, n, c)
-        return self.proj_drop(self.proj(x))
+        if residual is not None and not self.training:
+            return linear_add(x, self.proj, residual)
+        x = self.proj_drop(linear(x, self.proj))
+        return x if residual is None else x + residual
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
@@ -265,11 +276,16 @@ class SwinTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, L, C) in this block's window order; mask: additive (num_windows, N, N) or None."""
         b, length, c = x.shape
-        attn = self.attn(self.norm1(x).view(-1, self.window_size * self.window_size, c), mask)
-        # Residuals are added in place into the fresh branch outputs (which autograd does not save), sparing
-        # two full-size allocations per block.
-        x = self.drop_path(attn.view(b, length, c)).add_(x)
-        return self.drop_path(self.mlp(self.norm2(x))).add_(x)
+        n = self.window_size * self.window_size
+        if self.training:
+            attn = self.attn(self.norm1(x).view(-1, n, c), mask)
+            # Residuals are added in place into the fresh branch outputs (which autograd does not save), sparing
+            # two full-size allocations per block.
+            x = self.drop_path(attn.view(b, length, c)).add_(x)
+            return self.drop_path(self.mlp(self.norm2(x))).add_(x)
+        # Stochastic depth is off, so each residual add can go into the matmul that ends its branch.
+        x = self.attn(self.norm1(x).view(-1, n, c), mask, residual=x.view(-1, n, c)).view(b, length, c)
+        return self.mlp(self.norm2(x), residual=x)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "
@@ -368,17 +384,6 @@ class PatchUnEmbed(nn.Module):
         return x.view(x.shape[0], x_size[0], x_size[1], self.embed_dim).permute(0, 3, 1, 2)
 
 
-def _residual_conv(dim: int, resi_connection: str) -> nn.Module:
-    if resi_connection == "1conv":
-        return nn.Conv2d(dim, dim, 3, 1, 1)
-    if resi_connection == "3conv":
-        # Bottleneck at dim // 4: fewer parameters than one full 3x3 conv.
-        return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-                             nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
-                             nn.Conv2d(dim // 4, dim, 3, 1, 1))
-    raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
-
-
 class RSTB(nn.Module):
     """Residual Swin Transformer Block: a BasicLayer, then a conv on the feature map, plus the input."""
 
@@ -396,7 +401,7 @@ class RSTB(nn.Module):
                                          qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
                                          drop_path=drop_path, norm_layer=norm_layer, downsample=downsample,
                                          use_checkpoint=use_checkpoint)
-        self.conv = _residual_conv(dim, resi_connection)
+        self.conv = residual_conv(dim, resi_connection)
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=0, embed_dim=dim)
         self.patch_unembed = PatchUnEmbed(img_size=img_size, patch_size=patch_size, in_chans=0, embed_dim=dim)
 
@@ -489,7 +494,7 @@ class SwinIR(nn.Module):
                                     downsample=None, use_checkpoint=use_checkpoint, img_size=img_size,
                                     patch_size=patch_size, resi_connection=resi_connection))
         self.norm = norm_layer(self.num_features)
-        self.conv_after_body = _residual_conv(embed_dim, resi_connection)
+        self.conv_after_body = residual_conv(embed_dim, resi_connection)
 
         # reconstruction
         if upsampler == "pixelshuffle":
