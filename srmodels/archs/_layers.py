@@ -91,23 +91,26 @@ def _input_transform(r0: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, r3: t
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, by Winograd F(2x2, 3x3); no autograd.
 
-    Input tiles are transformed with strided adds on the zero-padded channels-last map, the 16 transformed
-    planes are multiplied by the transformed kernel in one batched GEMM, and 2x2 outputs are written back
-    interleaved. Returns a channels-last tensor. The result differs from the direct convolution by float
-    rounding only (about 1e-6 relative).
+    Input tiles are transformed with strided adds on zero-padded channels-last rows, the 16 transformed planes
+    are multiplied by the transformed kernel in one batched GEMM, and 2x2 outputs are written back interleaved.
+    Tile rows go in chunks, so the extra memory stays a few chunk-sized buffers whatever the image size. Returns
+    a channels-last tensor, equal to the direct convolution up to float rounding (about 1e-6 relative).
     """
     n, c, h, w = x.shape
     co = weight.shape[0]
     u = winograd_weight(weight)
     th, tw = (h + 1) // 2, (w + 1) // 2  # tiles; an odd edge gets a zero row/column, cropped at the end
-    xp = x.new_zeros(n, 2 * th + 2, 2 * tw + 2, c)
-    xp[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
+    xh = x.permute(0, 2, 3, 1)
     out = x.new_empty(n, 2 * th, 2 * tw, co)
     rows = max(1, _WINOGRAD_CHUNK_BYTES // (16 * n * tw * max(c, co) * x.element_size()))
     for r in range(0, th, rows):
         k = min(rows, th - r)
+        # Input rows 2r-1 .. 2(r+k) feed these tiles; rows outside the image are the zero padding.
+        lo, hi = 2 * r - 1, min(2 * (r + k) + 1, h)
+        xp = x.new_zeros(n, 2 * k + 2, 2 * tw + 2, c)
+        xp[:, max(lo, 0) - lo:hi - lo, 1:w + 1] = xh[:, max(lo, 0):hi]
         t = x.new_empty(4, n, k, 2 * tw + 2, c)
-        _input_transform(*(xp[:, 2 * r + i:2 * (r + k) + i:2] for i in range(4)), t)
+        _input_transform(*(xp[:, i:i + 2 * k:2] for i in range(4)), t)
         v = x.new_empty(4, 4, n, k, tw, c)
         for a in range(4):
             _input_transform(*(t[a][:, :, j:j + 2 * tw:2] for j in range(4)), v[a])
