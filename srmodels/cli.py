@@ -21,7 +21,7 @@ from .imresize import downscale_uint8
 from .inference import upscale
 from .metrics import calculate_psnr, calculate_ssim
 from .model import load_model
-from .runtime import resolve_device
+from .runtime import keep_freed_memory, resolve_device
 
 log = logging.getLogger("srmodels")
 
@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
+    keep_freed_memory()
     try:
         with torch.inference_mode():
             return args.func(args)

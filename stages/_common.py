@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
 
 from srmodels.checkpoint import git_commit, params_hash  # noqa: E402
 from srmodels.params import ParamsError, load_params  # noqa: E402
+from srmodels.runtime import keep_freed_memory  # noqa: E402
 
 
 def setup(stage: str) -> dict[str, Any]:
@@ -24,6 +25,7 @@ def setup(stage: str) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s {stage} %(levelname)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    keep_freed_memory()
     try:
         return load_params(os.environ.get("SRMODELS_PARAMS", "params.yaml"))
     except ParamsError as err:
