@@ -22,6 +22,9 @@ What differs is how the work is laid out, for CPU inference speed:
 * Relative-position bias and shift mask are passed as one additive term to
   ``F.scaled_dot_product_attention``, which scales, adds, normalises and weights in one fused kernel.
 * Feature maps are channels-last (NHWC), the memory layout of the tokens, so tokens and maps convert as views.
+* In float32 CPU inference the linear layers are oneDNN matmuls that add the bias, fc1's GELU and the two
+  residuals of a block as they write their output, and the wide 3x3 convolutions use Winograd F(2x2, 3x3)
+  (``_layers.linear_add`` / ``_layers.Conv2d``). Training takes the plain layers.
 * ``SwinTransformerBlock.forward`` therefore takes window-ordered tokens and a mask, not ``(x, x_size)``;
   ``BasicLayer`` and the model keep the official call signatures.
 """
@@ -217,7 +220,8 @@ class WindowAttention(nn.Module):
         """x: (B * num_windows, N, C); mask: additive (num_windows, N, N) or None; ``residual``, shaped like x, is
         added to the output (inside the output projection's matmul in inference)."""
         b_, n, c = x.shape
-        q, k, v = linear(x, self.qkv).view(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = linear(x, self.qkv).view(b_, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if mask is None:
             bias = self.relative_position_bias().unsqueeze(0)
         else:
