@@ -9,6 +9,8 @@ import random
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error rather than a silent CPU run."""
@@ -18,8 +20,6 @@ def resolve_device(name: str) -> torch.device:
         raise RuntimeError(f"device {name!r} requested but no CUDA device is available")
     return torch.device(name)
 
-
-log = logging.getLogger(__name__)
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3

@@ -27,11 +27,15 @@ def _onednn_linear_pointwise():
 _LINEAR_POINTWISE = _onednn_linear_pointwise()
 
 
+def _cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where the fast paths below apply: training keeps autograd's ops, and CUDA/bf16/autocast have their own
+    kernels."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+
+
 def _onednn_inference(x: torch.Tensor, fc: nn.Linear) -> bool:
-    # float32 CPU inference only: training keeps autograd's ops, and CUDA/bf16/autocast have their own kernels.
-    return (_LINEAR_POINTWISE is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and fc.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
+    return _LINEAR_POINTWISE is not None and _cpu_float32_inference(x, fc.weight)
 
 
 def linear(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
@@ -65,10 +69,10 @@ def linear_gelu(x: torch.Tensor, fc: nn.Linear, act: nn.Module) -> torch.Tensor:
 # 2x2 output tile comes from a 4x4 input tile with 16 multiplies per channel pair instead of 36.
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 # Below this many input and output channels the transforms cost more than the multiplies they save (measured
-# on AVX2: 180->180 takes 0.68x the time of oneDNN's direct conv, 192->64 0.91x, 64->256 1.3x).
+# on AVX2: 180->180 takes about 0.75x the time of oneDNN's direct conv, 64->256 1.3x).
 _WINOGRAD_MIN_CHANNELS = 128
-# Tile rows per chunk are chosen so one chunk's transformed input stays near this size: it bounds the extra
-# memory on large images and keeps the transformed tiles cache-resident between the transform and the GEMM.
+# Tile rows per chunk are chosen so one chunk's transformed input stays near this size. It bounds the extra
+# memory on large images; much smaller chunks (4 MB and below) measured slower, the batched GEMM getting too short.
 _WINOGRAD_CHUNK_BYTES = 16 << 20
 
 
@@ -140,10 +144,8 @@ class Conv2d(nn.Conv2d):
     """
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
-        return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.dim() == 4 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+        return (_cpu_float32_inference(x, self.weight) and x.dim() == 4 and self.kernel_size == (3, 3)
+                and self.stride == (1, 1) and self.padding == (1, 1) and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
                 and min(self.in_channels, self.out_channels) >= _WINOGRAD_MIN_CHANNELS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,14 @@ class _WindowPlan:
         return self._masks[key]
 
 
+def _output(x: torch.Tensor, fc: nn.Linear, drop: nn.Dropout, residual: torch.Tensor | None) -> torch.Tensor:
+    """``drop(fc(x))``, plus ``residual`` when given; in inference (dropout off) the add happens inside the matmul."""
+    if residual is not None and not drop.training:
+        return linear_add(x, fc, residual)
+    x = drop(linear(x, fc))
+    return x if residual is None else x + residual
+
+
 class Mlp(nn.Module):
     """fc1, activation, fc2, with dropout after each."""
 
@@ -170,11 +178,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP of x, plus ``residual`` when given (added inside the last matmul in inference)."""
-        x = self.drop(linear_gelu(x, self.fc1, self.act))
-        if residual is not None and not self.training:
-            return linear_add(x, self.fc2, residual)
-        x = self.drop(linear(x, self.fc2))
-        return x if residual is None else x + residual
+        return _output(self.drop(linear_gelu(x, self.fc1, self.act)), self.fc2, self.drop, residual)
 
 
 class WindowAttention(nn.Module):
@@ -230,11 +234,7 @@ class WindowAttention(nn.Module):
                 bias = bias.repeat(b_ // mask.shape[0], 1, 1, 1)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
                                            dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(b_, n, c)
-        if residual is not None and not self.training:
-            return linear_add(x, self.proj, residual)
-        x = self.proj_drop(linear(x, self.proj))
-        return x if residual is None else x + residual
+        return _output(x.transpose(1, 2).reshape(b_, n, c), self.proj, self.proj_drop, residual)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
