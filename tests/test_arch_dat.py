@@ -136,7 +136,8 @@ def test_public_grad_mode_matches(public_model: DAT) -> None:
     out = public_model(x)
     with torch.inference_mode():
         ref = public_model(x.detach())
-    assert torch.allclose(out.detach(), ref, atol=1e-6, rtol=0)
+    # Inference runs the wide 3x3 convs by Winograd, autograd by direct convolution: float rounding apart.
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-6)
     out.square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
@@ -233,6 +234,6 @@ def test_checkpointing_gives_the_same_result(tiny_model: DAT) -> None:
     out = chk(x)
     with torch.inference_mode():
         ref = tiny_model(x.detach())
-    assert torch.allclose(out.detach(), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-6)  # Winograd vs direct convs, as above
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

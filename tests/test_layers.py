@@ -1,10 +1,14 @@
 """srmodels.archs._layers: the fused inference path gives what the plain layers give."""
+import random
+from fractions import Fraction
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from srmodels.archs import _layers
-from srmodels.archs._layers import linear, linear_add, linear_gelu, winograd_conv3x3
+from srmodels.archs._layers import linear, linear_add, linear_gelu, toom_cook_matrices, winograd_conv3x3
 
 
 def test_linear_gelu_matches_plain_layers():
@@ -50,6 +54,32 @@ def test_winograd_conv3x3_matches_direct_convolution(n, c_in, c_out, h, w):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m,points", [(4, (0, 1, -1, 2, Fraction(-1, 2))), (2, (0, 1, -1)), (3, (0, 1, -1, 2))])
+def test_toom_cook_matrices_compute_the_correlation_exactly(m, points):
+    a_t, g, b_t = toom_cook_matrices(m, 3, [Fraction(p) for p in points])
+    rng = random.Random(0)
+    d = [Fraction(rng.randint(-9, 9)) for _ in range(m + 2)]
+    k = [Fraction(rng.randint(-9, 9)) for _ in range(3)]
+    gk = [sum(row[j] * k[j] for j in range(3)) for row in g]
+    bd = [sum(row[j] * d[j] for j in range(m + 2)) for row in b_t]
+    y = [sum(row[j] * gk[j] * bd[j] for j in range(m + 2)) for row in a_t]
+    assert y == [sum(d[i + j] * k[j] for j in range(3)) for i in range(m)]
+    with pytest.raises(ValueError, match="distinct finite points"):
+        toom_cook_matrices(m, 3, [Fraction(0)] * (m + 1))
+
+
+def test_winograd_error_on_wide_layers_stays_near_the_direct_convolutions():
+    # The float32 error budget that keeps whole-model outputs within the conformance tolerances.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(180, 180, 3, 1, 1)
+    x = torch.randn(1, 180, 23, 30)
+    with torch.inference_mode():
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        direct = (conv(x).double() - ref).abs().max().item()
+        wino = (winograd_conv3x3(x, conv.weight, conv.bias).double() - ref).abs().max().item()
+    assert wino < 4 * direct, (wino, direct)
+
+
 def test_winograd_chunks_give_the_unchunked_result(monkeypatch):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 7, 3, 1, 1)
@@ -74,9 +104,25 @@ def test_conv2d_takes_winograd_only_for_wide_float32_cpu_inference(monkeypatch):
     assert calls == [1]
     # Training (autograd), narrow layers and other kernel shapes are nn.Conv2d's own forward.
     assert torch.equal(wide(x), plain(x)) and wide(x).grad_fn is not None
-    narrow = _layers.Conv2d(64, 128, 3, 1, 1)
+    narrow = _layers.Conv2d(128, 32, 3, 1, 1)  # one side under 64 channels
+    square64 = _layers.Conv2d(64, 64, 3, 1, 1)  # neither side 128 wide
     strided = _layers.Conv2d(128, 128, 3, 2, 1)
     with torch.inference_mode():
-        narrow(torch.randn(1, 64, 6, 5)), strided(x)
-    assert calls == [1]
+        narrow(x), square64(torch.randn(1, 64, 6, 5)), strided(x)
+        assert calls == [1]
+        _layers.Conv2d(64, 256, 3, 1, 1)(torch.randn(1, 64, 6, 5))  # the upsampler's conv
+    assert calls == [1, 1]
     assert list(wide.state_dict()) == ["weight", "bias"]
+
+
+def test_fast_paths_step_aside_while_torch_compile_traces(monkeypatch):
+    # Dynamo cannot trace the oneDNN ops: a compiled model must see the plain layers.
+    calls = []
+    monkeypatch.setattr(_layers, "winograd_conv3x3", lambda *a: calls.append(1))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    conv, fc = _layers.Conv2d(128, 128, 3, 1, 1), nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        conv(torch.randn(1, 128, 6, 5))
+        assert not _layers._onednn_inference(x, fc)
+    assert calls == []

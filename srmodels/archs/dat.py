@@ -18,7 +18,9 @@ The forward is organised for CPU speed instead of following the official op sequ
 * shift masks and gather indices for a given input size are built once per forward and shared by
   all blocks, instead of once per block;
 * the channel attention divides its small (d x d) score matrix by the token norms of q and k instead
-  of normalising q and k along their strided token axis.
+  of normalising q and k along their strided token axis;
+* in float32 CPU inference the wide 3x3 convolutions (residual groups, ``conv_after_body``, the
+  upsampler) run by Winograd F(4x4, 3x3) and fc1 + GELU is one oneDNN matmul (``_layers``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import DropPath, Upsample, UpsampleOneStep, linear_gelu, residual_conv, to_2tuple, trunc_normal_
+from ._layers import Conv2d, DropPath, Upsample, UpsampleOneStep, linear_gelu, residual_conv, to_2tuple, trunc_normal_
 
 __all__ = ["DAT"]
 
@@ -569,7 +571,7 @@ class DAT(nn.Module):
         self.conv_after_body = residual_conv(embed_dim, resi_connection)
 
         if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1),
+            self.conv_before_upsample = nn.Sequential(Conv2d(embed_dim, num_feat, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
             self.upsample = Upsample(upscale, num_feat)
             self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
