@@ -78,7 +78,7 @@ _WINOGRAD_M = 4  # output tile side; input tiles are m + 2
 # layers) are slower.
 _WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_MIN_WIDEST = 128
-# Tile rows per chunk are chosen so one chunk's transformed input stays near this size. It bounds the extra
+# Tile rows per chunk are chosen so one chunk's transformed input (or product, if wider) stays near this size. It bounds the extra
 # memory on large images; much smaller chunks (4 MB and below) measured slower, the batched GEMM getting too short.
 _WINOGRAD_CHUNK_BYTES = 16 << 20
 
@@ -112,11 +112,13 @@ def toom_cook_matrices(m: int, r: int, points: Sequence[Fraction]) -> tuple[list
     return a_t, g, b_t
 
 
-_WINOGRAD_AT, _WINOGRAD_G, _WINOGRAD_BT = toom_cook_matrices(_WINOGRAD_M, 3, _WINOGRAD_POINTS)
+# Exact at import, as floats from then on (every entry is a short binary fraction except G's thirds/fifteenths).
+_WINOGRAD_AT, _WINOGRAD_G, _WINOGRAD_BT = ([[float(v) for v in row] for row in mat]
+                                           for mat in toom_cook_matrices(_WINOGRAD_M, 3, _WINOGRAD_POINTS))
 
 
-def _as_tensor(rows: list[list[Fraction]], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.tensor([[float(v) for v in row] for row in rows], dtype=dtype or like.dtype, device=like.device)
+def _as_tensor(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         v = torch.matmul(b_t, torch.matmul(b_t, d.view(t, -1)).view(t, t, -1))  # B^T d B
         prod = torch.bmm(v.view(t * t, n * k * tw, c), u)
         y = torch.matmul(a_t, torch.matmul(a_t, prod.view(t, -1)).view(m, t, -1))  # A^T prod A: (4, 4, tiles)
-        out[:, m * r:m * (r + k)].view(n, k, m, tw, m, co).copy_(y.view(m, m, n, k, tw, co).permute(2, 3, 0, 4, 1, 5))
+        tiles = y.view(m, m, n, k, tw, co).permute(2, 3, 0, 4, 1, 5)  # (n, k, 4, tw, 4, co)
+        out[:, m * r:m * (r + k)].view(n, k, m, tw, m, co).copy_(tiles)
     if bias is not None:
         out += bias
     out = out[:, :h, :w].permute(0, 3, 1, 2)
@@ -172,7 +175,8 @@ class Conv2d(nn.Conv2d):
 
     def _use_winograd(self, x: torch.Tensor) -> bool:
         return (_cpu_float32_inference(x, self.weight) and x.dim() == 4 and self.kernel_size == (3, 3)
-                and self.stride == (1, 1) and self.padding == (1, 1) and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+                and self.stride == (1, 1) and self.padding == (1, 1) and self.dilation == (1, 1)
+                and self.groups == 1 and self.padding_mode == "zeros"
                 and min(self.in_channels, self.out_channels) >= _WINOGRAD_MIN_CHANNELS
                 and max(self.in_channels, self.out_channels) >= _WINOGRAD_MIN_WIDEST)
 
