@@ -27,6 +27,53 @@ def test_linear_gelu_matches_plain_layers():
         torch.testing.assert_close(linear_gelu(x.detach(), fc, tanh), tanh(fc(x.detach())))
 
 
+@pytest.mark.skipif(_layers._REORDER_LINEAR_WEIGHT is None, reason="this torch build has no oneDNN weight packing")
+def test_linear_packs_each_weight_once_and_repacks_after_every_change(monkeypatch):
+    packs = []
+    real = _layers._REORDER_LINEAR_WEIGHT
+    monkeypatch.setattr(_layers, "_REORDER_LINEAR_WEIGHT", lambda w, rows: packs.append(1) or real(w, rows))
+    torch.manual_seed(0)
+    fc = nn.Linear(180, 96)
+    x, r = torch.randn(2, 40, 180), torch.randn(2, 40, 96)
+
+    def check():
+        with torch.inference_mode():
+            expected = F.linear(x, fc.weight, fc.bias)
+            torch.testing.assert_close(linear(x, fc), expected, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(linear_add(x, fc, r), expected + r, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(linear_gelu(x, fc, nn.GELU()), F.gelu(expected), rtol=1e-6, atol=1e-6)
+
+    check()
+    check()
+    assert len(packs) == 1  # one packing serves every later call with this weight
+    with torch.no_grad():
+        fc.weight.mul_(-0.5)  # what an optimizer step does: in place, version bumped
+    check()
+    assert len(packs) == 2
+    fc.load_state_dict(nn.Linear(180, 96).state_dict())
+    check()
+    assert len(packs) == 3
+    fc.weight = nn.Parameter(torch.randn(96, 180))
+    check()
+    assert len(packs) == 4
+    other = nn.Linear(180, 96)  # each module keeps its own
+    with torch.inference_mode():
+        linear(x, other)
+    check()
+    assert len(packs) == 5
+
+
+def test_winograd_kernel_transform_follows_weight_updates():
+    torch.manual_seed(0)
+    conv = _layers.Conv2d(128, 128, 3, 1, 1)
+    x = torch.randn(1, 128, 9, 7)
+    for _ in range(2):
+        with torch.inference_mode():
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            conv.weight.mul_(-2.0)
+
+
 def test_linear_and_linear_add_match_plain_layers():
     torch.manual_seed(0)
     fc = nn.Linear(24, 40)

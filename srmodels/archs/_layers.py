@@ -7,7 +7,8 @@ timm is deliberately not a dependency: it imports torchvision, which has no CPU 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 
 import torch
@@ -26,6 +27,55 @@ def _onednn_linear_pointwise():
 
 
 _LINEAR_POINTWISE = _onednn_linear_pointwise()
+_REORDER_LINEAR_WEIGHT = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+# Row count oneDNN is told to expect when it packs a weight. Any hint from 64 rows up measured the same at 1k-10k
+# rows (1 was slower); the packed values do not depend on it, only the kernel it prepares for.
+_PACK_ROWS_HINT = 4096
+
+
+class _Derived:
+    """A tensor computed from a module's weight, valid while that weight is the same object, storage and version."""
+
+    __slots__ = ("weight", "data_ptr", "version", "value")
+
+    def __init__(self, weight: torch.Tensor, value: torch.Tensor) -> None:
+        self.weight = weakref.ref(weight)
+        self.data_ptr = weight.data_ptr()
+        self.version = weight._version
+        self.value = value
+
+    def valid_for(self, weight: torch.Tensor) -> bool:
+        return (self.weight() is weight and self.data_ptr == weight.data_ptr()
+                and self.version == weight._version)
+
+
+# Inference-only forms of weights (oneDNN-packed linear weights, Winograd-transformed kernels), one per module,
+# dropped with the module. A weight replaced, reloaded or updated in place (optimizer step, load_state_dict:
+# both bump its version) is transformed again on next use, so the cache can never serve a stale weight.
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, _Derived] = weakref.WeakKeyDictionary()
+
+
+def derived_weight(module: nn.Module, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``make(weight)``, computed once per module and weight version (inference paths only: no autograd).
+
+    Weights created under ``torch.inference_mode`` have no version counter, so theirs is computed on every call.
+    """
+    if weight.is_inference():
+        return make(weight.detach())
+    entry = _DERIVED.get(module)
+    if entry is None or not entry.valid_for(weight):
+        with torch.no_grad():
+            entry = _Derived(weight, make(weight.detach()))
+        _DERIVED[module] = entry
+    return entry.value
+
+
+def _packed_weight(fc: nn.Linear) -> torch.Tensor:
+    """fc.weight in oneDNN's blocked layout: the matmuls skip their per-call reorder and take a kernel prepared for
+    it (SwinIR-M at 120x84: 3% less time per forward, bit-identical outputs)."""
+    if _REORDER_LINEAR_WEIGHT is None:
+        return fc.weight
+    return derived_weight(fc, fc.weight, lambda w: _REORDER_LINEAR_WEIGHT(w.contiguous(), _PACK_ROWS_HINT))
 
 
 def _cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -44,7 +94,7 @@ def linear(x: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
     """``fc(x)``; in float32 CPU inference one oneDNN matmul with the bias added as it writes the output
     (``addmm`` first copies the broadcast bias into the whole output, a full extra write pass)."""
     if _onednn_inference(x, fc):
-        return _LINEAR_POINTWISE(x, fc.weight, fc.bias, "none", [], "")
+        return _LINEAR_POINTWISE(x, _packed_weight(fc), fc.bias, "none", [], "")
     return fc(x)
 
 
@@ -52,7 +102,7 @@ def linear_add(x: torch.Tensor, fc: nn.Linear, residual: torch.Tensor) -> torch.
     """``fc(x) + residual`` (residual shaped like the output); in float32 CPU inference the residual is added
     by the matmul as it writes the output."""
     if _onednn_inference(x, fc):
-        return _LINEAR_POINTWISE.binary(x, residual, fc.weight, fc.bias, "add")
+        return _LINEAR_POINTWISE.binary(x, residual, _packed_weight(fc), fc.bias, "add")
     return fc(x) + residual
 
 
@@ -63,7 +113,7 @@ def linear_gelu(x: torch.Tensor, fc: nn.Linear, act: nn.Module) -> torch.Tensor:
     Training, other devices/dtypes, autocast and other activations take the plain two-op path.
     """
     if _onednn_inference(x, fc) and type(act) is nn.GELU and act.approximate == "none":
-        return _LINEAR_POINTWISE(x, fc.weight, fc.bias, "gelu", [], "none")
+        return _LINEAR_POINTWISE(x, _packed_weight(fc), fc.bias, "gelu", [], "none")
     return act(fc(x))
 
 
@@ -130,18 +180,20 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.view(36, ci, co)
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     transformed: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, by Winograd F(4x4, 3x3); no autograd.
 
     6x6 input tiles (stride 4) are gathered from zero-padded channels-last rows, transformed along each axis by
     a small matmul, multiplied by the transformed kernel in one batched GEMM, and transformed back into 4x4
     output tiles. Tile rows go in chunks, so the extra memory stays a few chunk-sized buffers whatever the image
     size. Returns a channels-last tensor, equal to the direct convolution up to float rounding (about 2e-5 on
-    unit-variance features, 2-3x the direct convolution's own float32 error).
+    unit-variance features, 2-3x the direct convolution's own float32 error). ``transformed`` is
+    ``winograd_weight(weight)`` when the caller already has it.
     """
     n, c, h, w = x.shape
     co, m, t = weight.shape[0], _WINOGRAD_M, _WINOGRAD_M + 2
-    u = winograd_weight(weight)
+    u = winograd_weight(weight) if transformed is None else transformed
     b_t, a_t = _as_tensor(_WINOGRAD_BT, x), _as_tensor(_WINOGRAD_AT, x)
     th, tw = -(-h // m), -(-w // m)  # tiles; ragged edges get zero rows/columns, cropped at the end
     xh = x.permute(0, 2, 3, 1)
@@ -182,7 +234,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_winograd(x):
-            return winograd_conv3x3(x, self.weight, self.bias)
+            return winograd_conv3x3(x, self.weight, self.bias, derived_weight(self, self.weight, winograd_weight))
         return super().forward(x)
 
 

@@ -156,6 +156,15 @@ class _WindowPlan:
         return self._masks[key]
 
 
+def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, index]`` for (B, L, C) tokens, gathered as rows of one (B * L, C) matrix: ``index_select`` along
+    dim 0 runs on every thread, along dim 1 on one (1.7 against 2.3 ms for 10560 x 180 on 2 threads)."""
+    b, length, c = x.shape
+    if b > 1:
+        index = (index + torch.arange(0, b * length, length, device=index.device).unsqueeze(1)).flatten()
+    return x.reshape(b * length, c).index_select(0, index).view(b, -1, c)
+
+
 def _output(x: torch.Tensor, fc: nn.Linear, drop: nn.Dropout, residual: torch.Tensor | None) -> torch.Tensor:
     """``drop(fc(x))``, plus ``residual`` when given; in inference (dropout off) the add happens inside the matmul."""
     if residual is not None and not drop.training:
@@ -329,7 +338,7 @@ class BasicLayer(nn.Module):
             key = (blk.window_size, blk.shift_size)
             index = plan.move(order, key)
             if index is not None:
-                x = x.index_select(1, index)
+                x = _take_tokens(x, index)
             order = key
             mask = blk.attn_mask if x_size == blk.input_resolution else plan.mask(*key)
             if self.use_checkpoint and torch.is_grad_enabled():
@@ -338,7 +347,7 @@ class BasicLayer(nn.Module):
                 x = blk(x, mask)
         index = plan.move(order, None)
         if index is not None:
-            x = x.index_select(1, index)
+            x = _take_tokens(x, index)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
