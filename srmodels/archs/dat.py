@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import Conv2d, DropPath, Upsample, UpsampleOneStep, linear_gelu, residual_conv, to_2tuple, trunc_normal_
+from ._layers import (Conv2d, DropPath, Upsample, UpsampleOneStep, linear, linear_gelu, residual_conv, to_2tuple,
+                      trunc_normal_)
 
 __all__ = ["DAT"]
 
@@ -180,7 +181,7 @@ class SGFN(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self.drop(linear_gelu(x, self.fc1, self.act))
         x = self.drop(self.sg(x, H, W))
-        return self.drop(self.fc2(x))
+        return self.drop(linear(x, self.fc2))
 
 
 class DynamicPosBias(nn.Module):
@@ -353,7 +354,7 @@ class Adaptive_Spatial_Attention(nn.Module):
         split = max(self.split_size[0], self.split_size[1])
         Hp, Wp = _pad_to(H, split), _pad_to(W, split)
 
-        qkv = self.qkv(x).view(B * L, 3 * C)
+        qkv = linear(x, self.qkv).view(B * L, 3 * C)
         v = qkv[:, 2 * C:].reshape(B, H, W, C).permute(0, 3, 1, 2)  # for the conv branch, unpadded
         if Hp != H or Wp != W:
             qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * C)])
@@ -372,7 +373,7 @@ class Adaptive_Spatial_Attention(nn.Module):
         spatial_map = self.spatial_interaction(_tokens_as_image(attened_x, H, W))
         attened_x = attened_x * torch.sigmoid(channel_map)
         conv_x = _image_as_tokens(torch.sigmoid(spatial_map) * conv_x)
-        return self.proj_drop(self.proj(attened_x + conv_x))
+        return self.proj_drop(linear(attened_x + conv_x, self.proj))
 
 
 class Adaptive_Channel_Attention(nn.Module):
@@ -408,7 +409,7 @@ class Adaptive_Channel_Attention(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int, cache: Optional[_Cache] = None) -> torch.Tensor:
         B, N, C = x.shape
         heads = self.num_heads
-        qkv = self.qkv(x)
+        qkv = linear(x, self.qkv)
         q, k, v = qkv.view(B, N, 3, heads, C // heads).permute(2, 0, 3, 4, 1).unbind(0)  # each (B, heads, d, N)
         conv_x = self.dwconv(_tokens_as_image(qkv[..., 2 * C:], H, W).contiguous(memory_format=torch.channels_last))
 
@@ -426,7 +427,7 @@ class Adaptive_Channel_Attention(nn.Module):
         spatial_map = _image_as_tokens(self.spatial_interaction(conv_x))
         attened_x = attened_x * torch.sigmoid(spatial_map)
         conv_x = _image_as_tokens(conv_x * torch.sigmoid(channel_map))
-        return self.proj_drop(self.proj(attened_x + conv_x))
+        return self.proj_drop(linear(attened_x + conv_x, self.proj))
 
 
 class DATB(nn.Module):
