@@ -63,6 +63,32 @@ def test_linear_packs_each_weight_once_and_repacks_after_every_change(monkeypatc
     assert len(packs) == 5
 
 
+@pytest.mark.skipif(_layers._REORDER_CONV_WEIGHT is None, reason="this torch build has no oneDNN conv packing")
+def test_direct_conv2d_packs_once_matches_nn_conv2d_and_follows_updates(monkeypatch):
+    packs = []
+    real = _layers._REORDER_CONV_WEIGHT
+    monkeypatch.setattr(_layers, "_REORDER_CONV_WEIGHT", lambda w, *a: packs.append(1) or real(w, *a))
+    torch.manual_seed(0)
+    conv = _layers.DirectConv2d(24, 8, 3, 1, 1)
+    plain = nn.Conv2d(24, 8, 3, 1, 1)
+    x = torch.randn(2, 24, 13, 9)
+    for step in range(2):
+        plain.load_state_dict(conv.state_dict())
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:1, :, :7, :5]):
+            with torch.inference_mode():
+                torch.testing.assert_close(conv(inp), plain(inp), rtol=1e-5, atol=1e-5)  # summation order
+        assert len(packs) == step + 1  # once per weight version, whatever the input size or layout
+        with torch.no_grad():
+            conv.weight.mul_(-3.0)
+    # Hooks see the conv's own output (the fast path stays inside forward); training keeps autograd.
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.inference_mode():
+        conv(x)
+    assert seen == [(2, 8, 13, 9)]
+    assert conv(x).grad_fn is not None
+
+
 def test_winograd_kernel_transform_follows_weight_updates():
     torch.manual_seed(0)
     conv = _layers.Conv2d(128, 128, 3, 1, 1)
