@@ -1,6 +1,6 @@
-"""Layers shared by DAT and SwinIR: upsampling heads, the residual conv, float32 CPU inference fast paths
-(oneDNN linear layers with fused epilogues, Winograd 3x3 convolution), and our own versions of three small timm
-helpers.
+"""Layers shared by DAT, SwinIR and RRDBNet: upsampling heads, the residual conv, float32 CPU inference fast
+paths (oneDNN linear layers with fused epilogues and direct convolutions, both on weights packed once per weight
+version; Winograd 3x3 convolution), and our own versions of three small timm helpers.
 
 timm is deliberately not a dependency: it imports torchvision, which has no CPU build on our machines.
 """

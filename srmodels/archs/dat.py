@@ -20,7 +20,8 @@ The forward is organised for CPU speed instead of following the official op sequ
 * the channel attention divides its small (d x d) score matrix by the token norms of q and k instead
   of normalising q and k along their strided token axis;
 * in float32 CPU inference the wide 3x3 convolutions (residual groups, ``conv_after_body``, the
-  upsampler) run by Winograd F(4x4, 3x3) and fc1 + GELU is one oneDNN matmul (``_layers``).
+  upsampler) run by Winograd F(4x4, 3x3), and the linear layers are oneDNN matmuls on once-packed weights,
+  fc1 + GELU as one (``_layers``).
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ What differs is how the work is laid out, for CPU inference speed:
 * Relative-position bias and shift mask are passed as one additive term to
   ``F.scaled_dot_product_attention``, which scales, adds, normalises and weights in one fused kernel.
 * Feature maps are channels-last (NHWC), the memory layout of the tokens, so tokens and maps convert as views.
-* In float32 CPU inference the linear layers are oneDNN matmuls that add the bias, fc1's GELU and the two
-  residuals of a block as they write their output, and the wide 3x3 convolutions (residual groups,
+* In float32 CPU inference the linear layers are oneDNN matmuls on once-packed weights that add the bias,
+  fc1's GELU and the two residuals of a block as they write their output, and the wide 3x3 convolutions (residual groups,
   ``conv_after_body``, the upsampler) use Winograd F(4x4, 3x3) (``_layers.linear_add`` / ``_layers.Conv2d``).
   Training takes the plain layers.
 * ``SwinTransformerBlock.forward`` therefore takes window-ordered tokens and a mask, not ``(x, x_size)``;
