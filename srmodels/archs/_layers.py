@@ -22,14 +22,15 @@ def to_2tuple(x):
     return (x, x)
 
 
-def _onednn_linear_pointwise():
-    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+def _onednn_op(name: str):
+    """torch.ops.mkldnn.<name>, or None on a torch build without it (the fast paths then step aside)."""
+    return getattr(getattr(torch.ops, "mkldnn", None), name, None)
 
 
-_LINEAR_POINTWISE = _onednn_linear_pointwise()
-_REORDER_LINEAR_WEIGHT = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-_CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
-_REORDER_CONV_WEIGHT = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_convolution_weight", None)
+_LINEAR_POINTWISE = _onednn_op("_linear_pointwise")
+_REORDER_LINEAR_WEIGHT = _onednn_op("_reorder_linear_weight")
+_CONV_POINTWISE = _onednn_op("_convolution_pointwise")
+_REORDER_CONV_WEIGHT = _onednn_op("_reorder_convolution_weight")
 # Row count (linear) and image side (convolution) oneDNN is told to expect when it packs a weight. The packed
 # values do not depend on them, only the kernel they prepare for: any linear hint from 64 rows up measured the
 # same at 1k-10k rows (1 was slower), and a conv weight packed for 64x64 ran as fast at 17x23 and 120x84 as one
@@ -135,8 +136,9 @@ _WINOGRAD_M = 4  # output tile side; input tiles are m + 2
 # layers) are slower.
 _WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_MIN_WIDEST = 128
-# Tile rows per chunk are chosen so one chunk's transformed input (or product, if wider) stays near this size. It bounds the extra
-# memory on large images; much smaller chunks (4 MB and below) measured slower, the batched GEMM getting too short.
+# Tile rows per chunk are chosen so one chunk's transformed input (or product, if wider) stays near this size.
+# It bounds the extra memory on large images; much smaller chunks (4 MB and below) measured slower, the batched
+# GEMM getting too short.
 _WINOGRAD_CHUNK_BYTES = 16 << 20
 
 
@@ -231,7 +233,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class DirectConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and ``state_dict``) whose float32 CPU inference is one oneDNN convolution
     with the weight packed once (see ``derived_weight``): equal to ``nn.Conv2d`` up to summation order
-    (bit-identical on RRDBNet's channels-last activations here), 3% less time per RRDBNet forward at 64x64. Training, other devices or dtypes and autocast take ``nn.Conv2d``'s forward.
+    (bit-identical on RRDBNet's channels-last activations here), 3% less time per RRDBNet forward at 64x64.
+    Training, other devices or dtypes and autocast take ``nn.Conv2d``'s forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ What differs is how the work is laid out, for CPU inference speed:
   ``F.scaled_dot_product_attention``, which scales, adds, normalises and weights in one fused kernel.
 * Feature maps are channels-last (NHWC), the memory layout of the tokens, so tokens and maps convert as views.
 * In float32 CPU inference the linear layers are oneDNN matmuls on once-packed weights that add the bias,
-  fc1's GELU and the two residuals of a block as they write their output, and the wide 3x3 convolutions (residual groups,
-  ``conv_after_body``, the upsampler) use Winograd F(4x4, 3x3) (``_layers.linear_add`` / ``_layers.Conv2d``).
+  fc1's GELU and the two residuals of a block as they write their output, and the wide 3x3 convolutions
+  (residual groups, ``conv_after_body``, the upsampler) use Winograd F(4x4, 3x3) (``_layers.linear_add`` /
+  ``_layers.Conv2d``).
   Training takes the plain layers.
 * ``SwinTransformerBlock.forward`` therefore takes window-ordered tokens and a mask, not ``(x, x_size)``;
   ``BasicLayer`` and the model keep the official call signatures.
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ._layers import (Conv2d, DropPath, Upsample, UpsampleOneStep, linear, linear_add, linear_gelu, residual_conv, to_2tuple,
-                      trunc_normal_)
+from ._layers import (Conv2d, DropPath, Upsample, UpsampleOneStep, linear, linear_add, linear_gelu, residual_conv,
+                      to_2tuple, trunc_normal_)
 
 __all__ = ["SwinIR", "RSTB", "BasicLayer", "SwinTransformerBlock", "WindowAttention", "window_partition",
            "window_reverse", "shift_window_mask"]
