@@ -16,6 +16,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 FORMAT = "srmodels-checkpoint-v1"
@@ -32,7 +34,7 @@ _ESRGAN_RENAMES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read safely or does not fit the model."""
 
 

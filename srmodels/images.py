@@ -13,13 +13,15 @@ import cv2
 import numpy as np
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _said: set[str] = set()
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """A missing, unreadable or mismatched image; the message names the file."""
 
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ParamsError(ValueError):
+
+class ParamsError(UserError):
     """params.yaml does not fit the schema; the message names the key."""
 
 
