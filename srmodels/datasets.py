@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .cache import load_output
+from .errors import DataError
 from .images import ImageError, check_pair, list_images, pair_by_stem, read_image
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def fusion_images(cache_dirs: Sequence[str | Path], hr_dir: str | Path, lr_dir: 
             path = d / f"{hr_path.stem}.npy"
             if not path.is_file():
                 raise ImageError(f"{path}: no cached SR output for {hr_path.name} (run the cache stage)")
-            arr = np.load(path, mmap_mode="r")
+            arr = load_output(path, mmap=True)  # a truncated or corrupt file is a DataError naming it
             if tuple(arr.shape) != expected:
                 raise ImageError(f"{path}: cached output has shape {tuple(arr.shape)}, expected {expected} "
                                  f"(3 x {scale} x the LR size of {lr_path.name})")
@@ -146,7 +148,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 def load_fusion_image(item: FusionImage, scale: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Whole-image inputs for validation: candidates (1, 3N, H, W) float32, LR (1, 3, h, w), HR uint8 HxWx3."""
     hr, lr = read_pair(item.hr, item.lr, scale)
-    cands = np.concatenate([np.load(p).astype(np.float32) for p in item.candidates], axis=0)
+    cands = np.concatenate([load_output(p).astype(np.float32) for p in item.candidates], axis=0)
     return torch.from_numpy(cands).unsqueeze(0), _chw_tensor(lr.transpose(2, 0, 1)).unsqueeze(0), hr
 
 
@@ -189,8 +191,8 @@ class FusionCrops(Dataset):
         for item in self.images:
             hr, lr = read_pair(item.hr, item.lr, self.scale)
             if lr.shape[0] < self.lr_patch or lr.shape[1] < self.lr_patch:
-                raise ImageError(f"{item.lr}: LR image {lr.shape[1]}x{lr.shape[0]} is smaller than the "
-                                 f"{self.lr_patch}x{self.lr_patch} training crop")
+                raise DataError(f"{item.lr}: LR image {lr.shape[1]}x{lr.shape[0]} is smaller than the "
+                                f"{self.lr_patch}x{self.lr_patch} training crop (lr_patch)")
             if self.npy_cache_dir is None:
                 self._hr.append(hr)
                 self._lr.append(lr)

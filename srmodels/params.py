@@ -6,10 +6,9 @@ The schema below is the list of every knob. An unknown key, a missing key or a w
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
 
 from .errors import UserError
 
@@ -56,10 +55,13 @@ BACKBONE = {
 
 SCHEMA: dict[str, Any] = {
     "seed": int,
+    # Upper bound on the CPU kernels' instruction set (srmodels.isa): the same bits on every x86-64 CPU.
+    "cpu_isa": OneOf("avx2", "avx512", "sse41", "native"),
     "scale": int,
     "device": OneOf("auto", "cpu", "cuda"),
     "threads": int,
-    "paths": {"prepared": str, "finetune": str, "cache": str, "fusion": str, "test": str, "score": str},
+    "paths": {"prepared": str, "finetune": str, "cache": str, "fusion": str, "test": str, "score": str,
+              "pretrained": str, "runs": str, "work": str},
     "data": {
         "source": OneOf("samples", "div2k"),
         "fusion_split": OneOf("disjoint", "shared"),
@@ -128,10 +130,9 @@ def _check(value: Any, spec: Any, key: str) -> Any:
             raise ParamsError(f"{prefix}{missing[0]}: missing")
         return {k: _check(value[k], s, f"{prefix}{k}") for k, s in spec.items()}
     if spec is float:
-        # YAML reads '1e-3' as a string; ints are fine where floats are expected.
+        # Ints are fine where floats are expected.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{key}: expected a number, got {type(value).__name__} {value!r}"
-                              + (" (write 1.0e-3, not 1e-3)" if isinstance(value, str) else ""))
+            raise ParamsError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
     if spec is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ParamsError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
@@ -150,6 +151,16 @@ def _semantic_checks(p: dict[str, Any]) -> None:
         for field in ("epochs", "batch", "lr_patch", "nprocs"):
             if bb[field] < 1:
                 raise ParamsError(f"backbones.{name}.{field}: must be >= 1, got {bb[field]}")
+        folder = PurePosixPath(p["paths"]["pretrained"]) / name
+        if bb["pretrained"] is not None and PurePosixPath(bb["pretrained"]).parent != folder:
+            # finetune@<b> depends on that folder (dvc.yaml cannot name a per-backbone file), so the checkpoint
+            # must be in it for DVC to see it change.
+            raise ParamsError(f"backbones.{name}.pretrained: {bb['pretrained']!r} must be a file in {folder}/ "
+                              "(the folder finetune@" + name + " depends on; copy or symlink it there)")
+        if bb["lr_patch"] * p["scale"] > p["data"]["patches"]["hr_size"]:  # the crops come from these sub-images
+            raise ParamsError(f"backbones.{name}.lr_patch: {bb['lr_patch']} needs HR crops of "
+                              f"{bb['lr_patch'] * p['scale']} px, larger than the {p['data']['patches']['hr_size']}"
+                              f"-px training sub-images (data.patches.hr_size)")
         if bb["batch"] % bb["nprocs"]:  # batch is the global batch, split evenly over the DDP processes
             raise ParamsError(f"backbones.{name}.batch: {bb['batch']} does not divide by nprocs={bb['nprocs']}")
     members = p["fusion"]["members"]
@@ -178,16 +189,28 @@ def validate(raw: Any) -> dict[str, Any]:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read and validate params.yaml (a missing file or invalid YAML also raises ParamsError)."""
+def read_yaml(path: str | Path) -> Any:
+    """A params file read exactly as DVC reads it: YAML 1.2 (ruamel.yaml's safe loader, DVC's own parser).
+
+    PyYAML speaks YAML 1.1, where ``1e-3`` is a string and ``yes`` a boolean; DVC, which decides what a changed
+    param re-runs, reads the number 0.001 and the string 'yes'. Reading with DVC's rules means the value a
+    stage runs with is the value DVC hashed, so no param is accepted by one and refused later by the other.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return YAML(typ="safe").load(path.read_text())
     except OSError as err:
         raise ParamsError(f"{path}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: invalid YAML ({err})") from None
-    return validate(raw)
+    except YAMLError as err:
+        raise ParamsError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and validate params.yaml (a missing file or invalid YAML also raises ParamsError)."""
+    return validate(read_yaml(path))
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

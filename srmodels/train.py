@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 LogMetrics = Callable[[dict[str, float], int], None]
 SCHEDULES = ("cosine", "multistep", "constant")
 RESUME_FORMAT = "srmodels-resume-v1"
-CURVE_FIELDS = ("epoch", "train_loss", "val_psnr", "lr", "seconds")
+# curve.csv holds only what the seed determines; wall-clock seconds go to the run record (see ``timing``).
+CURVE_FIELDS = ("epoch", "train_loss", "val_psnr", "lr")
 COSINE_ETA_MIN = 1e-7  # floor of the per-iteration cosine schedule (BasicSR's value)
 
 
@@ -213,9 +215,9 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
 def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Path]], *, epochs: int, batch: int,
              lr: float, schedule: str, milestones: Sequence[int] = (), gamma: float = 0.5,
              device: torch.device | str = "cpu", seed: int = 0, out_dir: str | Path, crop_border: int,
-             provenance: dict[str, Any] | None = None, resume: bool = True, log_metrics: LogMetrics | None = None,
-             workers: int = 0, threads: int | None = None, val_tile: int | None = None,
-             compile: bool = False) -> dict[str, Any]:
+             provenance: dict[str, Any] | None = None, resume_path: str | Path | None = None,
+             log_metrics: LogMetrics | None = None, workers: int = 0, threads: int | None = None,
+             val_tile: int | None = None, compile: bool = False) -> dict[str, Any]:
     """Fine-tune a backbone with L1 loss and Adam; returns summary metrics.
 
     Args:
@@ -224,12 +226,14 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         val_pairs: (hr_path, lr_path) full images of the validation split.
         schedule: 'cosine' (per iteration, to 1e-7 at the end), 'multistep' (per epoch, x ``gamma`` at each of
             ``milestones``) or 'constant'.
-        out_dir: receives best.pth (self-describing, highest val PSNR; epoch 0 = the initial model),
-            resume.pth (everything needed to continue after the last completed epoch) and curve.csv.
-        resume: continue from out_dir/resume.pth when it was written with the same configuration (model,
-            initial weights, data, optimiser and schedule settings); otherwise start fresh with a warning.
-            ``epochs`` is part of the configuration only for the cosine schedule, whose shape depends on it, so
-            a constant or multistep run can be extended.
+        out_dir: receives best.pth (self-describing, highest val PSNR; epoch 0 = the initial model) and
+            curve.csv.
+        resume_path: where the state needed to continue after the last completed epoch is written after every
+            epoch (None: nowhere, no resuming). A run finds it there and continues when it was written with the
+            same configuration (model, initial weights, data, optimiser and schedule settings, threads, CPU
+            instruction-set pin); otherwise it starts fresh with a warning. ``epochs`` is part of the
+            configuration only for the cosine schedule, whose shape depends on it, so a constant or multistep
+            run can be extended. Keep it outside the stage's outputs: it is work in progress, not a result.
         log_metrics: called as ``log_metrics(metrics, epoch)`` after every epoch (epoch 0 included).
         workers: DataLoader worker processes (items do not depend on it).
         threads: CPU intra-op threads (None: leave torch's setting).
@@ -245,9 +249,10 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
 
     Returns:
         best_val_psnr, best_epoch, initial_val_psnr, final_val_psnr, final_train_loss, improved (whether any
-        epoch beat the initial model), epochs, steps, resumed_from_epoch, train_seconds (training only, all
-        sessions), samples_per_second (all ranks), world_size and best_per_image. Ranks other than 0 return
-        only epochs, steps and world_size.
+        epoch beat the initial model), epochs, steps, world_size and best_per_image: all functions of the
+        seed and the data. ``timing`` holds what is not: resumed_from_epoch, train_seconds (training only, all
+        sessions), samples_per_second (all ranks) and epoch_seconds. Ranks other than 0 return only epochs,
+        steps and world_size.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -262,7 +267,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
     out_dir = Path(out_dir)
     if info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    resume_path, best_path, curve_path = out_dir / "resume.pth", out_dir / "best.pth", out_dir / "curve.csv"
+    best_path, curve_path = out_dir / "best.pth", out_dir / "curve.csv"
+    resume_path = Path(resume_path) if resume_path is not None else None
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
 
@@ -277,6 +283,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
                   "files": hashlib.sha256("\n".join(str(p[0].name) for p in getattr(train, "pairs", []))
                                           .encode()).hexdigest()[:16]},
         "val": [Path(h).name for h, _ in val_pairs],
+        # Numerics differ with the thread count and the kernels' instruction set: never mix them in one run.
+        "threads": torch.get_num_threads(), "cpu_isa": os.environ.get("SRMODELS_CPU_ISA", "native"),
     }
     model.to(device=device, memory_format=fmt)
     if info.enabled and cuda:
@@ -298,7 +306,7 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         save_checkpoint(best_path, best["weights"], **model.describe(), step=step, epoch=epoch,
                         provenance=provenance, extra={"val_psnr": best["psnr"]})
 
-    state = _load_resume(resume_path, config, epochs) if resume and info.main else None
+    state = _load_resume(resume_path, config, epochs) if resume_path is not None and info.main else None
     if state is not None and "weights" not in state["best"]:
         log.warning("%s predates best weights in resume files; starting fresh", resume_path)
         state = None
@@ -317,8 +325,8 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         log.info("resuming from %s after epoch %d (best %.4f dB at epoch %d)", resume_path, start, best["psnr"],
                  best["epoch"])
         if info.main:
-            # DVC deletes a stage's outs before running it (and `dvc repro --force` re-runs finished stages), so
-            # the best weights travel in resume.pth and best.pth / curve.csv are rewritten from there.
+            # out_dir may be a fresh staging folder: the best weights travel in the resume state and best.pth /
+            # curve.csv are rewritten from there.
             save_best(best["epoch"], best.get("step", 0), best["weights"])
             _write_curve(curve_path, history)
     elif not info.main:
@@ -378,12 +386,14 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         history.append({"epoch": epoch, "train_loss": train_loss, "val_psnr": val_psnr, "lr": last_lr,
                         "seconds": seconds})
         _write_curve(curve_path, history)
-        torch.save({"format": RESUME_FORMAT, "config": json.dumps(config, sort_keys=True), "epoch": epoch,
-                    "step": step, "model": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_states(), "best": best, "best_per_image": best_per_image, "history": history},
-                   resume_path.with_suffix(".pth.tmp"))
-        resume_path.with_suffix(".pth.tmp").replace(resume_path)  # atomic: a kill mid-save keeps the last one
+        if resume_path is not None:
+            resume_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"format": RESUME_FORMAT, "config": json.dumps(config, sort_keys=True), "epoch": epoch,
+                        "step": step, "model": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_states(), "best": best, "best_per_image": best_per_image,
+                        "history": history}, resume_path.with_suffix(".pth.tmp"))
+            resume_path.with_suffix(".pth.tmp").replace(resume_path)  # atomic: a kill mid-save keeps the last
         log.info("epoch %d/%d: train L1 %.5f, val PSNR-Y %.4f dB (best %.4f @ %d), lr %.3g, %.1f s", epoch, epochs,
                  train_loss, val_psnr, best["psnr"], best["epoch"], last_lr, seconds)
         if log_metrics is not None:
@@ -402,9 +412,10 @@ def finetune(model: SRModel, train: Dataset, val_pairs: Sequence[tuple[Path, Pat
         "final_val_psnr": history[-1]["val_psnr"],
         "final_train_loss": trained[-1]["train_loss"] if trained else None,
         "improved": best["epoch"] > 0, "epochs": history[-1]["epoch"], "steps": step,
-        "resumed_from_epoch": resumed_from, "train_seconds": train_seconds,
-        "samples_per_second": len(train) * len(trained) / train_seconds if train_seconds > 0 else None,
         "world_size": info.world, "best_per_image": best_per_image,
+        "timing": {"resumed_from_epoch": resumed_from, "train_seconds": train_seconds,
+                   "samples_per_second": len(train) * len(trained) / train_seconds if train_seconds > 0 else None,
+                   "epoch_seconds": [h["seconds"] for h in trained]},
     }
 
 
@@ -430,8 +441,8 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
 
     Returns:
         best_val_psnr, best_epoch, final_val_psnr, member_val_psnr (each candidate alone), mean_val_psnr (plain
-        average of the candidates), gain_over_best_member, epochs, steps, train_seconds, samples_per_second,
-        hr_megapixels_per_second and best_per_image.
+        average of the candidates), gain_over_best_member, epochs, steps and best_per_image; ``timing`` holds
+        the wall-clock figures (train_seconds, samples_per_second, hr_megapixels_per_second, epoch_seconds).
     """
     if kind not in ("pixel", "image"):
         raise ValueError(f"unknown fusion kind {kind!r}; valid: pixel, image")
@@ -527,8 +538,9 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
         "best_val_psnr": best["psnr"], "best_epoch": best["epoch"], "initial_val_psnr": psnr0,
         "final_val_psnr": history[-1]["val_psnr"], "member_val_psnr": member_psnr, "mean_val_psnr": mean_psnr,
         "gain_over_best_member": best["psnr"] - best_member, "epochs": epochs, "steps": step,
-        "train_seconds": train_seconds,
-        "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
-        "hr_megapixels_per_second": hr_pixels / 1e6 / train_seconds if train_seconds > 0 else None,
         "best_per_image": best_per_image,
+        "timing": {"train_seconds": train_seconds,
+                   "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
+                   "hr_megapixels_per_second": hr_pixels / 1e6 / train_seconds if train_seconds > 0 else None,
+                   "epoch_seconds": [h["seconds"] for h in history[1:]]},
     }

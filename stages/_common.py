@@ -1,20 +1,43 @@
-"""What every stage script does first: logging, params, provenance. Kept tiny on purpose."""
+"""What every stage script does first: pin the CPU kernels, then logging, params, provenance, one-line errors.
+
+Import this module before anything that imports torch: importing it pins the CPU instruction set named by
+``cpu_isa`` in params.yaml (``srmodels.isa``), which torch reads once when it loads.
+"""
 from __future__ import annotations
 
-import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
 
-# Stage scripts run as `python stages/x.py` from the repo root; make the package importable without installing.
+# `dvc exp run --temp` / `--queue` run the stages in a copy of the repository: that copy's srmodels, not the
+# installed (editable) one of the main checkout, is the code the experiment is about.
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from srmodels import isa  # noqa: E402  (no torch inside)
+from srmodels.errors import UserError  # noqa: E402
+
+PARAMS_FILE = os.environ.get("SRMODELS_PARAMS", "params.yaml")
+# SRMODELS_DEBUG=1 shows the traceback of an error that is otherwise printed as one line.
+DEBUG = os.environ.get("SRMODELS_DEBUG", "") not in ("", "0")
+
+try:
+    isa.pin_from_params(PARAMS_FILE)
+except UserError as _err:
+    sys.exit(f"{Path(sys.argv[0]).stem}: error: {PARAMS_FILE}: {_err}")
+
+import logging  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
 from srmodels.checkpoint import git_commit, params_hash  # noqa: E402
+from srmodels.outputs import write_json  # noqa: E402
 from srmodels.params import ParamsError, load_params  # noqa: E402
 from srmodels.runtime import keep_freed_memory  # noqa: E402
+
+_started = time.time()
 
 
 def setup(stage: str) -> dict[str, Any]:
@@ -27,12 +50,55 @@ def setup(stage: str) -> dict[str, Any]:
                         stream=sys.stderr)
     keep_freed_memory()
     try:
-        return load_params(os.environ.get("SRMODELS_PARAMS", "params.yaml"))
+        params = load_params(PARAMS_FILE)
+        isa.provenance()  # fails if the pin did not take effect
     except ParamsError as err:
         sys.exit(f"{stage}: invalid params: {err}")
+    except UserError as err:
+        sys.exit(f"{stage}: error: {err}")
+    return params
+
+
+def run(stage: str, main: Callable[..., None], *args: Any) -> None:
+    """Run a stage's ``main(params, *args)``: a user error is one line and exit code 1, Ctrl-C exit code 130."""
+    params = setup(stage)
+    try:
+        main(params, *args)
+    except UserError as err:
+        if DEBUG:
+            raise
+        sys.exit(f"{stage}: error: {err}")
+    except KeyboardInterrupt:
+        print(f"{stage}: interrupted; the previous outputs are unchanged", file=sys.stderr)
+        sys.exit(130)
 
 
 def provenance(params: dict[str, Any]) -> dict[str, Any]:
     """Recorded in every checkpoint: where the weights came from."""
     return {"git_commit": git_commit(ROOT), "params_hash": params_hash(params),
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "cpu_isa": params["cpu_isa"]}
+
+
+@contextmanager
+def tracked(params: dict[str, Any], stage: str, enabled: bool = True) -> Iterator[Any]:
+    """The stage's MLflow run, tagged with the machine and kernels it ran on."""
+    from srmodels.tracking import start_stage  # mlflow loads only in stages that track
+
+    with start_stage(params, stage, enabled=enabled) as tracking:
+        tracking.set_tags({f"srmodels.{k}": v for k, v in isa.provenance().items()})
+        yield tracking
+
+
+def record(params: dict[str, Any], stage: str, timing: dict[str, Any] | None = None) -> None:
+    """The stage's run record, ``<paths.runs>/<stage>.json``: wall-clock figures and the machine.
+
+    Kept apart from the DVC outputs and metrics, which hold only what the seed and the data determine.
+    """
+    write_json(Path(params["paths"]["runs"]) / f"{stage}.json", {
+        "stage": stage, "wall_seconds": round(time.time() - _started, 3), "timing": timing or {},
+        "machine": isa.provenance(), **provenance(params)})
+
+
+def numeric(values: dict[str, Any]) -> dict[str, float]:
+    """The int/float entries of a flat mapping (what MLflow metrics take)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,26 +1,32 @@
 """Stage `cache@<backbone>`: run the fine-tuned backbone once over every image later stages use."""
-from _common import setup
+from _common import record, run  # first: pins the CPU kernels before torch loads
 
-import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from srmodels.cache import cache_outputs
 from srmodels.model import load_model
+from srmodels.outputs import staged, write_json
 from srmodels.runtime import resolve_device, set_threads
 
-name = sys.argv[1]
-params = setup(f"cache@{name}")
-inf, paths = params["inference"], params["paths"]
-set_threads(params["threads"])
-device = resolve_device(params["device"])
-model = load_model(Path(paths["finetune"]) / name / "best.pth")
-if inf["compile"] and device.type == "cuda":
-    model = torch.compile(model)
-out_dir = Path(paths["cache"]) / name
-counts = cache_outputs(model, Path(paths["prepared"]), out_dir, scale=params["scale"],
-                       self_ensemble=inf["self_ensemble"], tile=inf["tile"], tile_overlap=inf["tile_overlap"],
-                       device=device)
-(out_dir / "counts.json").write_text(json.dumps(counts, indent=1) + "\n")
+
+def main(params: dict[str, Any], name: str) -> None:
+    inf, paths = params["inference"], params["paths"]
+    set_threads(params["threads"])
+    device = resolve_device(params["device"])
+    model = load_model(Path(paths["finetune"]) / name / "best.pth")
+    if inf["compile"] and device.type == "cuda":
+        model = torch.compile(model)
+    with staged(Path(paths["cache"]) / name, paths["work"], whole=True) as out_dir:
+        counts = cache_outputs(model, Path(paths["prepared"]), out_dir, scale=params["scale"],
+                               self_ensemble=inf["self_ensemble"], tile=inf["tile"],
+                               tile_overlap=inf["tile_overlap"], device=device)
+        write_json(out_dir / "counts.json", counts)
+    record(params, f"cache@{name}")
+
+
+if __name__ == "__main__":
+    run(f"cache@{sys.argv[1]}", main, sys.argv[1])

@@ -1,14 +1,21 @@
 """Stage `prepare`: training sub-images, fusion/validation/test splits and benchmark sets under paths.prepared."""
-from _common import setup
+from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 from pathlib import Path
+from typing import Any
 
 from srmodels.data import prepare
-from srmodels.tracking import start_stage
 
-params = setup("prepare")
-manifest = prepare(params["data"], params["scale"], Path(params["paths"]["prepared"]))
-with start_stage(params, "prepare") as run:
-    run.log_params({f"data.{k}": v for k, v in params["data"].items()})
-    run.log_metrics({"num_patches": manifest["num_patches"],
-                     **{f"num_{k}": len(v) for k, v in manifest["splits"].items() if isinstance(v, list)}})
+
+def main(params: dict[str, Any]) -> None:
+    # prepare() checks every input before it writes, and swaps its outputs in only when all are written.
+    manifest = prepare(params["data"], params["scale"], Path(params["paths"]["prepared"]))
+    with tracked(params, "prepare") as tracking:
+        tracking.log_params({f"data.{k}": v for k, v in params["data"].items()})
+        tracking.log_metrics({"num_patches": manifest["num_patches"],
+                              **{f"num_{k}": len(v) for k, v in manifest["splits"].items() if isinstance(v, list)}})
+    record(params, "prepare")
+
+
+if __name__ == "__main__":
+    run("prepare", main)

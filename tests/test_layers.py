@@ -141,16 +141,21 @@ def test_toom_cook_matrices_compute_the_correlation_exactly(m, points):
         toom_cook_matrices(m, 3, [Fraction(0)] * (m + 1))
 
 
-def test_winograd_error_on_wide_layers_stays_near_the_direct_convolutions():
-    # The float32 error budget that keeps whole-model outputs within the conformance tolerances.
+def test_winograd_error_on_wide_layers_is_within_its_float32_budget():
+    # An absolute budget against a float64 reference, so the verdict does not depend on the CPU: measured
+    # 10.4-11.6 units of u * max(sum |x w|) (u = 2^-24, the float32 unit roundoff; one unit is the rounding of
+    # the largest partial sum any float32 convolution accumulates) with AVX-512, AVX2 and SSE4.1 kernels. The
+    # textbook points 0, +-1, +-2 measured 2.5x more and fail it; the direct convolution itself measured 0.7-7.6
+    # units depending on the CPU, which is why it is no yardstick. 20 units (2.1e-5 here) keeps a whole SwinIR-M
+    # or DAT-S forward within the 5e-5 conformance tolerance (measured 1.0e-5 / 1.3e-5 from the direct path).
     torch.manual_seed(0)
     conv = nn.Conv2d(180, 180, 3, 1, 1)
     x = torch.randn(1, 180, 23, 30)
     with torch.inference_mode():
         ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-        direct = (conv(x).double() - ref).abs().max().item()
+        unit = 2.0 ** -24 * F.conv2d(x.double().abs(), conv.weight.double().abs(), padding=1).max().item()
         wino = (winograd_conv3x3(x, conv.weight, conv.bias).double() - ref).abs().max().item()
-    assert wino < 4 * direct, (wino, direct)
+    assert wino < 20 * unit, (wino / unit, unit)
 
 
 def test_winograd_chunks_give_the_unchunked_result(monkeypatch):
