@@ -3,20 +3,27 @@
 This is the only module that imports mlflow (lazily, inside ``start_stage``: the import costs seconds).
 
 How separate stage processes find their common parent
-    Every stage computes the same *pipeline key*: ``$DVC_EXP_NAME`` when DVC runs an experiment, else
-    ``<git commit>-<params hash>``. It searches the MLflow experiment for a top-level run tagged
-    ``srmodels.pipeline_key == key`` (and the same ``srmodels.params_hash``) and creates it when absent, named
-    after the experiment or ``repro-<commit>-<params hash>``. The parent carries the flattened params, the tags
-    (commit, DVC experiment name, key) and the final metrics; each stage that ran is a child under it.
+    Every stage computes the same *pipeline key* (:func:`pipeline_key`) and searches the MLflow experiment for
+    a top-level run tagged ``srmodels.pipeline_key == key`` (and the same ``srmodels.params_hash``), creating it
+    when absent, named after the DVC experiment or ``repro-<commit>-<params hash>``. The parent carries the
+    flattened params, the tags (commit, DVC experiment name, key) and the final metrics; each stage that ran is
+    a child under it. The key is, first match wins:
 
-    * ``dvc repro`` rewrites the tracked ``dvc.lock`` after every stage, which would turn a clean tree
-      "dirty" half way through and split one pipeline run into two parents. The commit used in the key
-      therefore ignores ``dvc.lock`` and ``.gitignore`` files (DVC's own bookkeeping); other uncommitted
-      changes still add ``+dirty``.
-    * Two ``dvc repro`` runs at the same commit with the same params share a parent (they are the same
-      pipeline run as far as the key can tell); a stage DVC skipped has no child under a new parent.
-    * An experiment name reused with different params (``dvc exp run -n x -f``) gets a new parent, because
-      the params hash is part of the search.
+    * ``$DVC_EXP_NAME`` under ``dvc exp run`` (workspace, ``--temp``, ``--queue``: each experiment has its own
+      name). An experiment name reused with different params (``dvc exp run -n x -f``) gets a new parent,
+      because the params hash is part of the search.
+    * ``<commit>-dvc-<pid>.<start>.<boot>`` under ``dvc repro``: the nearest ancestor process whose command line
+      is ``dvc`` (found through ``/proc/<pid>/stat``), identified by its pid, its start time (clock ticks since
+      boot) and the boot id. All stages of one invocation share that ancestor and no other invocation has the
+      same triple, so one ``dvc repro`` is one parent and two are two, even at the same commit and params.
+      The commit here is HEAD without the dirty flag: DVC rewrites tracked files while it runs (``dvc.lock``
+      and ``cache: false`` outputs such as ``data/score/metrics.json``), which must not split the run. The
+      parent's name and commit tag keep the dirty flag as the first stage saw it.
+    * ``<commit(+dirty)>-<params hash>`` otherwise (a stage script run by hand, or no ``/proc``): stages run at
+      the same commit with the same params share a parent. ``+dirty`` ignores ``dvc.lock`` and ``.gitignore``.
+
+    The params hash leaves out the ``mlflow`` section: tracking settings do not change what the pipeline
+    computes, so they neither make a new pipeline identity nor appear in the parent's params.
 
 Where the data goes
     ``params['mlflow']['tracking_uri']`` (default ``sqlite:///mlflow.db``), overridden by ``$MLFLOW_TRACKING_URI``.
@@ -35,7 +42,15 @@ Failures never stop a stage
     stage ends. For http(s) servers ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=5``
     are set (unless the user set them), so an unreachable server costs seconds, not minutes of retries.
     Exceptions raised by the stage's own code inside ``with start_stage(...)`` propagate unchanged; the child
-    run is then marked FAILED (KILLED on Ctrl-C).
+    and parent runs are then marked FAILED.
+
+Signals
+    Python's default SIGTERM action ends the process without unwinding, which would leave both runs RUNNING
+    forever. While a tracked stage runs (main thread only), SIGTERM and SIGINT, where they still have their
+    default handlers, raise :class:`Terminated` (a ``SystemExit`` with code 128 + signal): the runs are marked
+    KILLED, one warning line says so, and the process exits 143 (SIGTERM) or 130 (SIGINT) without a traceback.
+    A ``KeyboardInterrupt`` raised otherwise also marks them KILLED. The previous handlers are restored when
+    the stage ends; a signal that arrives while the runs are being ended waits for that, then exits.
 
 Usage::
 
@@ -51,6 +66,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -88,6 +105,10 @@ _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be used for this stage (the message says why)."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGINT inside a tracked stage: unwinds like ``sys.exit(128 + signal)``, runs marked KILLED."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,10 +149,46 @@ def artifact_location(uri: str, root: Path | None = None) -> str | None:
     return ((root or repo_root()) / ARTIFACTS_DIR).as_uri()  # other databases: beside the repository
 
 
-def pipeline_key(params: Mapping[str, Any], cwd: Path | None = None) -> str:
-    """``$DVC_EXP_NAME`` when set, else ``<commit>-<params hash>``: equal in every stage of one pipeline run."""
+def _is_dvc(argv: list[str]) -> bool:
+    """``dvc ...``, ``python .../bin/dvc ...`` (a script's shebang) or ``python -m dvc ...``."""
+    names = [os.path.basename(a) for a in argv[:2]]
+    return names[:1] == ["dvc"] or names[1:2] == ["dvc"] or argv[1:3] == ["-m", "dvc"]
+
+
+def dvc_invocation() -> str | None:
+    """``<pid>.<start ticks>.<boot id>`` of the nearest ``dvc`` process above this one: unique to one ``dvc repro``
+    invocation. None without such an ancestor or without ``/proc``."""
+    pid = os.getppid()  # ancestors only: this process is the stage
+    try:
+        for _ in range(64):  # bounded walk: a loop in a broken /proc must not hang the stage
+            if pid <= 1:
+                return None
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            # Fields after the parenthesised command name (which may hold spaces): state, ppid, ..., starttime.
+            fields = stat[stat.rindex(")") + 2:].split()
+            if _is_dvc(argv):
+                # Start ticks count from boot: the boot id tells two boots (or two machines) apart.
+                boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+                return f"{pid}.{fields[19]}.{boot}"
+            pid = int(fields[1])
+    except (OSError, ValueError, IndexError):  # no /proc (macOS), or a process that ended under us
+        pass
+    return None
+
+
+def pipeline_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The params that define a pipeline run: all but the ``mlflow`` section (where it is logged, not what)."""
+    return {k: v for k, v in params.items() if k != "mlflow"}
+
+
+def pipeline_key(code: str, phash: str) -> str:
+    """Equal in every stage of one pipeline run (see the module docstring); ``phash`` of :func:`pipeline_params`."""
     exp = os.environ.get("DVC_EXP_NAME")
-    return exp if exp else f"{code_version(cwd)}-{params_hash(params)}"
+    if exp:
+        return exp
+    dvc = dvc_invocation()
+    return f"{code.split('+')[0]}-dvc-{dvc}" if dvc else f"{code}-{phash}"
 
 
 def _key(name: Any) -> str:
@@ -185,6 +242,9 @@ class StageRun:
         self._failed = False
         self._skipped: dict[str, int] = {}
         self._logged_params: dict[str, str] = {}
+        self._old_handlers: dict[int, Any] = {}  # signal -> the default handler to restore in __exit__
+        self._ending = False
+        self._pending_signal = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> StageRun:
@@ -206,21 +266,43 @@ class StageRun:
             self.active = True
         except Exception as err:  # noqa: BLE001
             self._fail(f"start the runs in {self.uri}", err)
+        if self.active and threading.current_thread() is threading.main_thread():  # signal.signal's condition
+            # Only Python's defaults are replaced: a handler the stage installed (or an inherited SIG_IGN) stays.
+            for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+                if signal.getsignal(signum) is default:
+                    self._old_handlers[signum] = signal.signal(signum, self._on_signal)
         return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._ending:  # the runs are being ended: let that finish, __exit__ exits afterwards
+            self._pending_signal = signum
+            return
+        raise Terminated(128 + signum)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._ending = True
+        status = None
         if self.active:
             if exc_type is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
                 status = "FINISHED"  # sys.exit() / sys.exit(0) is a normal end
-            elif isinstance(exc, KeyboardInterrupt):
+            elif isinstance(exc, (KeyboardInterrupt, Terminated)):
                 status = "KILLED"
             else:
                 status = "FAILED"
             self._call("end the runs", lambda: self._end(status))
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers.clear()
         if self._skipped:
             log.info("MLflow: not logged for stage %s: %s", self.stage,
                      ", ".join(f"{n} {what}" for what, n in self._skipped.items()))
+        signum = int(exc.code) - 128 if isinstance(exc, Terminated) else self._pending_signal
+        if signum:
+            log.warning("stage %s stopped by %s (MLflow run %s ended %s)", self.stage, signal.Signals(signum).name,
+                        self.run_id, status)
+            if not isinstance(exc, Terminated):
+                raise Terminated(128 + signum)  # a signal during the ending: exit now that the runs are ended
         # never suppress the stage's own exception
 
     def _start(self) -> None:
@@ -229,9 +311,9 @@ class StageRun:
         self._client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment()
         code = code_version()  # git runs once per stage: the key and the tags share it
-        exp_name = os.environ.get("DVC_EXP_NAME")
-        self.key = exp_name if exp_name else f"{code}-{params_hash(self.params)}"  # == pipeline_key()
-        self.parent_run_id = self._parent(code)
+        phash = params_hash(pipeline_params(self.params))
+        self.key = pipeline_key(code, phash)
+        self.parent_run_id = self._parent(code, phash)
         tags = {TAG_ROLE: "stage", TAG_STAGE: self.stage, TAG_KEY: self.key, TAG_COMMIT: code,
                 PARENT_TAG: self.parent_run_id}
         if os.environ.get("DVC_STAGE"):
@@ -269,8 +351,7 @@ class StageRun:
         # Oldest first, run id as tie-break: every process picks the same one if a race created two.
         return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
-    def _parent(self, code: str) -> str:
-        phash = params_hash(self.params)
+    def _parent(self, code: str, phash: str) -> str:
         found = self._find_parents(phash)
         if found:
             parent = found[0]
@@ -300,7 +381,7 @@ class StageRun:
     def _log_parent_params(self, run_id: str, existing: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        flat = {k: _value(v) for k, v in _flat(self.params).items()}
+        flat = {k: _value(v) for k, v in _flat(pipeline_params(self.params)).items()}
         new = [Param(k, v) for k, v in flat.items() if k not in existing]
         clash = [k for k, v in flat.items() if k in existing and existing[k] != v]
         if clash:  # cannot happen while the params hash is in the search; MLflow params are immutable anyway
@@ -412,7 +493,7 @@ class StageRun:
 def start_stage(params: Mapping[str, Any], stage: str, enabled: bool = True) -> StageRun:
     """``with start_stage(params, 'fusion') as run: ...``: the stage's child run under its pipeline's parent.
 
-    ``params`` is the validated params mapping (the whole of it: its hash is part of the pipeline key).
+    ``params`` is the validated params mapping (the whole of it: its hash, less ``mlflow``, identifies the pipeline).
     ``enabled=False`` gives a run that logs nothing (DDP ranks other than 0).
     Never raises because of MLflow; see the module docstring for what happens when the store is unreachable.
     """

@@ -1,13 +1,15 @@
 """srmodels.tracking: one parent per pipeline run, stages as children, and never a failed stage because of MLflow.
 
 One sqlite store per module (creating an MLflow database runs its migrations, seconds each); every test uses its
-own MLflow experiment in it, so the tests do not see each other's runs. Only the first test pays a subprocess.
+own MLflow experiment in it, so the tests do not see each other's runs. Tests that need separate processes start
+them concurrently where they can, because each pays the mlflow import.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from srmodels import tracking
-from srmodels.tracking import (TAG_EXP_NAME, TAG_KEY, artifact_location, code_version, start_stage,
-                               tracking_uri)
+from srmodels.checkpoint import params_hash
+from srmodels.tracking import (TAG_COMMIT, TAG_EXP_NAME, TAG_KEY, artifact_location, code_version, pipeline_key,
+                               pipeline_params, start_stage, tracking_uri)
 
 ROOT = Path(__file__).resolve().parents[1]
 # MLflow's own SQLAlchemy usage warns on import; not ours to fix.
@@ -109,6 +112,149 @@ def test_two_processes_same_key_share_one_parent(env, store, client):
     prepare = next(c for c in children if c.info.run_name == "prepare")
     assert [m.step for m in client.get_metric_history(prepare.info.run_id, "loss")] == [0, 1, 2]
     assert prepare.data.params["members"] == "['dat', 'swinir']"
+
+
+# A stand-in for `dvc repro` (its file is named `dvc`, so its command line reads `python .../dvc ...` like the real
+# one's): runs the stages one after another as child processes (forked, so that only this process pays the
+# imports); `dirty` rewrites a git-tracked `cache: false` output and dvc.lock between two stages, as DVC does.
+FAKE_DVC = """
+import json, os, pathlib, sys, traceback
+from mlflow import MlflowClient  # noqa: F401 - imported once, before the forks
+from srmodels.tracking import start_stage
+params = json.loads(sys.argv[1])
+for step in sys.argv[2:]:
+    if step == "dirty":
+        pathlib.Path("data/score/metrics.json").write_text('{"psnr_y": 2}\\n')
+        pathlib.Path("dvc.lock").write_text("schema: '2.0'\\nstages: {}\\n")
+    elif os.fork() == 0:
+        code = 1
+        try:
+            with start_stage(params, step) as run:
+                run.log_metrics({"loss": 0.5}, step=0)
+            print(json.dumps({"run": run.run_id, "parent": run.parent_run_id, "active": run.active}), flush=True)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    elif os.wait()[1]:
+        sys.exit(f"stage {step} failed")
+"""
+
+
+def git_repo(path: Path) -> str:
+    """A git checkout holding a tracked DVC output; returns HEAD."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (path / "data" / "score").mkdir(parents=True)
+    (path / "data" / "score" / "metrics.json").write_text('{"psnr_y": 1}\n')
+    (path / "dvc.lock").write_text("schema: '2.0'\n")
+    (path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    return git("rev-parse", "HEAD")
+
+
+def test_one_parent_per_dvc_invocation(env, store, client, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sha = git_repo(repo)
+    dvc = tmp_path / "bin" / "dvc"
+    dvc.parent.mkdir()
+    dvc.write_text(FAKE_DVC)
+    params = make_params("t-dvc")
+    proc_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Two invocations at the same commit with the same params; the first dirties the tree half way through.
+    runs = [subprocess.Popen([sys.executable, str(dvc), json.dumps(params), *steps], cwd=repo, env=proc_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for steps in (["prepare", "dirty", "score"], ["prepare"])]
+    outs = [r.communicate(timeout=120) for r in runs]
+    for r, (out, err) in zip(runs, outs):
+        assert r.returncode == 0, err
+    (prepare, score), (other,) = [[json.loads(line) for line in out.splitlines()] for out, _ in outs]
+    assert prepare["active"] and prepare["parent"] == score["parent"]
+    assert other["parent"] != prepare["parent"]
+
+    parents, children = runs_of(client, "t-dvc")
+    assert len(parents) == 2 and len(children) == 3
+    parent = client.get_run(prepare["parent"])
+    assert parent.info.run_name == f"repro-{sha[:7]}-{params_hash(pipeline_params(params))[:8]}"
+    assert parent.data.tags[TAG_KEY].startswith(f"{sha}-dvc-")
+    assert parent.info.status == "FINISHED"
+    assert "fusion.lr" in parent.data.params and not any(k.startswith("mlflow.") for k in parent.data.params)
+    # The tree did turn dirty between the stages, and that did not split the pipeline run.
+    assert client.get_run(prepare["run"]).data.tags[TAG_COMMIT] == sha
+    assert client.get_run(score["run"]).data.tags[TAG_COMMIT] == sha + "+dirty"
+
+
+def test_pipeline_key(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setattr(tracking, "dvc_invocation", lambda: None)
+    assert pipeline_key("abc+dirty", "1234") == "abc+dirty-1234"            # a stage run by hand
+    monkeypatch.setattr(tracking, "dvc_invocation", lambda: "42.1000.deadbeef")
+    assert pipeline_key("abc+dirty", "1234") == "abc-dvc-42.1000.deadbeef"  # under dvc repro
+    monkeypatch.setenv("DVC_EXP_NAME", "gusty-lynx")
+    assert pipeline_key("abc", "1234") == "gusty-lynx"
+
+
+@pytest.mark.parametrize("argv, is_dvc", [
+    (["/usr/bin/dvc", "repro"], True), (["/v/bin/python3", "/v/bin/dvc", "repro"], True),
+    (["python", "-m", "dvc", "exp", "run"], True), (["python", "stages/finetune.py", "dvc"], False),
+    (["python", "-m", "pytest"], False), ([""], False)])
+def test_dvc_command_lines(argv, is_dvc):
+    assert tracking._is_dvc(argv) is is_dvc
+
+
+def test_mlflow_section_is_not_part_of_the_pipeline(env, store, client, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    with start_stage(make_params("t-section", uri="sqlite:///elsewhere.db"), "prepare") as a:
+        pass
+    with start_stage(make_params("t-section"), "fusion") as b:
+        pass
+    assert a.active and a.parent_run_id == b.parent_run_id
+
+
+# A stage that waits to be stopped; SIGINT gets Python's default handler back even if started from a background job.
+SLEEPER = """
+import json, logging, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+from srmodels.tracking import start_stage
+with start_stage(json.loads(sys.argv[1]), "fusion") as run:
+    print(json.dumps({"run": run.run_id, "parent": run.parent_run_id}), flush=True)
+    time.sleep(60)
+"""
+
+
+def test_signals_mark_runs_killed(env, client):
+    client.search_experiments(max_results=1)  # the store exists: the children's stderr holds only their own lines
+    proc_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    sigs = {signal.SIGTERM: 143, signal.SIGINT: 130}
+    procs = {sig: subprocess.Popen([sys.executable, "-c", SLEEPER, json.dumps(make_params(f"t-{sig.name}"))],
+                                   cwd=env, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for sig in sigs}
+    for sig, proc in procs.items():
+        line = proc.stdout.readline()  # the stage is inside `with start_stage(...)` now
+        assert line, proc.communicate()[1]
+        ids = json.loads(line)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == sigs[sig], err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and f"stopped by {sig.name}" in lines[0], err  # no traceback, one line
+        assert client.get_run(ids["run"]).info.status == "KILLED"
+        assert client.get_run(ids["parent"]).info.status == "KILLED"
+
+
+def test_signal_handlers_are_restored(env):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with start_stage(make_params("t-handlers"), "prepare") as run:
+        assert signal.getsignal(signal.SIGTERM) not in before
+    assert run.active
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_different_params_get_different_parents(env, client):
