@@ -21,7 +21,7 @@ model = build_model(variant)
 train = PairedPatches(data / "train" / "lr", data / "train" / "hr", lr_patch=16, scale=4, seed=0)
 val = list_pairs(data / "val" / "hr", data / "val" / "lr", 4)
 metrics = finetune(model, train, val, epochs=epochs, batch=batch, lr=2e-3, schedule=schedule, device="cpu", seed=0,
-                   out_dir=out, crop_border=4, threads=1)
+                   out_dir=out, crop_border=4, threads=1, resume_path=out / "resume.pth")
 state = {k: v.clone() for k, v in model.net.state_dict().items()}
 torch.save(state, out / f"final_rank{info.rank}.pt")
 (out / f"metrics_rank{info.rank}.json").write_text(json.dumps(metrics, default=str))

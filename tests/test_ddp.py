@@ -65,7 +65,7 @@ def test_two_gloo_processes_train_like_one_and_resume(ddp_data, tmp_path):
     m1 = json.loads((one / "metrics_rank0.json").read_text())
     m2 = [json.loads((two / f"metrics_rank{r}.json").read_text()) for r in (0, 1)]
     assert m1["world_size"] == 1 and m2[0]["world_size"] == 2 and m2[1]["world_size"] == 2
-    assert m2[0]["resumed_from_epoch"] == 1 and m1["resumed_from_epoch"] == 0
+    assert m2[0]["timing"]["resumed_from_epoch"] == 1 and m1["timing"]["resumed_from_epoch"] == 0
     assert m1["steps"] == m2[0]["steps"] == m2[1]["steps"] == 4  # 2 epochs x floor(10 / 4)
     # Rank 0 validated the same weights and reported the same losses (all-reduced over the ranks).
     assert m2[0]["best_val_psnr"] == pytest.approx(m1["best_val_psnr"], abs=1e-3)

@@ -155,13 +155,20 @@ def sr_data(tmp_path_factory) -> dict:
 
 def run_finetune(sr_data: dict, out_dir: Path, epochs: int, schedule: str = "constant", lr: float = 1e-3,
                  log_metrics=None, resume: bool = True) -> tuple[dict, torch.nn.Module]:
+    """A tiny fine-tune; its resume state lives beside ``out_dir`` (in ``<out_dir>.resume.pth``), as the stage
+    keeps it outside its outputs."""
     torch.manual_seed(0)
     model = build_model("rfdn_tiny")
     train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
     metrics = finetune(model, train, sr_data["val"], epochs=epochs, batch=4, lr=lr, schedule=schedule,
                        milestones=[], gamma=0.5, device="cpu", seed=0, out_dir=out_dir, crop_border=4,
-                       provenance={"test": True}, resume=resume, log_metrics=log_metrics, threads=THREADS)
+                       provenance={"test": True}, resume_path=resume_file(out_dir) if resume else None,
+                       log_metrics=log_metrics, threads=THREADS)
     return metrics, model
+
+
+def resume_file(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".resume.pth")
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -178,11 +185,14 @@ def straight(sr_data, tmp_path_factory) -> tuple[dict, torch.nn.Module, Path]:
 
 def test_finetune_learns_and_writes_outputs(sr_data, straight):
     metrics, _, out = straight
-    assert {p.name for p in out.iterdir()} >= {"best.pth", "resume.pth", "curve.csv"}
+    # The outputs are results only: the resume state lives elsewhere, wall-clock figures in ``timing``.
+    assert {p.name for p in out.iterdir()} == {"best.pth", "curve.csv"} and resume_file(out).is_file()
     rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert list(rows[0]) == ["epoch", "train_loss", "val_psnr", "lr"]
     assert [r["epoch"] for r in rows] == ["0", "1", "2"] and rows[0]["train_loss"] == ""
     assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"])
-    assert metrics["epochs"] == 2 and metrics["steps"] == 4 and metrics["resumed_from_epoch"] == 0
+    assert metrics["epochs"] == 2 and metrics["steps"] == 4 and metrics["timing"]["resumed_from_epoch"] == 0
+    assert not any("second" in k for k in metrics)
     assert metrics["best_val_psnr"] == max(float(r["val_psnr"]) for r in rows)
     # best.pth rebuilds itself and scores what was reported.
     best = load_model(out / "best.pth")
@@ -212,22 +222,21 @@ def test_same_seed_same_weights(sr_data, straight, tmp_path):
 def test_resume_extends_a_finished_run(sr_data, straight, tmp_path):
     run_finetune(sr_data, tmp_path, epochs=1)
     metrics, model = run_finetune(sr_data, tmp_path, epochs=2)
-    assert metrics["resumed_from_epoch"] == 1
+    assert metrics["timing"]["resumed_from_epoch"] == 1
     assert same_weights(model, straight[1])
     assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 3
 
 
-def test_rerun_of_finished_run_restores_deleted_outputs(sr_data, tmp_path):
-    # What `dvc repro --force` does: delete best.pth and curve.csv, keep the persistent resume.pth, re-run.
-    first, _ = run_finetune(sr_data, tmp_path, epochs=2)
-    best_before = torch.load(tmp_path / "best.pth", weights_only=True)["state_dict"]
-    (tmp_path / "best.pth").unlink()
-    (tmp_path / "curve.csv").unlink()
-    again, _ = run_finetune(sr_data, tmp_path, epochs=2)
-    assert again["resumed_from_epoch"] == 2 and again["best_val_psnr"] == first["best_val_psnr"]
-    best_after = torch.load(tmp_path / "best.pth", weights_only=True)["state_dict"]
+def test_resume_into_a_fresh_folder_restores_the_outputs(sr_data, tmp_path):
+    # What the stage does after an interruption: its outputs go to a new staging folder, the resume state stays.
+    first, _ = run_finetune(sr_data, tmp_path / "a", epochs=2)
+    best_before = torch.load(tmp_path / "a" / "best.pth", weights_only=True)["state_dict"]
+    resume_file(tmp_path / "a").rename(resume_file(tmp_path / "b"))
+    again, _ = run_finetune(sr_data, tmp_path / "b", epochs=2)
+    assert again["timing"]["resumed_from_epoch"] == 2 and again["best_val_psnr"] == first["best_val_psnr"]
+    best_after = torch.load(tmp_path / "b" / "best.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(best_before[k], best_after[k]) for k in best_before)
-    assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 3
+    assert (tmp_path / "a" / "curve.csv").read_bytes() == (tmp_path / "b" / "curve.csv").read_bytes()
 
 
 def test_resume_after_interruption_matches_straight_run(sr_data, tmp_path):
@@ -240,7 +249,7 @@ def test_resume_after_interruption_matches_straight_run(sr_data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_finetune(sr_data, tmp_path / "run", epochs=2, schedule="cosine", log_metrics=interrupt)
     metrics, model = run_finetune(sr_data, tmp_path / "run", epochs=2, schedule="cosine")
-    assert metrics["resumed_from_epoch"] == 1
+    assert metrics["timing"]["resumed_from_epoch"] == 1
     assert same_weights(model, straight_model)
     assert metrics["best_val_psnr"] == straight_metrics["best_val_psnr"]
 
@@ -249,7 +258,7 @@ def test_resume_with_other_config_starts_fresh(sr_data, tmp_path, caplog):
     run_finetune(sr_data, tmp_path, epochs=1)
     with caplog.at_level(logging.WARNING, logger="srmodels.train"):
         metrics, _ = run_finetune(sr_data, tmp_path, epochs=1, lr=5e-4)
-    assert metrics["resumed_from_epoch"] == 0
+    assert metrics["timing"]["resumed_from_epoch"] == 0
     assert "another configuration (lr differ)" in caplog.text
 
 
@@ -281,7 +290,8 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
                            provenance={"test": True}, threads=THREADS)
     best_member = max(metrics["member_val_psnr"].values())
     assert metrics["best_val_psnr"] > best_member + 10, metrics
-    assert metrics["samples_per_second"] > 0 and metrics["hr_megapixels_per_second"] > 0
+    assert metrics["timing"]["samples_per_second"] > 0 and metrics["timing"]["hr_megapixels_per_second"] > 0
+    assert not any("second" in k for k in metrics)
     # The best checkpoint describes itself and, reloaded, weights 'a' on the left and 'b' on the right.
     raw = read_checkpoint(tmp_path / "best.pth")
     meta = checkpoint_meta(raw)
