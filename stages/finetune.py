@@ -7,6 +7,7 @@ Outputs are staged and published on success; the resume state lives under ``path
 from _common import numeric, provenance, record, run, tracked  # first: pins the CPU kernels before torch loads
 
 import logging
+import signal
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -39,7 +40,11 @@ def main(params: dict[str, Any], name: str) -> None:
                             "GPU(s) here")
         command = distributed.torchrun_command(__file__, sys.argv[1:], bb["nprocs"])
         log.info("launching %d DDP processes: %s", bb["nprocs"], " ".join(command))
-        sys.exit(subprocess.call(command))
+        child = subprocess.Popen(command)
+        # Pass SIGTERM/SIGINT on to torchrun, which stops the workers (rank 0 marks its MLflow run KILLED).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda number, _frame: child.send_signal(number))
+        sys.exit(child.wait())
 
     info = distributed.init_from_env(device.type)
     if device.type == "cuda" and info.enabled:

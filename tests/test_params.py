@@ -74,3 +74,32 @@ def test_bad_file(tmp_path):
         load_params(tmp_path / "p.yaml")
     with pytest.raises(ParamsError, match="cannot read"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_params_are_read_as_dvc_reads_them(tmp_path):
+    # YAML 1.2, DVC's reading: 1e-3 is the number DVC hashed (no latent "string" error when the stage runs),
+    # and 'yes' is the string DVC sees, refused by the schema at once instead of silently read as True.
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "p.yaml").write_text(text.replace("  lr: 1.0e-3\n  lr_patch: 32        # LR crop",
+                                                  "  lr: 1e-3\n  lr_patch: 32        # LR crop"))
+    assert "lr: 1e-3" in (tmp_path / "p.yaml").read_text()
+    assert load_params(tmp_path / "p.yaml")["fusion"]["lr"] == 0.001
+    (tmp_path / "q.yaml").write_text(text.replace("self_ensemble: true", "self_ensemble: yes"))
+    with pytest.raises(ParamsError, match="inference.self_ensemble: expected bool, got str 'yes'"):
+        load_params(tmp_path / "q.yaml")
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("cpu_isa",), "avx3", "cpu_isa: 'avx3' is not one of"),
+    (("backbones", "rfdn", "lr_patch"), 100, "backbones.rfdn.lr_patch: 100 needs HR crops of 400 px"),
+    (("backbones", "dat", "pretrained"), "elsewhere/DAT_S_x4.pth",
+     "backbones.dat.pretrained: 'elsewhere/DAT_S_x4.pth' must be a file in inputs/pretrained/dat/"),
+])
+def test_checks_that_need_no_data_run_before_any_work(raw, path, value, message):
+    bad = copy.deepcopy(raw)
+    node = bad
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError, match=message):
+        validate(bad)
