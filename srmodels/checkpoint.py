@@ -10,6 +10,7 @@ import logging
 import pickle
 import re
 import subprocess
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,6 +39,40 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read safely or does not fit the model."""
 
 
+def _first_line(text: str, limit: int = 160) -> str:
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _describe(err: BaseException) -> str:
+    """'RuntimeError: unexpected EOF ...', 'struct.error: ...': the type always, the first line when there is one."""
+    kind = type(err).__name__ if type(err).__module__ == "builtins" else f"{type(err).__module__}.{type(err).__name__}"
+    detail = _first_line(str(err))
+    return f"{kind}: {detail}" if detail else kind
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with the file itself (empty, cut, failing a CRC, not a torch file), or None if it looks whole."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip format (the default since torch 1.6)
+        if not zipfile.is_zipfile(path):
+            # The central directory sits at the end of a zip: a cut file loses it first.
+            return f"truncated or corrupt zip archive: no end-of-archive record in its {size:,} bytes"
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()  # reads every member; only reached when loading already failed
+        except Exception as err:  # noqa: BLE001 - any failure here means a damaged archive
+            return f"corrupt zip archive ({_describe(err)})"
+        return f"corrupt zip archive: {bad} fails its CRC check" if bad is not None else None
+    if head[:1] != b"\x80":  # the legacy format is a pickle (protocol 2+), which starts with 0x80
+        return f"neither a zip archive nor a pickle, {size:,} bytes starting {head!r}"
+    return None
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any] | Mapping[str, torch.Tensor]:
     """The raw object stored in ``path``, loaded without arbitrary unpickling."""
     path = Path(path)
@@ -45,13 +80,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any] | Mapping[str, torch.Ten
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused, the file needs arbitrary unpickling (not a plain tensor checkpoint); "
-            f"loading it could execute code ({first})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+    except Exception as err:  # noqa: BLE001 - torch.load on a bad file raises many types (KeyError, struct.error...)
+        damage = _damage(path)
+        if damage is not None:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({damage})") from err
+        if isinstance(err, pickle.UnpicklingError):
+            # torch's message is a paragraph; the text after 'WeightsUnpickler error:' names what was refused.
+            m = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n\n|$)", str(err), re.DOTALL)
+            what = " ".join(m.group(1).split()) if m and m.group(1).strip() else _describe(err)
+            raise CheckpointError(
+                f"{path}: refused, the file needs arbitrary unpickling (not a plain tensor checkpoint); "
+                f"loading it could execute code ({what})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_describe(err)})") from err
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -1,22 +1,34 @@
-"""The ``srmodels`` command: eval, upscale, downscale (and bench).
+"""The ``srmodels`` command: eval, upscale, downscale, compare-metrics (and bench).
 
-Input problems end in one line naming the file and the problem, never a traceback.
+A problem the user can fix (a missing, corrupt or oversized image, LR/HR sizes that do not fit the scale, an
+unknown ``--arch``, an unreadable or unsafe checkpoint, an output path that is a file) ends in one line
+``srmodels: error: <file>: <problem>`` and exit code 2, never a traceback; ``--debug`` (or the environment
+variable SRMODELS_DEBUG=1) shows the traceback instead.
+
+Inputs are all-or-nothing: eval, upscale and downscale first read and check every input image (one at a time,
+nothing kept), and stop at the first bad one, naming it, before any model is loaded or any output written.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import archs
 from .bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, bench_one, format_table,
                     format_train_table)
 from .checkpoint import CheckpointError
-from .images import ImageError, check_pair, list_images, pair_by_stem, read_image, to_tensor, to_uint8, write_image
+from .errors import UserError
+from .images import (ImageError, check_pair, check_pair_sizes, image_size, list_images, pair_by_stem, read_image,
+                     to_tensor, to_uint8, write_image)
 from .imresize import downscale_uint8
 from .inference import upscale
 from .metrics import calculate_psnr, calculate_ssim
@@ -25,12 +37,41 @@ from .runtime import keep_freed_memory, resolve_device
 
 log = logging.getLogger("srmodels")
 
+INPUT_POLICY = ("Every input image is read and checked before any model work or output; the first bad one "
+                "stops the command with its name.")
+
 
 def _device(name: str) -> torch.device:
     try:
         return resolve_device(name)
-    except RuntimeError as err:  # a one-line CLI error, not a traceback
-        raise SystemExit(f"srmodels: error: --device {name}: {err}") from None
+    except RuntimeError as err:  # no CUDA: the user's choice of --device, not a bug
+        raise UserError(f"--device {name}: {err}") from None
+
+
+def _check_arch(arch: str | None) -> None:
+    # Checked here because archs.variant_spec raises a KeyError, which is a traceback by the one-line rule.
+    if arch is not None and arch not in archs.VARIANTS:
+        raise UserError(f"--arch {arch}: unknown variant; valid: {', '.join(sorted(archs.VARIANTS))}")
+
+
+def _output_folder(path: str, what: str) -> Path:
+    """An output folder that exists or can be made; a file in its place is a one-line error up front."""
+    out = Path(path)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == out:
+        raise UserError(f"{out}: {what} must be a folder, but it is an existing file")
+    if blocker is not None:
+        raise UserError(f"{blocker}: is a file, so the {what} folder {out} cannot be made under it")
+    return out
+
+
+def _write_text(path: str, text: str, what: str) -> None:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    except OSError as err:
+        raise UserError(f"{target}: cannot write the {what} ({err.strerror or err})") from None
 
 
 def _inputs(paths: list[str]) -> list[Path]:
@@ -47,25 +88,56 @@ def _inputs(paths: list[str]) -> list[Path]:
     return files
 
 
-def _sr(model, lr: np.ndarray, args, device: torch.device) -> np.ndarray:
+def _checked_size(path: Path, scale: int | None = None) -> tuple[int, int]:
+    """(height, width) of an image, decoded in full so that a corrupt file stops the command before any work."""
+    h, w = image_size(path)
+    if scale is not None and (h < scale or w < scale):
+        raise ImageError(f"{path}: {w}x{h} is smaller than the scale x{scale}")
+    return h, w
+
+
+def _check_model_args(args) -> None:
+    # inference.upscale raises a bare ValueError for these, which would be a traceback.
+    if args.tile is not None and args.tile < 1:
+        raise UserError(f"--tile {args.tile}: must be >= 1 (LR pixels)")
+    if args.tile_overlap < 0:
+        raise UserError(f"--tile-overlap {args.tile_overlap}: must be >= 0")
+
+
+def _sr(model, lr: np.ndarray, args, device: torch.device, path: Path) -> np.ndarray:
     x = to_tensor(lr).to(device)
-    # bf16 autocast is what training and caching use on CUDA; on CPU it is slow but checks the numerics.
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-        y = upscale(model, x, model.scale, self_ensemble=args.self_ensemble, tile=args.tile,
-                    tile_overlap=args.tile_overlap)
+    try:
+        # bf16 autocast is what training and caching use on CUDA; on CPU it is slow but checks the numerics.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            y = upscale(model, x, model.scale, self_ensemble=args.self_ensemble, tile=args.tile,
+                        tile_overlap=args.tile_overlap)
+    except ValueError as err:
+        if isinstance(err, UserError):
+            raise
+        # The architectures refuse inputs they cannot process (RFDN: sides under 15 px) with a ValueError.
+        raise ImageError(f"{path}: {model.variant or model.arch} cannot process this {lr.shape[1]}x{lr.shape[0]} "
+                         f"input ({' '.join(str(err).split())})") from err
     return to_uint8(y.float())
 
 
 def cmd_eval(args) -> int:
-    device = _device(args.device)
-    model = load_model(args.weights, args.arch).to(device)
+    _check_arch(args.arch)
+    _check_model_args(args)
     scale = args.scale
-    if model.scale != scale:
-        raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
+    if scale < 1 or args.crop_border < 0:
+        raise UserError(f"--scale {scale} / --crop-border {args.crop_border}: need scale >= 1 and crop border >= 0")
     hr_files = list_images(args.hr)
     if not hr_files:
         raise ImageError(f"{args.hr}: no images")
     pairs = pair_by_stem(hr_files, list_images(args.lr), scale) if args.lr else [(p, None) for p in hr_files]
+    for hr_path, lr_path in pairs:  # the input policy: all checked before the model is built
+        hr_size = _checked_size(hr_path, scale)
+        if lr_path is not None:
+            check_pair_sizes(hr_size, _checked_size(lr_path), scale, hr_path, lr_path)
+    device = _device(args.device)
+    model = load_model(args.weights, args.arch).to(device)
+    if model.scale != scale:
+        raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
     rows = []
     for hr_path, lr_path in pairs:
         hr = read_image(hr_path)
@@ -75,7 +147,7 @@ def cmd_eval(args) -> int:
         else:
             lr = read_image(lr_path)
             hr = check_pair(hr, lr, scale, hr_path, lr_path)
-        sr = _sr(model, lr, args, device)
+        sr = _sr(model, lr, args, device, lr_path or hr_path)
         psnr = calculate_psnr(sr, hr, crop_border=args.crop_border, y_channel=args.y_channel)
         ssim = calculate_ssim(sr, hr, crop_border=args.crop_border, y_channel=args.y_channel)
         rows.append({"image": hr_path.stem, "psnr": round(float(psnr), 4), "ssim": round(float(ssim), 5)})
@@ -92,27 +164,45 @@ def cmd_eval(args) -> int:
     print(f"{'mean':<24} {result['mean_psnr']:8.4f} dB  {result['mean_ssim']:.5f}  "
           f"({'Y' if args.y_channel else 'RGB'}, crop {args.crop_border}, {len(rows)} images)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        _write_text(args.json, json.dumps(result, indent=1) + "\n", "--json results")
     return 0
 
 
 def cmd_upscale(args) -> int:
+    _check_arch(args.arch)
+    _check_model_args(args)
+    out = _output_folder(args.output, "-o/--output")
+    files = _inputs(args.inputs)
+    for path in files:  # the input policy: all checked before the model is built
+        _checked_size(path)
     device = _device(args.device)
     model = load_model(args.weights, args.arch).to(device)
-    out = Path(args.output)
-    for path in _inputs(args.inputs):
-        sr = _sr(model, read_image(path), args, device)
+
+    def target(path: Path) -> Path:
         stem = path.stem
-        target = out / f"{stem[:-2] if stem.lower().endswith(f'x{model.scale}') else stem}.png"
-        write_image(target, sr)
-        log.info("%s -> %s", path, target)
+        return out / f"{stem[:-2] if stem.lower().endswith(f'x{model.scale}') else stem}.png"
+
+    seen: dict[Path, Path] = {}
+    for path in files:  # two inputs with one output name would silently overwrite each other
+        if target(path) in seen:
+            raise ImageError(f"{path}: its output {target(path)} is also {seen[target(path)]}'s; rename one")
+        seen[target(path)] = path
+    for path in files:
+        write_image(target(path), _sr(model, read_image(path), args, device, path))
+        log.info("%s -> %s", path, target(path))
     return 0
 
 
 def cmd_downscale(args) -> int:
-    out = Path(args.output)
-    for path in list_images(args.hr):
+    if args.scale < 1:
+        raise UserError(f"--scale {args.scale}: must be >= 1")
+    out = _output_folder(args.output, "output")
+    files = list_images(args.hr)
+    if not files:
+        raise ImageError(f"{args.hr}: no images")
+    for path in files:  # the input policy: all checked before anything is written
+        _checked_size(path, args.scale)
+    for path in files:
         hr = read_image(path)
         hr = hr[: hr.shape[0] // args.scale * args.scale, : hr.shape[1] // args.scale * args.scale]
         write_image(out / f"{path.stem}x{args.scale}.png", downscale_uint8(hr, args.scale))
@@ -120,6 +210,9 @@ def cmd_downscale(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    unknown = [m for m in args.models if m != "fusion" and m not in archs.VARIANTS]
+    if unknown:
+        raise UserError(f"--models {' '.join(unknown)}: unknown; valid: fusion, {', '.join(sorted(archs.VARIANTS))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.cpu_only else [])
@@ -158,58 +251,109 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _numeric_leaves(obj, prefix: str = "") -> dict[str, float]:
+def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a JSON document by dotted key (list items by index: ``images.0.psnr``)."""
     if isinstance(obj, dict):
-        out: dict[str, float] = {}
-        for k, v in obj.items():
-            out.update(_numeric_leaves(v, f"{prefix}{k}."))
-        return out
-    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        return {prefix[:-1]: float(obj)}
-    return {}
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return {prefix[:-1]: obj}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
 
 
-def compare_metrics(old: dict, new: dict, tol_db: float, tol_ssim: float) -> list[str]:
-    """Lines naming every PSNR/SSIM that moved past its tolerance, appeared or disappeared."""
-    a, b = _numeric_leaves(old), _numeric_leaves(new)
-    problems = []
-    for key in sorted(set(a) | set(b)):
-        leaf = key.rsplit(".", 1)[-1].lower()
-        tol = tol_ssim if "ssim" in leaf else tol_db if "psnr" in leaf else None
-        if tol is None:
-            continue
-        if key not in a or key not in b:
-            problems.append(f"{key}: only in {'committed' if key in a else 'new'} metrics")
-        elif abs(a[key] - b[key]) > tol:
-            problems.append(f"{key}: {a[key]:.4f} -> {b[key]:.4f} (moved {b[key] - a[key]:+.4f}, tolerance {tol})")
-    return problems
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class MetricsDiff:
+    """Every difference between two metrics documents, one printable line each."""
+
+    def __init__(self, old: Any, new: Any, tol_db: float = 0.0, tol_ssim: float = 0.0) -> None:
+        a, b = _leaves(old), _leaves(new)
+        self.compared = 0
+        self.moved: list[str] = []      # numbers beyond their tolerance
+        self.changed: list[str] = []    # other values (strings, booleans, null, a number that became a string)
+        self.only: list[str] = []       # keys present in one document only
+        for key in sorted(set(a) | set(b)):
+            if key not in b or key not in a:
+                side, value = ("old", a[key]) if key in a else ("new", b[key])
+                self.only.append(f"ONLY IN {side.upper()} {key} = {value!r}")
+                continue
+            x, y = a[key], b[key]
+            if _is_number(x) and _is_number(y):
+                self.compared += 1
+                leaf = key.rsplit(".", 1)[-1].lower()
+                # A tolerance applies only to PSNR / SSIM keys; every other number must match exactly.
+                tol = tol_ssim if "ssim" in leaf else tol_db if "psnr" in leaf else 0.0
+                if math.isnan(x) and math.isnan(y):
+                    continue
+                diff = y - x
+                if not abs(diff) <= tol:  # also true when one side is NaN
+                    self.moved.append(f"MOVED {key}: {x!r} -> {y!r} (diff {diff:+}"
+                                      + (f", tolerance {tol!r})" if tol else ")"))
+            elif type(x) is not type(y) or x != y:
+                self.changed.append(f"CHANGED {key}: {x!r} -> {y!r}")
+
+    def lines(self) -> list[str]:
+        return self.moved + self.changed + self.only
+
+    def summary(self) -> str:
+        text = f"compare-metrics: {self.compared} metrics compared, {len(self.moved)} moved"
+        if self.changed:
+            text += f", {len(self.changed)} other value{'s' if len(self.changed) != 1 else ''} changed"
+        if self.only:
+            text += f", {len(self.only)} only in one file"
+        return text
+
+
+def compare_metrics(old: Any, new: Any, tol_db: float = 0.0, tol_ssim: float = 0.0) -> list[str]:
+    """Lines naming every metric that moved (beyond the PSNR / SSIM tolerance), changed, appeared or vanished."""
+    return MetricsDiff(old, new, tol_db, tol_ssim).lines()
+
+
+def _read_json(path: str) -> Any:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such metrics file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{p}: cannot read the metrics file ({err})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{p}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
 
 
 def cmd_compare_metrics(args) -> int:
-    old, new = (json.loads(Path(p).read_text()) for p in (args.committed, args.new))
-    problems = compare_metrics(old, new, args.tol_db, args.tol_ssim)
-    for line in problems:
-        print(f"MOVED {line}")
-    n = sum(1 for k in _numeric_leaves(old) if "psnr" in k.lower() or "ssim" in k.lower())
-    print(f"compare-metrics: {n} metrics compared, {len(problems)} moved past tolerance")
-    return 1 if problems else 0
+    diff = MetricsDiff(_read_json(args.committed), _read_json(args.new), args.tol_db, args.tol_ssim)
+    for line in diff.lines():
+        print(line)
+    print(diff.summary())
+    return 1 if diff.lines() else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0],
+                                     epilog=INPUT_POLICY + " Errors are one line; --debug shows the traceback.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line (also: SRMODELS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--weights", required=True, help="checkpoint (ours, or released weights)")
-        p.add_argument("--arch", help="variant name for released weights (ours describe themselves)")
+        p.add_argument("--arch", help="variant name for released weights (ours describe themselves); one of "
+                   + ", ".join(sorted(archs.VARIANTS)))
         p.add_argument("--self-ensemble", action="store_true", help="x8 flips/rotations, averaged")
         p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (bounds memory)")
         p.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in LR pixels")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
 
-    p = sub.add_parser("eval", help="PSNR/SSIM of a model on a folder of HR images")
+    p = sub.add_parser("eval", help="PSNR/SSIM of a model on a folder of HR images", epilog=INPUT_POLICY)
     model_args(p)
     p.add_argument("--hr", required=True, help="folder of HR images")
     p.add_argument("--lr", help="folder of LR images (bird <-> birdx4); default: MATLAB bicubic of HR")
@@ -221,13 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write per-image and mean results here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("upscale", help="super-resolve images")
+    p = sub.add_parser("upscale", help="super-resolve images", epilog=INPUT_POLICY)
     model_args(p)
     p.add_argument("inputs", nargs="+", help="images or folders")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (made if absent; not a file)")
     p.set_defaults(func=cmd_upscale)
 
-    p = sub.add_parser("downscale", help="MATLAB-bicubic LR images ({stem}x4.png, the DIV2K naming)")
+    p = sub.add_parser("downscale", help="MATLAB-bicubic LR images ({stem}x4.png, the DIV2K naming)",
+                       epilog=INPUT_POLICY)
     p.add_argument("hr", help="folder of HR images")
     p.add_argument("output", help="output folder")
     p.add_argument("--scale", type=int, default=4)
@@ -246,12 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the rows here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("compare-metrics", help="fail when PSNR/SSIM metrics moved (CI re-validation)")
+    p = sub.add_parser(
+        "compare-metrics", help="fail when any metric moved (CI re-validation)",
+        description="Compare every leaf of two metrics JSON files. Prints one line per number that moved (dotted "
+                    "key, old and new in full precision, the difference), per other value that changed and per "
+                    "key found in one file only, then a summary; exit 1 if anything differs.")
     p.add_argument("committed", help="metrics.json of the committed run")
     p.add_argument("new", help="metrics.json of the new run")
-    p.add_argument("--tol-db", type=float, default=0.01)
-    p.add_argument("--tol-ssim", type=float, default=0.001)
+    p.add_argument("--tol-db", type=float, default=0.0, help="allowed |change| of keys named *psnr* (default: exact)")
+    p.add_argument("--tol-ssim", type=float, default=0.0, help="allowed |change| of keys named *ssim* (default: exact)")
     p.set_defaults(func=cmd_compare_metrics)
+    for p in sub.choices.values():  # also after the command: `srmodels eval --debug ...`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -259,12 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
+    debug = args.debug or os.environ.get("SRMODELS_DEBUG", "") not in ("", "0")
     keep_freed_memory()
     try:
         with torch.inference_mode():
             return args.func(args)
-    except (ImageError, CheckpointError) as err:
-        print(f"srmodels: error: {err}", file=sys.stderr)
+    except UserError as err:
+        if debug:
+            raise
+        # One line whatever the message holds: the file and the problem.
+        print(f"srmodels: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -6,7 +6,9 @@ print one line instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import struct
 from pathlib import Path
 
 import cv2
@@ -31,12 +33,57 @@ def _note_once(kind: str, message: str) -> None:
         log.warning(message)
 
 
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR header, or None for any other file (used only in messages)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    return None
+
+
+def _size_limit_message(path: Path, limit_name: str) -> str:
+    """OpenCV refuses headers above CV_IO_MAX_IMAGE_PIXELS (default 2^30), WIDTH or HEIGHT (2^20); say how to lift it.
+
+    OpenCV reads each limit from the environment variable of the same name with an OPENCV_ prefix
+    (CV_IO_MAX_IMAGE_PIXELS <- OPENCV_IO_MAX_IMAGE_PIXELS), once, when it starts.
+    """
+    what = limit_name.rsplit("_", 1)[-1].lower()
+    env = f"OPEN{limit_name}"
+    default = 2**30 if what == "pixels" else 2**20
+    limit = os.environ.get(env, f"{default:,}")
+    size = _png_size(path)
+    declared, needed = "", ""
+    if size is not None:
+        declared = f"; its header declares {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
+        value = size[0] * size[1] if what == "pixels" else size[0] if what == "width" else size[1]
+        needed = f", e.g. {env}={value}"
+    return (f"{path}: image is larger than OpenCV's {what.rstrip('s')} limit {limit_name} ({limit}){declared}; "
+            f"raise it with the environment variable {env}{needed}")
+
+
+def _cv_reason(err: Exception) -> str:
+    """The human part of an OpenCV exception ('could not find a writer ...'), without file and function."""
+    text = " ".join(str(err).split())
+    m = re.search(r"error: \([^)]*\) (.*?)(?: in function .*)?$", text)
+    return (m.group(1) if m else text) or type(err).__name__
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """An HxWx3 uint8 RGB array. Grayscale, alpha and 16-bit files are converted (said once per kind)."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image")
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # OpenCV raises (rather than returning None) for a few header problems
+        m = re.search(r"CV_IO_MAX_IMAGE_(?:PIXELS|WIDTH|HEIGHT)", str(err))
+        if m:
+            raise ImageError(_size_limit_message(path, m.group(0))) from err
+        raise ImageError(f"{path}: not a readable image ({_cv_reason(err)})") from err
     if img is None or img.size == 0:
         raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
     if img.dtype == np.uint16:
@@ -58,9 +105,25 @@ def read_image(path: str | Path) -> np.ndarray:
 def write_image(path: str | Path, img: np.ndarray) -> None:
     """Write an HxWx3 uint8 RGB array losslessly (PNG unless the suffix says otherwise)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), np.ascontiguousarray(img[:, :, ::-1])):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:  # the usual cause: a file where the output folder should be
+            raise ImageError(f"{blocker}: is a file, not a folder; cannot write {path.name} under it") from None
+        raise ImageError(f"{path.parent}: cannot create the output folder ({err.strerror or err})") from None
+    try:
+        ok = cv2.imwrite(str(path), np.ascontiguousarray(img[:, :, ::-1]))
+    except cv2.error as err:  # an unknown suffix raises instead of returning False
+        raise ImageError(f"{path}: could not write image ({_cv_reason(err)})") from err
+    if not ok:
         raise ImageError(f"{path}: could not write image")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file, decoded in full so that a corrupt file is caught; nothing is kept."""
+    img = read_image(path)
+    return img.shape[0], img.shape[1]
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -96,12 +159,18 @@ def pair_by_stem(hr_files: list[Path], lr_files: list[Path], scale: int) -> list
     return pairs
 
 
-def check_pair(hr: np.ndarray, lr: np.ndarray, scale: int, hr_path: Path, lr_path: Path) -> np.ndarray:
-    """HR cropped to scale x LR; an LR that does not fit the HR at this scale is an error."""
-    h, w = lr.shape[:2]
-    H, W = hr.shape[:2]
+def check_pair_sizes(hr_size: tuple[int, ...], lr_size: tuple[int, ...], scale: int, hr_path: Path,
+                     lr_path: Path) -> None:
+    """An LR (height, width) that is not the HR's // scale is an error naming the LR file."""
+    (H, W), (h, w) = hr_size[:2], lr_size[:2]
     if not (H // scale == h and W // scale == w):
         raise ImageError(f"{lr_path}: LR size {w}x{h} does not match HR {hr_path.name} ({W}x{H}) at scale x{scale}")
+
+
+def check_pair(hr: np.ndarray, lr: np.ndarray, scale: int, hr_path: Path, lr_path: Path) -> np.ndarray:
+    """HR cropped to scale x LR; an LR that does not fit the HR at this scale is an error."""
+    check_pair_sizes(hr.shape, lr.shape, scale, hr_path, lr_path)
+    h, w = lr.shape[:2]
     return hr[: h * scale, : w * scale]
 
 

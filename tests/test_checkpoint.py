@@ -127,3 +127,58 @@ def test_wrong_architecture_names_keys(tmp_path):
     path = reference_path("weights", "RFDN_AIM.pth")
     with pytest.raises(CheckpointError, match="missing .*conv_first"):
         load_model(path, "rrdbnet_tiny")
+
+
+# ------------------------------------------------------------------------------------ damaged files: the reason
+
+
+def _saved(tmp_path, **kwargs) -> bytes:
+    torch.save({"params": {"w": torch.arange(4096, dtype=torch.float32)}}, tmp_path / "whole.pth", **kwargs)
+    return (tmp_path / "whole.pth").read_bytes()
+
+
+def _reason(path) -> str:
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "\n" not in msg and "()" not in msg, msg
+    return msg
+
+
+def test_truncated_zip_checkpoint_says_why(tmp_path):
+    blob = _saved(tmp_path)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(blob[: len(blob) // 2])
+    assert "truncated or corrupt zip archive" in _reason(cut)
+
+
+def test_empty_and_foreign_files_say_why(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "empty file (0 bytes)" in _reason(tmp_path / "empty.pth")
+    (tmp_path / "notes.pth").write_bytes(b"hello, not a checkpoint")
+    assert "neither a zip archive nor a pickle" in _reason(tmp_path / "notes.pth")
+
+
+def test_corrupt_zip_member_is_not_called_unsafe(tmp_path):
+    # A flipped byte inside the pickle makes torch's weights-only unpickler complain; the CRC says why.
+    blob = bytearray(_saved(tmp_path))
+    start = blob.index(b"data.pkl") + 200
+    blob[start] ^= 0xFF
+    (tmp_path / "flipped.pth").write_bytes(bytes(blob))
+    msg = _reason(tmp_path / "flipped.pth")
+    assert "CRC" in msg and "arbitrary unpickling" not in msg
+
+
+def test_truncated_legacy_checkpoint_says_why(tmp_path):
+    blob = _saved(tmp_path, _use_new_zipfile_serialization=False)
+    (tmp_path / "cut.pth").write_bytes(blob[: len(blob) - 100])
+    assert "not a readable torch checkpoint (RuntimeError: unexpected EOF" in _reason(tmp_path / "cut.pth")
+
+
+def test_refusal_names_what_was_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"params": Payload()}, tmp_path / "evil.pth")
+    assert "Unsupported global: GLOBAL print" in _reason(tmp_path / "evil.pth")

@@ -1,8 +1,11 @@
 """`srmodels` CLI: RFDN_AIM.pth on Set5 reproduces the official numbers; self-ensemble, tiling, bad input."""
+import copy
 import json
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import cv2
 import numpy as np
@@ -185,3 +188,235 @@ def test_bench_prints_table(tmp_path, capsys):
     assert train["ntire_recipe_minutes"] == pytest.approx(150 * 800 / train["samples_per_s"] / 60, rel=0.01)
     printed = capsys.readouterr().out
     assert "ms/forward" in printed and "NTIRE min" in printed
+
+
+# ------------------------------------------------------------------ one-line failures on tiny files (no reference pack)
+
+
+def _huge_png(path, width=40000, height=40000):
+    """A PNG whose valid header declares more pixels than OpenCV's 2^30 limit; the data is a token."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A self-describing rfdn_tiny checkpoint, two 64x64 HR images and their 16x16 LR images."""
+    from srmodels.checkpoint import save_checkpoint
+    from srmodels.model import build_model
+
+    model = build_model("rfdn_tiny")
+    save_checkpoint(tmp_path / "w.pth", model.net.state_dict(), **model.describe())
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b"):
+        (tmp_path / "hr").mkdir(exist_ok=True)
+        (tmp_path / "lr").mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / "hr" / f"{stem}.png"), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        cv2.imwrite(str(tmp_path / "lr" / f"{stem}x4.png"), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    return tmp_path
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """main() in-process: (exit code, stdout, stderr); SRMODELS_DEBUG unset so errors are one line."""
+    monkeypatch.delenv("SRMODELS_DEBUG", raising=False)
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("srmodels: error: "), err
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def _no_model(monkeypatch):
+    """Fail the test if the command gets as far as building a model (inputs must be checked first)."""
+    def refuse(*_, **__):
+        raise AssertionError("the model was loaded before the inputs were checked")
+    monkeypatch.setattr("srmodels.cli.load_model", refuse)
+
+
+def test_oversized_image_header_is_one_line_in_every_command(tiny, cli, monkeypatch):
+    monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
+    _huge_png(tiny / "hr" / "huge.png")
+    _no_model(monkeypatch)
+    for args in (["eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--device", "cpu"],
+                 ["upscale", "--weights", tiny / "w.pth", tiny / "hr", "-o", tiny / "out", "--device", "cpu"],
+                 ["downscale", tiny / "hr", tiny / "out"]):
+        code, _, err = cli(*args)
+        last = _one_line_error(code, err, "huge.png", "OpenCV's pixel limit", "40000x40000",
+                               "OPENCV_IO_MAX_IMAGE_PIXELS")
+        assert last.count("huge.png") == 1
+    assert not (tiny / "out").exists()  # nothing written: the bad image was found first
+
+
+def test_oversized_image_in_a_real_process_ends_in_one_line(tiny):
+    _huge_png(tiny / "lr" / "huge.png")
+    res = _run_cli("upscale", "--weights", str(tiny / "w.pth"), str(tiny / "lr"), "-o", str(tiny / "out"),
+                   "--device", "cpu")
+    _one_line_error(res.returncode, res.stderr, "huge.png", "OPENCV_IO_MAX_IMAGE_PIXELS")
+
+
+def test_upscale_output_that_is_a_file(tiny, cli, monkeypatch):
+    _no_model(monkeypatch)
+    (tiny / "taken.png").write_bytes(b"keep me")
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr" / "ax4.png", "-o", tiny / "taken.png")
+    _one_line_error(code, err, "taken.png", "must be a folder", "existing file")
+    assert (tiny / "taken.png").read_bytes() == b"keep me"
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "taken.png" / "sub")
+    _one_line_error(code, err, "taken.png", "is a file")
+    code, _, err = cli("downscale", tiny / "hr", tiny / "taken.png")
+    _one_line_error(code, err, "taken.png", "must be a folder")
+
+
+def test_unknown_arch_lists_the_variants(tiny, cli):
+    code, _, err = cli("eval", "--weights", tiny / "w.pth", "--arch", "bogus", "--hr", tiny / "hr", "--device", "cpu")
+    last = _one_line_error(code, err, "--arch bogus", "unknown variant", "rfdn_tiny", "dat_s", "swinir_m_s48")
+    assert "KeyError" not in last
+
+
+def test_truncated_checkpoint_gives_the_reason(tiny, cli):
+    blob = (tiny / "w.pth").read_bytes()
+    (tiny / "cut.pth").write_bytes(blob[: len(blob) // 2])
+    code, _, err = cli("upscale", "--weights", tiny / "cut.pth", tiny / "lr", "-o", tiny / "out", "--device", "cpu")
+    last = _one_line_error(code, err, "cut.pth", "not a readable torch checkpoint",
+                           "truncated or corrupt zip archive")
+    assert "()" not in last
+
+
+@pytest.mark.parametrize("command", ["eval", "upscale", "downscale"])
+def test_one_bad_image_stops_before_any_work(tiny, cli, monkeypatch, command):
+    # The policy of every command: all inputs are read first; one bad file stops it, named, with nothing done.
+    folder = "lr" if command == "upscale" else "hr"
+    (tiny / folder / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    if command == "eval":
+        (tiny / "lr" / "zzx4.png").write_bytes((tiny / "lr" / "ax4.png").read_bytes())
+    _no_model(monkeypatch)
+    args = {"eval": ["eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--lr", tiny / "lr",
+                     "--device", "cpu", "--json", tiny / "out" / "r.json"],
+            "upscale": ["upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "out", "--device", "cpu"],
+            "downscale": ["downscale", tiny / "hr", tiny / "out"]}[command]
+    code, out, err = cli(*args)
+    _one_line_error(code, err, "zz.png", "not a readable image")
+    assert out == "" and not (tiny / "out").exists()
+
+
+def test_eval_checks_lr_sizes_before_the_model(tiny, cli, monkeypatch):
+    cv2.imwrite(str(tiny / "lr" / "bx4.png"), np.zeros((15, 16, 3), np.uint8))
+    _no_model(monkeypatch)
+    code, _, err = cli("eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--lr", tiny / "lr", "--device", "cpu")
+    _one_line_error(code, err, "bx4.png", "does not match")
+
+
+def test_good_inputs_still_run(tiny, cli):
+    code, out, _ = cli("eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--lr", tiny / "lr",
+                       "--device", "cpu", "--json", tiny / "r.json")
+    assert code == 0 and "mean" in out and len(json.loads((tiny / "r.json").read_text())["images"]) == 2
+    code, _, _ = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--device", "cpu")
+    assert code == 0 and sorted(p.name for p in (tiny / "sr").iterdir()) == ["a.png", "b.png"]
+    assert cv2.imread(str(tiny / "sr" / "a.png")).shape == (64, 64, 3)
+    code, _, _ = cli("downscale", tiny / "hr", tiny / "down")
+    assert code == 0 and sorted(p.name for p in (tiny / "down").iterdir()) == ["ax4.png", "bx4.png"]
+
+
+def test_input_too_small_for_the_model_is_one_line(tiny, cli):
+    cv2.imwrite(str(tiny / "small.png"), np.zeros((8, 8, 3), np.uint8))  # RFDN needs sides >= 15
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "small.png", "-o", tiny / "sr", "--device", "cpu")
+    _one_line_error(code, err, "small.png", "cannot process this 8x8 input")
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--tile", "0")
+    _one_line_error(code, err, "--tile 0")
+
+
+def test_upscale_refuses_two_inputs_with_one_output_name(tiny, cli):
+    (tiny / "lr" / "a.png").write_bytes((tiny / "lr" / "ax4.png").read_bytes())  # a.png and ax4.png -> a.png
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--device", "cpu")
+    _one_line_error(code, err, "a.png")
+    assert not (tiny / "sr").exists()
+
+
+def test_debug_shows_the_traceback(tiny, cli, monkeypatch):
+    from srmodels.images import ImageError
+
+    (tiny / "hr" / "zz.png").write_bytes(b"garbage")
+    args = ["downscale", tiny / "hr", tiny / "out"]
+    with pytest.raises(ImageError, match="zz.png"):
+        cli("--debug", *args)
+    with pytest.raises(ImageError, match="zz.png"):
+        cli(*args, "--debug")
+    monkeypatch.setenv("SRMODELS_DEBUG", "1")
+    with pytest.raises(ImageError, match="zz.png"):
+        cli(*args)
+    monkeypatch.setenv("SRMODELS_DEBUG", "0")
+    code, _, err = cli(*args)
+    _one_line_error(code, err, "zz.png")
+
+
+# ------------------------------------------------------------------------------------------------ compare-metrics
+
+
+def _metrics_files(tmp_path, old, new):
+    a, b = tmp_path / "old.json", tmp_path / "new.json"
+    a.write_text(json.dumps(old))
+    b.write_text(json.dumps(new))
+    return a, b
+
+
+def test_compare_metrics_is_exact_by_default(tmp_path, cli):
+    old = {"sets": {"test": {"fusion": {"psnr_y": 33.0918, "ssim_y": 0.8473}, "num_images": 3}}}
+    new = copy.deepcopy(old)
+    new["sets"]["test"]["fusion"]["psnr_y"] = 33.091800000001
+    code, out, _ = cli("compare-metrics", *_metrics_files(tmp_path, old, new))
+    lines = out.strip().splitlines()
+    assert code == 1
+    assert lines[0] == ("MOVED sets.test.fusion.psnr_y: 33.0918 -> 33.091800000001 "
+                        f"(diff {33.091800000001 - 33.0918:+})")
+    assert lines[-1] == "compare-metrics: 3 metrics compared, 1 moved"
+    code, out, _ = cli("compare-metrics", *_metrics_files(tmp_path, old, old))
+    assert code == 0 and out.strip() == "compare-metrics: 3 metrics compared, 0 moved"
+
+
+def test_compare_metrics_every_leaf(tmp_path, cli):
+    old = {"protocol": {"primary": "y", "crop_border": 4}, "sets": {"test": {"num_images": 3, "dat": {"psnr_y": 1.0}}},
+           "curve": [0.5, 0.25], "train_s": 10, "nan": float("nan")}
+    new = {"protocol": {"primary": "rgb", "crop_border": 4}, "sets": {"test": {"num_images": 4, "rfdn": {"psnr_y": 2}}},
+           "curve": [0.5, 0.125], "train_s": 10.0, "nan": float("nan")}
+    code, out, _ = cli("compare-metrics", *_metrics_files(tmp_path, old, new), "--tol-db", "5", "--tol-ssim", "1")
+    lines = out.strip().splitlines()
+    assert code == 1
+    # Tolerances apply to PSNR / SSIM keys only; every other number must match exactly (10 == 10.0 does).
+    assert "MOVED curve.1: 0.25 -> 0.125 (diff -0.125)" in lines
+    assert "MOVED sets.test.num_images: 3 -> 4 (diff +1)" in lines
+    assert "CHANGED protocol.primary: 'y' -> 'rgb'" in lines
+    assert "ONLY IN OLD sets.test.dat.psnr_y = 1.0" in lines
+    assert "ONLY IN NEW sets.test.rfdn.psnr_y = 2" in lines
+    assert lines[-1] == ("compare-metrics: 6 metrics compared, 2 moved, 1 other value changed, "
+                         "2 only in one file")
+
+
+def test_compare_metrics_tolerance_options(tmp_path, cli):
+    old = {"m": {"psnr_y": 30.0, "ssim_y": 0.9}}
+    new = {"m": {"psnr_y": 30.005, "ssim_y": 0.9005}}
+    files = _metrics_files(tmp_path, old, new)
+    assert cli("compare-metrics", *files, "--tol-db", "0.01", "--tol-ssim", "0.001")[0] == 0
+    code, out, _ = cli("compare-metrics", *files, "--tol-db", "0.01")
+    assert code == 1 and "MOVED m.ssim_y: 0.9 -> 0.9005" in out and "psnr_y" not in out
+
+
+def test_compare_metrics_unreadable_file_is_one_line(tmp_path, cli):
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, err = cli("compare-metrics", tmp_path / "bad.json", tmp_path / "bad.json")
+    _one_line_error(code, err, "bad.json", "not valid JSON")
+    code, _, err = cli("compare-metrics", tmp_path / "bad.json", tmp_path / "none.json")
+    _one_line_error(code, err)
