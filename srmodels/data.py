@@ -12,13 +12,17 @@ Every HR image is mod-cropped to a multiple of ``scale`` and its LR image is exa
 that is not on disk is made from the HR one with the MATLAB-compatible bicubic of :mod:`srmodels.imresize`,
 the degradation that produced the DIV2K / Set5 ``LR_bicubic`` files, so made and released LR images agree.
 
-Planning (listing folders, checking names and ranges) happens before anything is deleted or written, so a
-typo in params.yaml or a missing folder stops the stage without touching the previous output.
+Nothing in ``out_dir`` is touched until every input has been checked: planning lists folders and checks
+names and ranges, then every image is read and its sizes checked (one at a time, nothing kept). A typo
+in params.yaml, a missing folder, a corrupt image or an LR of the wrong size stops the stage with one
+``ParamsError`` / ``ImageError`` naming the key or file. The outputs are then written into a sibling folder
+and swapped in only when complete, so a failure half way leaves the previous outputs as they were.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -36,7 +40,7 @@ from .params import ParamsError
 
 log = logging.getLogger(__name__)
 
-# The folders (and the manifest) prepare owns inside out_dir; only these are cleared before writing.
+# The folders (and the manifest) prepare owns inside out_dir; only these are replaced.
 OUTPUT_DIRS = ("train_patches", "fusion_train", "val", "eval")
 MANIFEST = "splits.json"
 SPLITS = ("backbone_train", "fusion_train", "val", "test")
@@ -127,11 +131,8 @@ def _check_rgb(img: np.ndarray, origin: str) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def load_pair(entry: Entry, scale: int) -> tuple[np.ndarray | None, np.ndarray, bool]:
-    """(mod-cropped HR or None, LR, whether the LR was made here) for one entry.
-
-    A given LR must be exactly the mod-cropped HR / scale, else ImageError naming the LR file.
-    """
+def _read_checked(entry: Entry, scale: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(mod-cropped HR or None, given LR or None) of one entry, with every check ``load_pair`` makes."""
     hr = None
     if entry.load_hr is not None:
         hr = _check_rgb(entry.load_hr(), entry.origin)
@@ -140,12 +141,28 @@ def load_pair(entry: Entry, scale: int) -> tuple[np.ndarray | None, np.ndarray, 
     if entry.lr_path is None:
         if hr is None:
             raise ImageError(f"{entry.origin}: neither an HR nor an LR image")
-        hr = np.ascontiguousarray(mod_crop(hr, scale))
-        return hr, downscale_uint8(hr, scale), True
+        return np.ascontiguousarray(mod_crop(hr, scale)), None
     lr = read_image(entry.lr_path)
     if hr is not None:
         # check_pair accepts exactly HR // scale per side, i.e. the size of the mod-cropped HR / scale.
         hr = np.ascontiguousarray(check_pair(hr, lr, scale, Path(entry.origin), entry.lr_path))
+    return hr, lr
+
+
+def check_entry(entry: Entry, scale: int) -> None:
+    """Decode and check one entry's files as ``load_pair`` would, keeping nothing (no LR is made)."""
+    _read_checked(entry, scale)
+
+
+def load_pair(entry: Entry, scale: int) -> tuple[np.ndarray | None, np.ndarray, bool]:
+    """(mod-cropped HR or None, LR, whether the LR was made here) for one entry.
+
+    A given LR must be exactly the mod-cropped HR / scale, else ImageError naming the LR file.
+    """
+    hr, lr = _read_checked(entry, scale)
+    if lr is None:
+        assert hr is not None
+        return hr, downscale_uint8(hr, scale), True
     return hr, lr, False
 
 
@@ -266,15 +283,51 @@ def plan_benchmark(name: str, folder: str, scale: int, base_dir: Path) -> list[E
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _clear(out_dir: Path) -> None:
-    """Remove what a previous run wrote, so no stale image survives a change of split or source."""
-    for name in OUTPUT_DIRS:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _staging_paths(out_dir: Path) -> tuple[Path, Path]:
+    """Sibling folders for the new outputs and for the previous ones while they are swapped.
+
+    Siblings of the real folder (symlinks resolved) so that the swap is a rename on one file system. Fixed
+    names: a run that was killed leaves them behind, and the next run removes them.
+    """
+    real = out_dir.resolve()
+    return real.parent / f".{real.name}.prepare-new", real.parent / f".{real.name}.prepare-old"
+
+
+def _swap_in(staging: Path, out_dir: Path, retired: Path) -> None:
+    """Replace prepare's own entries in ``out_dir`` by those in ``staging``; other files there stay.
+
+    Renames only. If one fails, the new entries are taken out again and the previous ones put back.
+    """
+    names = (*OUTPUT_DIRS, MANIFEST)  # the manifest last: it appears only beside a complete set of folders
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove(retired)
+    retired.mkdir()
+    placed: list[str] = []
+    try:
+        for name in names:
+            if (out_dir / name).exists() or (out_dir / name).is_symlink():
+                os.replace(out_dir / name, retired / name)
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, out_dir / name)
+                placed.append(name)
+    except BaseException:
+        for name in placed:
+            _remove(out_dir / name)
+        for name in names:
+            if (retired / name).exists() or (retired / name).is_symlink():
+                os.replace(retired / name, out_dir / name)
+        _remove(retired)  # reached only when everything was put back
+        raise
+    _remove(retired)
+    _remove(staging)
 
 
 def _write_full(folder: Path, stem: str, hr: np.ndarray | None, lr: np.ndarray) -> None:
@@ -304,8 +357,8 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
     Args:
         data: the validated ``params['data']`` section.
         scale: the super-resolution factor (LR = HR / scale).
-        out_dir: where the layout described in the module docstring is written (its own subfolders are
-            cleared first; other files in it are left alone).
+        out_dir: where the layout described in the module docstring is written (its own subfolders and
+            manifest are replaced as a whole on success; other files in it are left alone).
         base_dir: what relative paths in ``data`` (DIV2K root, benchmark folders) are relative to; default the
             current directory, i.e. the repository root when DVC runs the stage.
 
@@ -333,8 +386,34 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
                  "%d configured fusion_train image(s) are not used", len(plan.splits["fusion_train"]))
     fusion_entries = plan.splits["backbone_train"] if shared else plan.splits["fusion_train"]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir)
+    # Read and check every input before anything is written: a corrupt image or a wrong LR size stops the
+    # stage with its name while the previous outputs are untouched. One image at a time, nothing kept.
+    to_check = [*plan.splits["backbone_train"], *([] if shared else fusion_entries), *plan.splits["val"],
+                *(e for entries in eval_sets.values() for e in entries)]
+    for entry in _progress(to_check, "checking inputs"):
+        check_entry(entry, scale)
+    log.info("checked %d input image(s)", len(to_check))
+
+    # Write into a sibling folder and swap it in at the end, so that a failure half way (a full disk, an
+    # interrupt, a file changed since the check) leaves the previous outputs as they were.
+    staging, retired = _staging_paths(out_dir)
+    _remove(staging)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _write_outputs(plan, eval_sets, fusion_entries, shared, data, scale, hr_size, step, staging)
+        _swap_in(staging, out_dir, retired)
+    except BaseException:
+        _remove(staging)
+        raise
+    log.info("prepared %d training patches from %d images, %d fusion, %d val, eval sets %s in %s",
+             manifest["num_patches"], len(plan.splits["backbone_train"]), len(fusion_entries),
+             len(plan.splits["val"]), ", ".join(f"{k} ({len(v)})" for k, v in eval_sets.items()), out_dir)
+    return manifest
+
+
+def _write_outputs(plan: Plan, eval_sets: dict[str, list[Entry]], fusion_entries: list[Entry], shared: bool,
+                   data: dict[str, Any], scale: int, hr_size: int, step: int, out_dir: Path) -> dict[str, Any]:
+    """Write every image and the manifest under ``out_dir`` (an empty folder); return the manifest."""
     lr_made: dict[str, list[str]] = {}
     patches_per_image: dict[str, int] = {}
     skipped: list[str] = []
@@ -398,7 +477,4 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
         "lr_made": lr_made,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("prepared %d training patches from %d images, %d fusion, %d val, eval sets %s in %s", num_patches,
-             len(plan.splits["backbone_train"]), len(fusion_entries), len(plan.splits["val"]),
-             ", ".join(f"{k} ({len(v)})" for k, v in eval_sets.items()), out_dir)
     return manifest

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +317,122 @@ def test_sample_name_errors(base_data, tmp_path):
         prepare(_samples_data(base_data, val=["lena"]), SCALE, tmp_path / "out")
     with pytest.raises(ValueError, match="coins.*backbone_train and test"):
         prepare(_samples_data(base_data, test=["moon", "coins"]), SCALE, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------ all inputs checked first, outputs swapped
+
+
+def _huge_png(path: Path, width: int = 40000, height: int = 40000) -> None:
+    """A PNG whose valid header declares more pixels than OpenCV's 2^30 limit; the data is a token."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.fixture
+def prepared(base_data, div2k, bench, tmp_path):
+    """A previous run's outputs (with a benchmark set), their bytes, and the params that made them."""
+    out = tmp_path / "out"
+    data = _div2k_data(base_data, div2k, benchmarks={"Set2": str(bench)})
+    prepare(data, SCALE, out)
+    (out / "notes.txt").write_text("not ours")
+    return out, _files(out), data
+
+
+@pytest.fixture
+def no_writes(monkeypatch):
+    """Fail on any image write: what must stop before the first output."""
+    def refuse(path, img):
+        raise AssertionError(f"wrote {path} before every input was checked")
+    monkeypatch.setattr("srmodels.data.write_image", refuse)
+
+
+def test_corrupt_image_found_before_anything_is_written(prepared, div2k, tmp_path, no_writes):
+    out, before, data = prepared
+    # The last image prepare would reach: every earlier one would have been written by now without a check pass.
+    (div2k / "DIV2K_valid_HR" / "0802.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ImageError, match=r"0802\.png: not a readable image"):
+        prepare(data, SCALE, out)
+    with pytest.raises(ImageError, match="0802.png"):
+        prepare(data, SCALE, tmp_path / "fresh")
+    assert _files(out) == before and not (tmp_path / "fresh").exists() and _siblings(out) == []
+
+
+def test_benchmark_size_mismatch_found_before_anything_is_written(prepared, bench, no_writes):
+    out, before, data = prepared
+    write_image(bench / "LR_bicubic" / "X4" / "birdx4.png", np.zeros((9, 13, 3), np.uint8))  # HR 41x52 -> 10x13
+    with pytest.raises(ImageError, match=r"birdx4\.png: LR size 13x9 does not match HR bird\.png"):
+        prepare(data, SCALE, out)
+    assert _files(out) == before and _siblings(out) == []
+
+
+def test_oversized_image_is_named_with_the_limit(prepared, div2k, monkeypatch):
+    monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
+    out, before, data = prepared
+    _huge_png(div2k / "DIV2K_train_HR" / "0002.png")
+    with pytest.raises(ImageError, match=r"0002\.png: image is larger than OpenCV's pixel limit.*"
+                                         r"OPENCV_IO_MAX_IMAGE_PIXELS"):
+        prepare(data, SCALE, out)
+    assert _files(out) == before
+
+
+def test_missing_benchmark_hr_folder_is_named(prepared, bench):
+    out, before, data = prepared
+    (bench / "HR").rename(bench / "hr_elsewhere")
+    with pytest.raises(ImageError, match=r"Set2/HR: no such folder"):
+        prepare(data, SCALE, out)
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failure_half_way_keeps_the_previous_outputs(prepared, monkeypatch, failure):
+    out, before, data = prepared
+    from srmodels import data as data_module
+
+    real, calls = data_module.write_image, []
+
+    def flaky(path, img):
+        calls.append(path)
+        if len(calls) == 20:  # inside train_patches: some folders already written, most not
+            raise failure
+        real(path, img)
+
+    monkeypatch.setattr("srmodels.data.write_image", flaky)
+    with pytest.raises(type(failure)):
+        prepare(data, SCALE, out)
+    assert len(calls) == 20 and _files(out) == before and _siblings(out) == []
+
+
+def test_outputs_replaced_as_a_whole(prepared, base_data, div2k):
+    out, before, _ = prepared
+    # A new split without the benchmark: its eval folder must go, as must everything from the previous run.
+    manifest = prepare(_div2k_data(base_data, div2k), SCALE, out)
+    after = _files(out)
+    assert not (out / "eval" / "Set2").exists() and after["notes.txt"] == b"not ours"
+    assert json.loads(after["splits.json"]) == manifest and _siblings(out) == []
+    assert set(after) < set(before)
+
+
+def test_leftovers_of_a_killed_run_are_removed(prepared):
+    out, before, data = prepared
+    for name in (f".{out.name}.prepare-new", f".{out.name}.prepare-old"):
+        (out.parent / name / "val").mkdir(parents=True)
+        (out.parent / name / "val" / "junk.png").write_bytes(b"old")
+    prepare(data, SCALE, out)
+    assert _files(out) == before and _siblings(out) == []
+
+
+def test_output_folder_behind_a_symlink(base_data, div2k, tmp_path):
+    real = tmp_path / "disk" / "prepared"
+    real.mkdir(parents=True)
+    link = tmp_path / "prepared"
+    link.symlink_to(real)
+    prepare(_div2k_data(base_data, div2k), SCALE, link)
+    assert link.is_symlink() and (real / "splits.json").is_file() and (real / "val" / "hr" / "0006.png").is_file()
+    assert _siblings(real) == [] and _siblings(link) == []
