@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .cache import load_output
+from .cache import check_output, load_output, rerun_hint
+from .errors import DataError
 from .fusion import fuse, fusion_inputs
 from .images import list_images, read_image, to_tensor, to_uint8, write_image
 from .imresize import imresize_uint8
@@ -31,14 +32,34 @@ def candidate_dir(cache_root: Path, member: str, set_name: str, self_ensemble: b
     return cache_root / member / ("eval_se" if self_ensemble else "eval") / set_name
 
 
+def check_candidates(dirs: list[Path], stem: str) -> tuple[int, ...]:
+    """The common (3, H, W) of the members' cached outputs for one image; a ``DataError`` naming the bad file."""
+    shapes = [(d / f"{stem}.npy", check_output(d / f"{stem}.npy")) for d in dirs]
+    first_path, first = shapes[0]
+    for path, shape in shapes[1:]:
+        if shape != first:
+            raise DataError(f"{path}: cached output of shape {shape} does not match {first} of {first_path} "
+                            f"(a stale cache?); {rerun_hint(path)}")
+    return first
+
+
 def load_candidates(dirs: list[Path], stem: str) -> torch.Tensor:
     """(1, 3N, H, W) float32: the members' cached outputs for one image, concatenated on channels."""
+    check_candidates(dirs, stem)
     return torch.from_numpy(np.concatenate([load_output(d / f"{stem}.npy") for d in dirs]).astype(np.float32))[None]
 
 
 def fuse_eval_sets(net: torch.nn.Module, kind: str, members: list[str], cache_root: Path, prepared: Path,
                    out_dir: Path, *, self_ensemble: bool, device: torch.device) -> dict[str, int]:
-    """Write ``sr/<set>/<stem>.png`` (fused, 8-bit) and ``weights/<set>/<stem>.png`` (who wins where)."""
+    """Write ``sr/<set>/<stem>.png`` (fused, 8-bit) and ``weights/<set>/<stem>.png`` (who wins where).
+
+    Every cached input is checked (headers and sizes only) before the previous output is removed, so a
+    missing or cut cache file stops the step with its name instead of half way through.
+    """
+    for set_name in eval_sets(prepared):
+        dirs = [candidate_dir(cache_root, m, set_name, self_ensemble) for m in members]
+        for lr_path in list_images(prepared / "eval" / set_name / "lr"):
+            check_candidates(dirs, lr_path.stem)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     net = net.to(device).eval()
@@ -89,14 +110,22 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
             hr = read_image(hr_path)
             lr = read_image(prepared / "eval" / set_name / "lr" / f"{stem}.png")
             outputs = {"bicubic": imresize_uint8(lr, scale=scale)}
+            sources = {"bicubic": prepared / "eval" / set_name / "lr" / f"{stem}.png"}
             for m in members:
-                outputs[m] = to_uint8(torch.from_numpy(
-                    load_output(candidate_dir(cache_root, m, set_name, False) / f"{stem}.npy").astype(np.float32)))
-                if self_ensemble:
-                    outputs[f"{m}+se"] = to_uint8(torch.from_numpy(
-                        load_output(candidate_dir(cache_root, m, set_name, True) / f"{stem}.npy").astype(np.float32)))
-            outputs["fusion"] = read_image(test_dir / "sr" / set_name / f"{stem}.png")
+                for name, ensemble in ((m, False), (f"{m}+se", True)):
+                    if ensemble and not self_ensemble:
+                        continue
+                    path = candidate_dir(cache_root, m, set_name, ensemble) / f"{stem}.npy"
+                    outputs[name] = to_uint8(torch.from_numpy(load_output(path).astype(np.float32)))
+                    sources[name] = path
+            fused = test_dir / "sr" / set_name / f"{stem}.png"
+            if not fused.is_file():
+                raise DataError(f"{fused}: fused image missing; re-run the test stage (dvc repro -f test)")
+            outputs["fusion"], sources["fusion"] = read_image(fused), fused
             for model, sr in outputs.items():
+                if sr.shape != hr.shape:  # a stale cache or test output from other images or another scale
+                    raise DataError(f"{sources[model]}: {model} output is {sr.shape[1]}x{sr.shape[0]}, but HR "
+                                    f"{hr_path} is {hr.shape[1]}x{hr.shape[0]}; re-run the stages that wrote it")
                 s = _scores(sr, hr, crop_border)
                 per_model.setdefault(model, []).append(s)
                 rows.append({"set": set_name, "image": stem, "model": model, **{k: round(v, 4) for k, v in s.items()}})
