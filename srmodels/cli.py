@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import archs
+from . import archs, isa
 from .bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, bench_one, format_table,
                     format_train_table)
 from .checkpoint import CheckpointError
@@ -160,6 +160,7 @@ def cmd_eval(args) -> int:
                      "channel": "y" if args.y_channel else "rgb", "self_ensemble": args.self_ensemble,
                      "tile": args.tile, "tile_overlap": args.tile_overlap, "bf16": args.bf16,
                      "lr": "given" if args.lr else "matlab bicubic of HR"},
+        "machine": isa.provenance(),  # the kernels' pin, CPU and library versions behind these numbers
     }
     print(f"{'mean':<24} {result['mean_psnr']:8.4f} dB  {result['mean_ssim']:.5f}  "
           f"({'Y' if args.y_channel else 'RGB'}, crop {args.crop_border}, {len(rows)} images)")
@@ -352,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in LR pixels")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+        cpu_isa_arg(p)
+
+    def cpu_isa_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cpu-isa", choices=isa.CHOICES, default=isa.NATIVE,
+                       help="pin the CPU kernels' instruction set (avx2: the same bits on every x86-64 CPU, as "
+                            "the pipeline runs; default native: this CPU's fastest kernels)")
 
     p = sub.add_parser("eval", help="PSNR/SSIM of a model on a folder of HR images", epilog=INPUT_POLICY)
     model_args(p)
@@ -389,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion-train", metavar="BATCH:LR_PATCH",
                    help="also time fusion-net training steps, e.g. 72:128 (team 27's batch and patch)")
     p.add_argument("--json", help="write the rows here")
+    cpu_isa_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -413,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SRMODELS_DEBUG", "") not in ("", "0")
     keep_freed_memory()
     try:
+        if getattr(args, "cpu_isa", isa.NATIVE) != isa.NATIVE:
+            # `srmodels` / `python -m srmodels` pinned it before torch loaded; this refuses a pin that came too
+            # late (e.g. `python -m srmodels.cli`) instead of silently running native kernels.
+            isa.pin(args.cpu_isa, source="--cpu-isa")
+            isa.provenance()
         with torch.inference_mode():
             return args.func(args)
     except UserError as err:

@@ -300,15 +300,18 @@ def _staging_paths(out_dir: Path) -> tuple[Path, Path]:
     return real.parent / f".{real.name}.prepare-new", real.parent / f".{real.name}.prepare-old"
 
 
-def _swap_in(staging: Path, out_dir: Path, retired: Path) -> None:
-    """Replace prepare's own entries in ``out_dir`` by those in ``staging``; other files there stay.
+def _swap_in(staging: Path, out_dir: Path, retired: Path, names: tuple[str, ...]) -> None:
+    """Replace prepare's own entries ``names`` in ``out_dir`` by those in ``staging``; other files there stay.
 
-    Renames only. If one fails, the new entries are taken out again and the previous ones put back.
+    Renames only. If one fails, the new entries are taken out again and the previous ones put back. The
+    manifest comes last in ``names``: it appears only beside a complete set of folders.
     """
-    names = (*OUTPUT_DIRS, MANIFEST)  # the manifest last: it appears only beside a complete set of folders
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove(retired)
     retired.mkdir()
+    for name in names:  # nested names such as eval/test
+        (retired / name).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
     placed: list[str] = []
     try:
         for name in names:
@@ -351,7 +354,8 @@ def _progress(entries: list[Entry], desc: str) -> Iterator[Entry]:
     return iter(tqdm(entries, desc=desc, unit="img", disable=None, leave=False))
 
 
-def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | None = None) -> dict[str, Any]:
+def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | None = None, *,
+            with_benchmarks: bool = True) -> dict[str, Any]:
     """Write the training, validation and evaluation folders and ``out_dir/splits.json``; return the manifest.
 
     Args:
@@ -361,6 +365,9 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
             manifest are replaced as a whole on success; other files in it are left alone).
         base_dir: what relative paths in ``data`` (DIV2K root, benchmark folders) are relative to; default the
             current directory, i.e. the repository root when DVC runs the stage.
+        with_benchmarks: also write ``data['benchmarks']`` under ``eval/``, which then belongs to this call as a
+            whole. False (the pipeline, where each set is its own ``benchmark@<name>`` stage, see
+            :func:`prepare_benchmark`): only ``eval/test`` is written and replaced, other ``eval/<set>`` stay.
 
     Raises:
         ParamsError: unknown sample names, overlapping splits, unusable patch or set settings.
@@ -378,7 +385,7 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
     # Plan everything first: configuration and input errors must not destroy the previous output.
     plan = plan_samples(data["samples"]) if data["source"] == "samples" else plan_div2k(data["div2k"], scale, base_dir)
     eval_sets: dict[str, list[Entry]] = {"test": plan.splits["test"]}
-    for name in sorted(data["benchmarks"]):
+    for name in sorted(data["benchmarks"]) if with_benchmarks else ():
         eval_sets[name] = plan_benchmark(name, data["benchmarks"][name], scale, base_dir)
     shared = data["fusion_split"] == "shared"
     if shared and plan.splits["fusion_train"]:
@@ -401,7 +408,8 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
     staging.mkdir(parents=True)
     try:
         manifest = _write_outputs(plan, eval_sets, fusion_entries, shared, data, scale, hr_size, step, staging)
-        _swap_in(staging, out_dir, retired)
+        _swap_in(staging, out_dir, retired, names=(*OUTPUT_DIRS[:-1], "eval" if with_benchmarks else "eval/test",
+                                                   MANIFEST))
     except BaseException:
         _remove(staging)
         raise
@@ -478,3 +486,23 @@ def _write_outputs(plan: Plan, eval_sets: dict[str, list[Entry]], fusion_entries
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def prepare_benchmark(name: str, folder: str, scale: int, out_dir: Path, base_dir: Path | None = None) -> int:
+    """Write one ``data.benchmarks`` set as an eval set (``lr/`` and ``hr/`` PNGs) into the empty ``out_dir``.
+
+    Every image is read and checked before the first is written; returns the number of images. The pipeline's
+    ``benchmark@<name>`` stage gives a staging folder and publishes it as ``<prepared>/eval/<name>``.
+    """
+    base_dir = Path.cwd() if base_dir is None else Path(base_dir)
+    entries = plan_benchmark(name, folder, scale, base_dir)
+    for entry in _progress(entries, f"checking {name}"):
+        check_entry(entry, scale)
+    made = 0
+    for entry in _progress(entries, f"eval/{name}"):
+        hr, lr, lr_made = load_pair(entry, scale)
+        made += lr_made
+        _write_full(Path(out_dir), entry.stem, hr, lr)
+    if made:
+        log.info("%s: LR of %d image(s) made from HR with the MATLAB bicubic (no LR file given)", name, made)
+    return len(entries)

@@ -145,7 +145,7 @@ def provenance() -> dict[str, Any]:
         raise UserError(f"cpu_isa: {level!r} requested but ATen runs {aten} kernels "
                         "(torch was imported before the pin)")
     config = torch.__config__.show()
-    mkl = re.search(r"Math Kernel Library Version ([\w.\-]+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
     onednn = re.search(r"MKL-DNN (v[\w.]+)", config)
     return {"cpu_isa": level, "aten_capability": aten, "cpu_model": cpu_model(),
             "cpu_native_level": native_level(), "torch": torch.__version__,

@@ -9,7 +9,8 @@ from srmodels.data import prepare
 
 def main(params: dict[str, Any]) -> None:
     # prepare() checks every input before it writes, and swaps its outputs in only when all are written.
-    manifest = prepare(params["data"], params["scale"], Path(params["paths"]["prepared"]))
+    # data.benchmarks are benchmark@<name> stages of their own (each folder a DVC dependency).
+    manifest = prepare(params["data"], params["scale"], Path(params["paths"]["prepared"]), with_benchmarks=False)
     with tracked(params, "prepare") as tracking:
         tracking.log_params({f"data.{k}": v for k, v in params["data"].items()})
         tracking.log_metrics({"num_patches": manifest["num_patches"],

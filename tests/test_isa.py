@@ -125,3 +125,32 @@ def test_provenance_names_the_pin_the_kernels_and_the_versions():
     prov = json.loads(out.stdout)
     assert prov["cpu_isa"] == "native" and prov["torch"] and prov["cpu_model"]
     assert prov["onednn"].startswith("v") and prov["mkl"] != ""
+
+
+@needs_avx2
+def test_the_command_line_pins_before_torch_loads(tmp_path):
+    import numpy as np
+    import torch
+
+    from srmodels.checkpoint import save_checkpoint
+    from srmodels.images import write_image
+    from srmodels.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("rfdn_tiny")
+    save_checkpoint(tmp_path / "m.pth", model.net.state_dict(), **model.describe())
+    write_image(tmp_path / "hr" / "a.png", np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8))
+    env = {k: v for k, v in os.environ.items() if k not in isa.environment("avx2") and k != isa.ENV_VAR}
+    command = [sys.executable, "-m", "srmodels", "eval", "--weights", str(tmp_path / "m.pth"),
+               "--hr", str(tmp_path / "hr"), "--json", str(tmp_path / "r.json")]
+    done = subprocess.run([*command, "--cpu-isa", "avx2"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    machine = json.loads((tmp_path / "r.json").read_text())["machine"]
+    assert machine["cpu_isa"] == "avx2" and machine["aten_capability"] == "AVX2"
+    # Through `python -m srmodels.cli` torch loads first: the pin is refused in one line, not silently skipped.
+    late = subprocess.run([sys.executable, "-m", "srmodels.cli", *command[3:], "--cpu-isa", "avx2"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert late.returncode == 2 and late.stderr.strip().count("\n") == 0
+    assert "must be pinned before torch is imported" in late.stderr

@@ -1,0 +1,24 @@
+"""Stage `benchmark@<name>`: one `data.benchmarks` folder as a scored set, `<paths.prepared>/eval/<name>`.
+
+Its own stage so that the folder is a DVC dependency: replacing an image there re-runs this set's preparation
+and what scores it, nothing else.
+"""
+from _common import record, run  # first: pins the CPU kernels before torch loads
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from srmodels.data import prepare_benchmark
+from srmodels.outputs import staged
+
+
+def main(params: dict[str, Any], name: str) -> None:
+    out = Path(params["paths"]["prepared"]) / "eval" / name
+    with staged(out, params["paths"]["work"], whole=True) as tmp:
+        prepare_benchmark(name, params["data"]["benchmarks"][name], params["scale"], tmp)
+    record(params, f"benchmark@{name}")
+
+
+if __name__ == "__main__":
+    run(f"benchmark@{sys.argv[1]}", main, sys.argv[1])
