@@ -3,7 +3,7 @@
 Its own stage so that the folder is a DVC dependency: replacing an image there re-runs this set's preparation
 and what scores it, nothing else.
 """
-from _common import record, run  # first: pins the CPU kernels before torch loads
+from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 import sys
 from pathlib import Path
@@ -16,7 +16,10 @@ from srmodels.outputs import staged
 def main(params: dict[str, Any], name: str) -> None:
     out = Path(params["paths"]["prepared"]) / "eval" / name
     with staged(out, params["paths"]["work"], whole=True) as tmp:
-        prepare_benchmark(name, params["data"]["benchmarks"][name], params["scale"], tmp)
+        count = prepare_benchmark(name, params["data"]["benchmarks"][name], params["scale"], tmp)
+        with tracked(params, f"benchmark@{name}") as tracking:
+            tracking.log_params({f"data.benchmarks.{name}": params["data"]["benchmarks"][name]})
+            tracking.log_metrics({"num_images": count})
     record(params, f"benchmark@{name}")
 
 

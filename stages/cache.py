@@ -1,5 +1,5 @@
 """Stage `cache@<backbone>`: run the fine-tuned backbone once over every image later stages use."""
-from _common import record, run  # first: pins the CPU kernels before torch loads
+from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 import sys
 from pathlib import Path
@@ -25,6 +25,9 @@ def main(params: dict[str, Any], name: str) -> None:
                                self_ensemble=inf["self_ensemble"], tile=inf["tile"],
                                tile_overlap=inf["tile_overlap"], device=device)
         write_json(out_dir / "counts.json", counts)
+        with tracked(params, f"cache@{name}") as tracking:
+            tracking.log_params({f"inference.{k}": v for k, v in inf.items()})
+            tracking.log_metrics({f"num_images.{k}": v for k, v in counts.items()})
     record(params, f"cache@{name}")
 
 
