@@ -436,3 +436,18 @@ def test_output_folder_behind_a_symlink(base_data, div2k, tmp_path):
     prepare(_div2k_data(base_data, div2k), SCALE, link)
     assert link.is_symlink() and (real / "splits.json").is_file() and (real / "val" / "hr" / "0006.png").is_file()
     assert _siblings(real) == [] and _siblings(link) == []
+
+
+def test_a_benchmark_stage_writes_one_set_and_checks_it_first(bench, tmp_path):
+    from srmodels.data import prepare_benchmark
+
+    out = tmp_path / "set2"
+    assert prepare_benchmark("Set2", str(bench), SCALE, out) == 2
+    assert sorted(p.name for p in (out / "lr").iterdir()) == ["baby.png", "bird.png"]
+    assert read_image(out / "hr" / "bird.png").shape == (40, 52, 3)  # mod-cropped to the LR's 4x
+    # A corrupt image, even the last one, stops it before anything is written.
+    (bench / "HR" / "zz.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (bench / "LR_bicubic" / "X4" / "zzx4.png").write_bytes((bench / "LR_bicubic" / "X4" / "babyx4.png").read_bytes())
+    with pytest.raises(ImageError, match="zz.png"):
+        prepare_benchmark("Set2", str(bench), SCALE, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
