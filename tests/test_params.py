@@ -43,13 +43,18 @@ def test_both_profiles_validate():
     (("backbones", "dat", "nprocs"), 0, "backbones.dat.nprocs: must be >= 1"),
 ])
 def test_errors_name_the_key(raw, path, value, message):
-    bad = copy.deepcopy(raw)
-    node = bad
+    with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate(_with(raw, path, value))
+
+
+def _with(raw: dict, path: tuple, value) -> dict:
+    """A copy of ``raw`` with the key at ``path`` set to ``value``."""
+    changed = copy.deepcopy(raw)
+    node = changed
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate(bad)
+    return changed
 
 
 def test_missing_key_named(raw):
@@ -96,10 +101,5 @@ def test_params_are_read_as_dvc_reads_them(tmp_path):
      "backbones.dat.pretrained: 'elsewhere/DAT_S_x4.pth' must be a file in inputs/pretrained/dat/"),
 ])
 def test_checks_that_need_no_data_run_before_any_work(raw, path, value, message):
-    bad = copy.deepcopy(raw)
-    node = bad
-    for key in path[:-1]:
-        node = node[key]
-    node[path[-1]] = value
     with pytest.raises(ParamsError, match=message):
-        validate(bad)
+        validate(_with(raw, path, value))
