@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 from .images import ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image, write_image
 from .imresize import downscale_uint8
+from .outputs import remove, swap_in
 from .params import ParamsError
 
 log = logging.getLogger(__name__)
@@ -283,13 +282,6 @@ def plan_benchmark(name: str, folder: str, scale: int, base_dir: Path) -> list[E
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def _staging_paths(out_dir: Path) -> tuple[Path, Path]:
     """Sibling folders for the new outputs and for the previous ones while they are swapped.
 
@@ -298,39 +290,6 @@ def _staging_paths(out_dir: Path) -> tuple[Path, Path]:
     """
     real = out_dir.resolve()
     return real.parent / f".{real.name}.prepare-new", real.parent / f".{real.name}.prepare-old"
-
-
-def _swap_in(staging: Path, out_dir: Path, retired: Path, names: tuple[str, ...]) -> None:
-    """Replace prepare's own entries ``names`` in ``out_dir`` by those in ``staging``; other files there stay.
-
-    Renames only. If one fails, the new entries are taken out again and the previous ones put back. The
-    manifest comes last in ``names``: it appears only beside a complete set of folders.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove(retired)
-    retired.mkdir()
-    for name in names:  # nested names such as eval/test
-        (retired / name).parent.mkdir(parents=True, exist_ok=True)
-        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-    placed: list[str] = []
-    try:
-        for name in names:
-            if (out_dir / name).exists() or (out_dir / name).is_symlink():
-                os.replace(out_dir / name, retired / name)
-        for name in names:
-            if (staging / name).exists():
-                os.replace(staging / name, out_dir / name)
-                placed.append(name)
-    except BaseException:
-        for name in placed:
-            _remove(out_dir / name)
-        for name in names:
-            if (retired / name).exists() or (retired / name).is_symlink():
-                os.replace(retired / name, out_dir / name)
-        _remove(retired)  # reached only when everything was put back
-        raise
-    _remove(retired)
-    _remove(staging)
 
 
 def _write_full(folder: Path, stem: str, hr: np.ndarray | None, lr: np.ndarray) -> None:
@@ -404,15 +363,14 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
     # Write into a sibling folder and swap it in at the end, so that a failure half way (a full disk, an
     # interrupt, a file changed since the check) leaves the previous outputs as they were.
     staging, retired = _staging_paths(out_dir)
-    _remove(staging)
+    remove(staging)
     staging.mkdir(parents=True)
     try:
         manifest = _write_outputs(plan, eval_sets, fusion_entries, shared, data, scale, hr_size, step, staging)
-        _swap_in(staging, out_dir, retired, names=(*OUTPUT_DIRS[:-1], "eval" if with_benchmarks else "eval/test",
-                                                   MANIFEST))
-    except BaseException:
-        _remove(staging)
-        raise
+        swap_in(staging, out_dir, retired, names=(*OUTPUT_DIRS[:-1], "eval" if with_benchmarks else "eval/test",
+                                                  MANIFEST))
+    finally:
+        remove(staging)
     log.info("prepared %d training patches from %d images, %d fusion, %d val, eval sets %s in %s",
              manifest["num_patches"], len(plan.splits["backbone_train"]), len(fusion_entries),
              len(plan.splits["val"]), ", ".join(f"{k} ({len(v)})" for k, v in eval_sets.items()), out_dir)

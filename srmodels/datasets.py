@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from .cache import load_output
 from .errors import DataError
-from .images import ImageError, check_pair, list_images, pair_by_stem, read_image
+from .images import ImageError, check_pair, image_size, list_images, pair_by_stem, read_image
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def fusion_images(cache_dirs: Sequence[str | Path], hr_dir: str | Path, lr_dir: 
         raise ValueError(f"fusion needs at least two members' caches, got {len(cache_dirs)}")
     items = []
     for hr_path, lr_path in list_pairs(hr_dir, lr_dir, scale):
-        lr_h, lr_w = _image_size(lr_path)
+        lr_h, lr_w = image_size(lr_path)
         expected = (3, lr_h * scale, lr_w * scale)
         paths = []
         for d in map(Path, cache_dirs):
@@ -137,12 +137,6 @@ def fusion_images(cache_dirs: Sequence[str | Path], hr_dir: str | Path, lr_dir: 
             paths.append(path)
         items.append(FusionImage(hr_path.stem, tuple(paths), hr_path, lr_path))
     return items
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image file."""
-    img = read_image(path)
-    return img.shape[0], img.shape[1]
 
 
 def load_fusion_image(item: FusionImage, scale: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -18,6 +18,7 @@ This module must not import torch: its whole point is to run first.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -96,9 +97,10 @@ def pin(level: str, *, source: str = "cpu_isa") -> dict[str, str]:
     the environment can no longer take effect: that is an error unless it already holds these values.
     """
     env = environment(level)
-    if env:
-        missing = [f for f in LEVELS[level][1] if f not in cpu_flags()]
-        if missing and cpu_flags():
+    flags = cpu_flags()
+    if env and flags:  # without /proc/cpuinfo there is nothing to check against
+        missing = [f for f in LEVELS[level][1] if f not in flags]
+        if missing:
             raise UserError(f"{source}: {level!r} needs CPU features this CPU lacks ({', '.join(missing)}); "
                             f"use {native_level()!r} or {NATIVE!r}")
     if "torch" in sys.modules:
@@ -129,6 +131,7 @@ def pin_from_params(path: str | Path) -> str:
     return level
 
 
+@functools.lru_cache(maxsize=None)  # fixed once torch has loaded; stages ask for it several times
 def provenance() -> dict[str, Any]:
     """Where the numbers came from: the pin, the kernels actually in force, the CPU and library versions.
 

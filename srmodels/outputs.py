@@ -1,8 +1,9 @@
-"""Stage outputs that appear all at once, and the run record that sits beside them.
+"""Stage outputs that appear all at once, and deterministic JSON.
 
-A stage writes everything into a staging folder and publishes it only when it succeeded, so a stage that fails
-(bad input, Ctrl-C, a crash half way) leaves the previous outputs exactly as they were. The pipeline declares
-its outputs ``persist: true`` so that DVC does not delete them before the stage runs either.
+A stage writes everything into a staging folder and swaps it in by renames only when it succeeded, so a stage
+that fails (bad input, Ctrl-C, a crash half way) leaves the previous outputs exactly as they were. The stages use
+:func:`staged`; ``prepare`` calls :func:`swap_in` on its own sibling staging folder. The pipeline declares its
+outputs ``persist: true`` so that DVC does not delete them before the stage runs either.
 """
 from __future__ import annotations
 
@@ -11,64 +12,74 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
-def _swap_dir(new: Path, target: Path) -> None:
-    """Put folder ``new`` at ``target``; the old folder is renamed aside first and deleted last."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        if old.exists():
-            os.replace(old, target)  # put the previous outputs back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def remove(path: Path) -> None:
+    """Delete a file, a link or a folder tree, if present."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
-def publish(staging: Path, out_dir: Path, *, whole: bool) -> None:
-    """Move the staged outputs into place.
+def swap_in(staging: Path, out_dir: Path, retired: Path, names: Sequence[str]) -> None:
+    """Replace the entries ``names`` of ``out_dir`` (nested ones such as ``eval/test`` too) by those in
+    ``staging``; other entries of ``out_dir`` stay (DVC's ``.gitignore``, another stage's outputs).
 
-    ``whole``: ``out_dir`` is one output folder and is replaced as a whole (nothing stale survives). Otherwise
-    each entry of ``staging`` replaces the entry of the same name in ``out_dir`` and other entries stay (DVC's
-    ``.gitignore``, another stage's files).
+    Renames only, so ``staging`` and ``retired`` (where the previous entries wait until the end) must be on the
+    same file system as ``out_dir``. If a rename fails, the new entries are taken out again and the previous
+    ones put back. Put a manifest last in ``names``: it then appears only beside a complete set.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if whole:
-        _swap_dir(staging, out_dir)
-        return
     out_dir.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(staging.iterdir()):
-        target = out_dir / entry.name
-        if entry.is_dir():
-            _swap_dir(entry, target)
-        else:
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-    shutil.rmtree(staging, ignore_errors=True)
+    remove(retired)  # a killed run's leftover
+    retired.mkdir(parents=True)
+    for name in names:
+        (retired / name).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    placed: list[str] = []
+    try:
+        for name in names:
+            if (out_dir / name).exists() or (out_dir / name).is_symlink():
+                os.replace(out_dir / name, retired / name)
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, out_dir / name)
+                placed.append(name)
+    except BaseException:
+        for name in placed:
+            remove(out_dir / name)
+        for name in names:
+            if (retired / name).exists() or (retired / name).is_symlink():
+                os.replace(retired / name, out_dir / name)
+        remove(retired)  # reached only when everything was put back
+        raise
+    remove(retired)
 
 
 @contextmanager
 def staged(out_dir: str | Path, work: str | Path, *, whole: bool = False) -> Iterator[Path]:
     """``with staged(out, work) as tmp: write into tmp``: published to ``out`` only if the block succeeds.
 
+    ``whole``: ``out`` is one output folder and is replaced as a whole (nothing stale survives). Otherwise each
+    entry written into ``tmp`` replaces the entry of the same name in ``out`` and other entries stay.
     The staging folder lives under ``work`` (``paths.work``, outside every DVC output and dependency) and is
     removed on failure; a leftover from a killed run is cleared at the next start.
     """
     out_dir, work = Path(out_dir), Path(work)
-    staging = work / "staging" / str(out_dir).strip("/").replace("/", "__")
-    if staging.exists():
-        shutil.rmtree(staging)
+    root = work / "staging" / str(out_dir).strip("/").replace("/", "__")
+    remove(root)
+    staging = root / out_dir.name if whole else root
     staging.mkdir(parents=True)
     try:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish(staging, out_dir, whole=whole)
+        retired = out_dir.parent / f".{out_dir.name}.old"
+        if whole:
+            swap_in(root, out_dir.parent, retired, [out_dir.name])
+        else:
+            swap_in(root, out_dir, retired, sorted(os.listdir(root)))
+    finally:
+        remove(root)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
