@@ -1,0 +1,83 @@
+"""Where the pipeline's files live: every folder and file name inside the ``paths.*`` roots, defined once.
+
+``params.yaml`` names the roots (``paths.prepared``, ``paths.cache``, ...); this module names what is inside
+them, so stages, library functions and tests agree without spelling ``"val_se"`` or ``"train_patches"`` twice.
+The upscaling factor is fixed here too: the data, the checkpoints and the official fixtures are all x4, and a
+knob that validation refuses to change would only mislead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SCALE = 4
+
+# Inside paths.prepared (the prepare and benchmark@<set> stages write these).
+TRAIN_PATCHES = "train_patches"   # lossless sub-images the backbones fine-tune on
+FUSION_TRAIN = "fusion_train"     # whole images the fusion net learns from
+VAL = "val"                       # whole images every model selects its best epoch on
+EVAL = "eval"                     # eval/<set>/: the scored sets (test, plus data.benchmarks)
+SPLITS = "splits.json"            # which source image went where
+HR, LR = "hr", "lr"               # each of the folders above holds hr/ and lr/ with the same stems
+
+# Inside paths.cache/<member>: the same folders of SR outputs (.npy); *_se with x8 self-ensemble.
+VAL_SE = "val_se"
+EVAL_SE = "eval_se"
+
+# Inside paths.finetune/<member>, paths.fusion, paths.test, paths.score.
+BEST = "best.pth"
+CURVE = "curve.csv"
+METRICS = "metrics.json"
+COUNTS = "counts.json"
+SR = "sr"                         # paths.test/sr/<set>/: fused 8-bit outputs
+WEIGHTS = "weights"               # paths.test/weights/<set>/: who wins where
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A folder holding ``hr/`` and ``lr/`` images with the same stems (HR first, everywhere)."""
+
+    root: Path
+
+    @property
+    def hr(self) -> Path:
+        return self.root / HR
+
+    @property
+    def lr(self) -> Path:
+        return self.root / LR
+
+
+def train_patches(prepared: Path) -> Pairs:
+    return Pairs(Path(prepared) / TRAIN_PATCHES)
+
+
+def fusion_train(prepared: Path) -> Pairs:
+    return Pairs(Path(prepared) / FUSION_TRAIN)
+
+
+def val(prepared: Path) -> Pairs:
+    return Pairs(Path(prepared) / VAL)
+
+
+def eval_set(prepared: Path, name: str) -> Pairs:
+    return Pairs(Path(prepared) / EVAL / name)
+
+
+def eval_sets(prepared: Path) -> list[str]:
+    """Names of the prepared scored sets, sorted."""
+    return sorted(p.name for p in (Path(prepared) / EVAL).iterdir() if p.is_dir())
+
+
+def cached_val(cache: Path, member: str, self_ensemble: bool) -> Path:
+    """A member's cached SR outputs of the validation images."""
+    return Path(cache) / member / (VAL_SE if self_ensemble else VAL)
+
+
+def cached_eval(cache: Path, member: str, set_name: str, self_ensemble: bool) -> Path:
+    """A member's cached SR outputs of one scored set."""
+    return Path(cache) / member / (EVAL_SE if self_ensemble else EVAL) / set_name
+
+
+def cached_fusion_train(cache: Path, member: str) -> Path:
+    return Path(cache) / member / FUSION_TRAIN
