@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import layout
 from .errors import DataError
 from .images import list_images, read_image, to_tensor
 from .inference import upscale
@@ -36,7 +37,7 @@ def save_output(path: Path, sr: torch.Tensor) -> None:
 
 
 # Subfolders of one member's cache; <set> follows eval/ and eval_se/.
-_FLAT, _PER_SET = ("fusion_train", "val", "val_se"), ("eval", "eval_se")
+_FLAT, _PER_SET = (layout.FUSION_TRAIN, layout.VAL, layout.VAL_SE), (layout.EVAL, layout.EVAL_SE)
 
 
 def rerun_hint(path: Path) -> str:
@@ -109,14 +110,17 @@ def cache_outputs(model: torch.nn.Module, prepared: Path, out_dir: Path, *, scal
     """Upscale fusion_train, val and every eval set; returns how many images each output folder got."""
     if out_dir.exists():
         shutil.rmtree(out_dir)  # stale outputs of removed images must not survive
-    jobs: list[tuple[Path, Path, bool]] = [(prepared / "fusion_train" / "lr", out_dir / "fusion_train", False),
-                                           (prepared / "val" / "lr", out_dir / "val", False)]
+    # out_dir is one member's cache folder: the paths below are layout.cached_* with the member's folder as root.
+    root, member = out_dir.parent, out_dir.name
+    jobs: list[tuple[Path, Path, bool]] = [
+        (layout.fusion_train(prepared).lr, layout.cached_fusion_train(root, member), False),
+        (layout.val(prepared).lr, layout.cached_val(root, member, False), False)]
     if self_ensemble:
-        jobs.append((prepared / "val" / "lr", out_dir / "val_se", True))
-    for set_dir in sorted(p for p in (prepared / "eval").iterdir() if p.is_dir()):
-        jobs.append((set_dir / "lr", out_dir / "eval" / set_dir.name, False))
-        if self_ensemble:
-            jobs.append((set_dir / "lr", out_dir / "eval_se" / set_dir.name, True))
+        jobs.append((layout.val(prepared).lr, layout.cached_val(root, member, True), True))
+    for set_name in layout.eval_sets(prepared):
+        for ensemble in (False, True) if self_ensemble else (False,):
+            jobs.append((layout.eval_set(prepared, set_name).lr, layout.cached_eval(root, member, set_name, ensemble),
+                         ensemble))
     counts: dict[str, int] = {}
     model = model.to(device).eval()
     with torch.inference_mode():

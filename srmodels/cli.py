@@ -336,6 +336,19 @@ def cmd_compare_metrics(args) -> int:
     return 1 if diff.lines() else 0
 
 
+def cmd_profile(args) -> int:
+    from .params import apply_profile, merged, profile_overrides, read_profile, read_yaml, validate
+
+    profile = read_profile(args.name)
+    if args.apply:
+        apply_profile(args.params, profile)
+        log.info("%s: profile %s applied", args.params, args.name)
+    else:
+        validate(merged(read_yaml(args.params), profile))  # refuse here rather than in a stage
+        print(" ".join(profile_overrides(profile)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0],
                                      epilog=INPUT_POLICY + " Errors are one line; --debug shows the traceback.")
@@ -409,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol-db", type=float, default=0.0, help="allowed |change| of keys named *psnr* (default: exact)")
     p.add_argument("--tol-ssim", type=float, default=0.0, help="allowed |change| of keys named *ssim* (default: exact)")
     p.set_defaults(func=cmd_compare_metrics)
+    p = sub.add_parser(
+        "profile", help="a params profile (profiles/<name>.yaml) as `dvc exp run` overrides, or written in",
+        description="Print the `-S ++key=value` overrides that apply a profile, for "
+                    "`dvc exp run -n ntire $(srmodels profile ntire)`, or with --apply write the profile into "
+                    "params.yaml (comments kept). The result is validated first either way.")
+    p.add_argument("name", help="a profile name in profiles/ (e.g. ntire) or a YAML file")
+    p.add_argument("--apply", action="store_true", help="write the profile into the params file instead")
+    p.add_argument("--params", default="params.yaml", help="the params file it applies to (default params.yaml)")
+    p.set_defaults(func=cmd_profile)
     for p in sub.choices.values():  # also after the command: `srmodels eval --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

@@ -4,6 +4,7 @@ Nothing here runs a backbone: candidates come from the cache (see ``srmodels.cac
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -13,23 +14,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import layout
 from .cache import check_output, load_output, rerun_hint
 from .errors import DataError
 from .fusion import fuse, fusion_inputs
 from .images import list_images, read_image, to_tensor, to_uint8, write_image
 from .imresize import imresize_uint8
+from .layout import cached_eval as candidate_dir, eval_set, eval_sets
 from .metrics import calculate_psnr, calculate_ssim
-from .report import weight_map_image
+from .outputs import write_json
+from .report import bar_chart_png, curves_png, markdown_table, read_curve, weight_map_image, write_csv
 
 log = logging.getLogger(__name__)
-
-
-def eval_sets(prepared: Path) -> list[str]:
-    return sorted(p.name for p in (prepared / "eval").iterdir() if p.is_dir())
-
-
-def candidate_dir(cache_root: Path, member: str, set_name: str, self_ensemble: bool) -> Path:
-    return cache_root / member / ("eval_se" if self_ensemble else "eval") / set_name
 
 
 def check_candidates(dirs: list[Path], stem: str) -> tuple[int, ...]:
@@ -58,7 +54,7 @@ def fuse_eval_sets(net: torch.nn.Module, kind: str, members: list[str], cache_ro
     """
     for set_name in eval_sets(prepared):
         dirs = [candidate_dir(cache_root, m, set_name, self_ensemble) for m in members]
-        for lr_path in list_images(prepared / "eval" / set_name / "lr"):
+        for lr_path in list_images(eval_set(prepared, set_name).lr):
             check_candidates(dirs, lr_path.stem)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -67,17 +63,17 @@ def fuse_eval_sets(net: torch.nn.Module, kind: str, members: list[str], cache_ro
     with torch.inference_mode():
         for set_name in eval_sets(prepared):
             dirs = [candidate_dir(cache_root, m, set_name, self_ensemble) for m in members]
-            lr_files = list_images(prepared / "eval" / set_name / "lr")
+            lr_files = list_images(eval_set(prepared, set_name).lr)
             for lr_path in tqdm(lr_files, desc=f"fuse {set_name}", leave=False):
                 cand = load_candidates(dirs, lr_path.stem).to(device)
                 lr = to_tensor(read_image(lr_path)).to(device)
                 weights = net(fusion_inputs(kind, cand, lr))
                 fused = fuse(cand, weights).clamp_(0, 1)
-                write_image(out_dir / "sr" / set_name / f"{lr_path.stem}.png", to_uint8(fused))
+                write_image(out_dir / layout.SR / set_name / f"{lr_path.stem}.png", to_uint8(fused))
                 w = weights[0].float().cpu().numpy()
                 if w.shape[1:] != fused.shape[2:]:  # one weight per image: picture it at full size
                     w = np.broadcast_to(w, (w.shape[0], *fused.shape[2:]))
-                write_image(out_dir / "weights" / set_name / f"{lr_path.stem}.png", weight_map_image(w, members))
+                write_image(out_dir / layout.WEIGHTS / set_name / f"{lr_path.stem}.png", weight_map_image(w, members))
             counts[set_name] = len(lr_files)
     return counts
 
@@ -99,18 +95,20 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
     summary: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for set_name in eval_sets(prepared):
-        hr_dir = prepared / "eval" / set_name / "hr"
+        pairs = eval_set(prepared, set_name)
+        hr_dir = pairs.hr
         if not hr_dir.is_dir():
-            log.info("%s: LR only (no ground truth); SR images are in %s", set_name, test_dir / "sr" / set_name)
+            log.info("%s: LR only (no ground truth); SR images are in %s", set_name, test_dir / layout.SR / set_name)
             summary[set_name] = {"scored": False}
             continue
         per_model: dict[str, list[dict[str, float]]] = {}
         for hr_path in tqdm(list_images(hr_dir), desc=f"score {set_name}", leave=False):
             stem = hr_path.stem
             hr = read_image(hr_path)
-            lr = read_image(prepared / "eval" / set_name / "lr" / f"{stem}.png")
+            lr_path = pairs.lr / f"{stem}.png"
+            lr = read_image(lr_path)
             outputs = {"bicubic": imresize_uint8(lr, scale=scale)}
-            sources = {"bicubic": prepared / "eval" / set_name / "lr" / f"{stem}.png"}
+            sources = {"bicubic": lr_path}
             for m in members:
                 for name, ensemble in ((m, False), (f"{m}+se", True)):
                     if ensemble and not self_ensemble:
@@ -118,7 +116,7 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
                     path = candidate_dir(cache_root, m, set_name, ensemble) / f"{stem}.npy"
                     outputs[name] = to_uint8(torch.from_numpy(load_output(path).astype(np.float32)))
                     sources[name] = path
-            fused = test_dir / "sr" / set_name / f"{stem}.png"
+            fused = test_dir / layout.SR / set_name / f"{stem}.png"
             if not fused.is_file():
                 raise DataError(f"{fused}: fused image missing; re-run the test stage (dvc repro -f test)")
             outputs["fusion"], sources["fusion"] = read_image(fused), fused
@@ -134,3 +132,54 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
             for model, scores in per_model.items()}
         summary[set_name]["num_images"] = len(next(iter(per_model.values())))
     return summary, rows
+
+
+def score_metrics(summary: dict[str, Any], finetune_dir: Path, fusion_dir: Path, members: list[str], *,
+                  crop_border: int, y_channel: bool, self_ensemble: bool, cpu_isa: str) -> dict[str, Any]:
+    """The pipeline's metrics file: every scored set, and each model's best validation PSNR-Y."""
+    def best_val(folder: Path) -> float:
+        return json.loads((folder / layout.METRICS).read_text())["best_val_psnr"]
+
+    return {
+        "cpu_isa": cpu_isa,
+        "protocol": {"crop_border": crop_border, "primary": "y" if y_channel else "rgb",
+                     "self_ensemble": self_ensemble},
+        "sets": summary,
+        "val": {"fusion_psnr_y": best_val(fusion_dir),
+                **{f"{m}_psnr_y": best_val(finetune_dir / m) for m in members}},
+    }
+
+
+def flat_scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{'<set>.<model>.<metric>': value, 'val.<model>_psnr_y': value}`` of the scored sets (for MLflow)."""
+    flat = {f"{s}.{m}.{k}": v for s, d in metrics["sets"].items() if d.get("scored", True)
+            for m, scores in d.items() if isinstance(scores, dict) for k, v in scores.items()}
+    flat.update({f"val.{k}": v for k, v in metrics["val"].items()})
+    return flat
+
+
+def write_score_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]],
+                       curves: dict[str, list[tuple[int, float]]]) -> list[Path]:
+    """metrics.json, per_image.csv, table.md and plots/*.png under ``out_dir``; returns the files for MLflow."""
+    summary, crop = metrics["sets"], metrics["protocol"]["crop_border"]
+    key = f"psnr_{metrics['protocol']['primary']}"
+    write_json(out_dir / layout.METRICS, metrics)
+    write_csv(out_dir / "per_image.csv", rows)
+    table_rows = [{"set": s, "model": m, **v} for s, d in summary.items() for m, v in d.items() if isinstance(v, dict)]
+    (out_dir / "table.md").write_text(markdown_table(table_rows))
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    scored = [s for s, v in summary.items() if v.get("scored", True)]
+    if scored:
+        first = scored[0]
+        bar_chart_png(plots / "psnr_bar.png", {m: v[key] for m, v in summary[first].items() if isinstance(v, dict)},
+                      title=f"{first}: {key.replace('_', '-').upper()} (crop {crop})")
+    curves_png(plots / "curves.png", curves, ylabel="validation PSNR-Y (dB)", title="training curves")
+    return [out_dir / "table.md", out_dir / "per_image.csv", *sorted(plots.glob("*.png"))]
+
+
+def training_curves(finetune_dir: Path, fusion_dir: Path, members: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Validation PSNR by epoch of every member and of the fusion net."""
+    curves = {m: read_curve(finetune_dir / m / layout.CURVE, "val_psnr") for m in members}
+    curves["fusion"] = read_curve(fusion_dir / layout.CURVE, "val_psnr")
+    return curves

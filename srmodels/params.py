@@ -11,6 +11,7 @@ from typing import Any
 
 
 from .errors import UserError
+from .layout import SCALE
 
 
 class ParamsError(UserError):
@@ -32,6 +33,13 @@ class ListOf:
         self.spec = spec
 
 
+class PartialOf:
+    """A mapping whose keys are a subset of ``spec`` (the rest comes from defaults), with ``required`` present."""
+
+    def __init__(self, spec: dict[str, Any], required: tuple[str, ...] = ()) -> None:
+        self.spec, self.required = spec, required
+
+
 class DictOf:
     """A mapping with free keys (names chosen by the user) and values of one spec."""
 
@@ -39,8 +47,9 @@ class DictOf:
         self.spec = spec
 
 
-BACKBONE = {
-    "variant": str,
+# What a backbone trains with: `backbone_defaults` holds every key but the variant, and each `backbones.<b>`
+# entry states its variant and only what differs from the defaults.
+BACKBONE_DEFAULTS = {
     "pretrained": Optional_(str),
     "epochs": int,
     "batch": int,
@@ -52,12 +61,12 @@ BACKBONE = {
     "nprocs": int,
     "compile": bool,
 }
+BACKBONE = {"variant": str, **BACKBONE_DEFAULTS}
 
 SCHEMA: dict[str, Any] = {
     "seed": int,
     # Upper bound on the CPU kernels' instruction set (srmodels.isa): the same bits on every x86-64 CPU.
     "cpu_isa": OneOf("avx2", "avx512", "sse41", "native"),
-    "scale": int,
     "device": OneOf("auto", "cpu", "cuda"),
     "threads": int,
     "paths": {"prepared": str, "finetune": str, "cache": str, "fusion": str, "test": str, "score": str,
@@ -72,7 +81,8 @@ SCHEMA: dict[str, Any] = {
         "benchmarks": DictOf(str),
         "patches": {"hr_size": int, "step": int},
     },
-    "backbones": DictOf(BACKBONE),
+    "backbone_defaults": BACKBONE_DEFAULTS,
+    "backbones": DictOf(PartialOf(BACKBONE, required=("variant",))),
     "fusion": {
         "members": ListOf(str),
         "kind": OneOf("pixel", "image"),
@@ -118,6 +128,13 @@ def _check(value: Any, spec: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ParamsError(f"{key}: expected a mapping, got {type(value).__name__}")
         return {k: _check(v, spec.spec, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(spec, PartialOf):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(spec.spec))
+        if unknown:
+            raise ParamsError(f"{key}.{unknown[0]}: unknown key (known here: {', '.join(spec.spec)})")
+        return _check(value, {k: s for k, s in spec.spec.items() if k in value or k in spec.required}, key)
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             raise ParamsError(f"{key or 'params'}: expected a mapping, got {type(value).__name__}")
@@ -157,9 +174,9 @@ def _semantic_checks(p: dict[str, Any]) -> None:
             # must be in it for DVC to see it change.
             raise ParamsError(f"backbones.{name}.pretrained: {bb['pretrained']!r} must be a file in {folder}/ "
                               "(the folder finetune@" + name + " depends on; copy or symlink it there)")
-        if bb["lr_patch"] * p["scale"] > p["data"]["patches"]["hr_size"]:  # the crops come from these sub-images
+        if bb["lr_patch"] * SCALE > p["data"]["patches"]["hr_size"]:  # the crops come from these sub-images
             raise ParamsError(f"backbones.{name}.lr_patch: {bb['lr_patch']} needs HR crops of "
-                              f"{bb['lr_patch'] * p['scale']} px, larger than the {p['data']['patches']['hr_size']}"
+                              f"{bb['lr_patch'] * SCALE} px, larger than the {p['data']['patches']['hr_size']}"
                               f"-px training sub-images (data.patches.hr_size)")
         if bb["batch"] % bb["nprocs"]:  # batch is the global batch, split evenly over the DDP processes
             raise ParamsError(f"backbones.{name}.batch: {bb['batch']} does not divide by nprocs={bb['nprocs']}")
@@ -176,15 +193,16 @@ def _semantic_checks(p: dict[str, Any]) -> None:
         r = p["data"]["div2k"][split]
         if len(r) != 2 or r[0] > r[1]:
             raise ParamsError(f"data.div2k.{split}: expected [first, last] image numbers, got {r}")
-    if p["data"]["patches"]["hr_size"] % p["scale"]:
-        raise ParamsError(f"data.patches.hr_size: {p['data']['patches']['hr_size']} is not a multiple of scale")
-    if p["scale"] != 4:
-        raise ParamsError(f"scale: only x4 is supported (the backbones' variants are x4), got {p['scale']}")
+    if p["data"]["patches"]["hr_size"] % SCALE:
+        raise ParamsError(f"data.patches.hr_size: {p['data']['patches']['hr_size']} is not a multiple of {SCALE}")
 
 
 def validate(raw: Any) -> dict[str, Any]:
-    """Checked, normalised copy of a params mapping."""
+    """Checked, normalised copy of a params mapping; each ``backbones.<b>`` comes out complete (defaults filled)."""
     params = _check(copy.deepcopy(raw), SCHEMA, "")
+    params["backbones"] = {name: {"variant": entry["variant"],
+                                  **{k: entry.get(k, v) for k, v in params["backbone_defaults"].items()}}
+                           for name, entry in params["backbones"].items()}
     _semantic_checks(params)
     return params
 
@@ -223,3 +241,89 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# ------------------------------------------------------------------------------------------------- profiles
+# A profile (profiles/<name>.yaml) holds only what differs from params.yaml: mappings merge key by key, any
+# other value (lists included) replaces. It reaches a run either as `dvc exp run` overrides (params.yaml stays
+# as it is; the experiment records the values) or written into params.yaml.
+
+PROFILES = Path("profiles")
+
+
+def profile_path(name: str) -> Path:
+    """``profiles/<name>.yaml`` for a bare name, else the path given."""
+    return PROFILES / f"{name}.yaml" if "/" not in name and not name.endswith((".yaml", ".yml")) else Path(name)
+
+
+def read_profile(name: str) -> dict[str, Any]:
+    path = profile_path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml"))) or "none"
+        raise ParamsError(f"{path}: no such profile (profiles here: {known})")
+    profile = read_yaml(path)
+    if not isinstance(profile, dict):
+        raise ParamsError(f"{path}: expected a mapping of params to change")
+    return profile
+
+
+def merged(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``profile`` applied (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in profile.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _override_value(key: str, value: Any) -> str:
+    """``value`` in the override grammar of ``dvc exp run -S`` (Hydra's), as one shell word."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(key, v) for v in value) + "]"
+    text = str(value)
+    if not text or any(c.isspace() or c in "'\"\\,[]{}()=:#~" for c in text):
+        raise ParamsError(f"{key}: {text!r} cannot be passed as a `dvc exp run -S` override; "
+                          "write the profile into params.yaml with --apply instead")
+    return text
+
+
+def profile_overrides(profile: dict[str, Any]) -> list[str]:
+    """``-S ++key=value`` arguments for ``dvc exp run`` that apply ``profile`` (``++``: set, adding the key if
+    params.yaml lacks it, as for a backbone entry that states only what differs from backbone_defaults)."""
+    args: list[str] = []
+    for key, value in flatten(profile).items():
+        args += ["-S", f"++{key}={_override_value(key, value)}"]
+    return args
+
+
+def apply_profile(params_path: str | Path, profile: dict[str, Any]) -> None:
+    """Write ``profile`` into the params file in place, keeping its comments and order (validated first)."""
+    from ruamel.yaml import YAML
+
+    params_path = Path(params_path)
+    validate(merged(read_yaml(params_path), profile))  # refuse before touching the file
+    yaml = YAML()  # round-trip: comments and layout survive
+    yaml.width = 120
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = yaml.load(params_path.read_text())
+
+    def put(node: Any, changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                put(node[key], value)
+            else:
+                node[key] = value
+
+    put(doc, profile)
+    tmp = params_path.with_name(f".{params_path.name}.tmp")
+    with open(tmp, "w") as f:
+        yaml.dump(doc, f)
+    tmp.replace(params_path)

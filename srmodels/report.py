@@ -272,6 +272,12 @@ def bar_chart_png(path: str | Path, results: Mapping[str, float], title: str,
         return _save_png(fig, path)
 
 
+def read_curve(path: str | Path, column: str) -> list[tuple[int, float]]:
+    """(epoch, value) rows of a training curve.csv, skipping empty cells (no training loss at epoch 0)."""
+    with open(path, newline="") as f:
+        return [(int(r["epoch"]), float(r[column])) for r in csv.DictReader(f) if r[column] not in ("", "nan")]
+
+
 def curves_png(path: str | Path, curves: Mapping[str, Sequence[tuple[float, float]]], ylabel: str, title: str,
                xlabel: str = "epoch") -> Path:
     """Line per named curve from ``(epoch, value)`` points (e.g. training loss or validation PSNR per epoch)."""

@@ -9,16 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from srmodels.data import prepare_benchmark
+from srmodels.layout import SCALE, eval_set
 from srmodels.outputs import staged
+from srmodels.prepare import prepare_benchmark
 
 
 def main(params: dict[str, Any], name: str) -> None:
-    out = Path(params["paths"]["prepared"]) / "eval" / name
-    with staged(out, params["paths"]["work"], whole=True) as tmp:
-        count = prepare_benchmark(name, params["data"]["benchmarks"][name], params["scale"], tmp)
+    folder, paths = params["data"]["benchmarks"][name], params["paths"]
+    with staged(eval_set(Path(paths["prepared"]), name).root, paths["work"], whole=True) as tmp:
+        count = prepare_benchmark(name, folder, SCALE, tmp)
         with tracked(params, f"benchmark@{name}") as tracking:
-            tracking.log_params({f"data.benchmarks.{name}": params["data"]["benchmarks"][name]})
+            tracking.log_params({f"data.benchmarks.{name}": folder})
             tracking.log_metrics({"num_images": count})
     record(params, f"benchmark@{name}")
 

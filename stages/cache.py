@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from srmodels import layout
 from srmodels.cache import cache_outputs
 from srmodels.model import load_model
 from srmodels.outputs import staged, write_json
@@ -17,14 +18,14 @@ def main(params: dict[str, Any], name: str) -> None:
     inf, paths = params["inference"], params["paths"]
     set_threads(params["threads"])
     device = resolve_device(params["device"])
-    model = load_model(Path(paths["finetune"]) / name / "best.pth")
+    model = load_model(Path(paths["finetune"]) / name / layout.BEST)
     if inf["compile"] and device.type == "cuda":
         model = torch.compile(model)
     with staged(Path(paths["cache"]) / name, paths["work"], whole=True) as out_dir:
-        counts = cache_outputs(model, Path(paths["prepared"]), out_dir, scale=params["scale"],
+        counts = cache_outputs(model, Path(paths["prepared"]), out_dir, scale=layout.SCALE,
                                self_ensemble=inf["self_ensemble"], tile=inf["tile"],
                                tile_overlap=inf["tile_overlap"], device=device)
-        write_json(out_dir / "counts.json", counts)
+        write_json(out_dir / layout.COUNTS, counts)
         with tracked(params, f"cache@{name}") as tracking:
             tracking.log_params({f"inference.{k}": v for k, v in inf.items()})
             tracking.log_metrics({f"num_images.{k}": v for k, v in counts.items()})

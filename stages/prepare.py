@@ -4,13 +4,14 @@ from _common import record, run, tracked  # first: pins the CPU kernels before t
 from pathlib import Path
 from typing import Any
 
-from srmodels.data import prepare
+from srmodels.layout import SCALE
+from srmodels.prepare import prepare
 
 
 def main(params: dict[str, Any]) -> None:
     # prepare() checks every input before it writes, and swaps its outputs in only when all are written.
     # data.benchmarks are benchmark@<name> stages of their own (each folder a DVC dependency).
-    manifest = prepare(params["data"], params["scale"], Path(params["paths"]["prepared"]), with_benchmarks=False)
+    manifest = prepare(params["data"], SCALE, Path(params["paths"]["prepared"]), with_benchmarks=False)
     with tracked(params, "prepare") as tracking:
         tracking.log_params({f"data.{k}": v for k, v in params["data"].items()})
         tracking.log_metrics({"num_patches": manifest["num_patches"],

@@ -4,6 +4,7 @@ from _common import record, run, tracked  # first: pins the CPU kernels before t
 from pathlib import Path
 from typing import Any
 
+from srmodels import layout
 from srmodels.checkpoint import checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
 from srmodels.errors import UserError
 from srmodels.evaluation import fuse_eval_sets
@@ -14,7 +15,7 @@ from srmodels.runtime import resolve_device, set_threads
 
 def main(params: dict[str, Any]) -> None:
     paths = params["paths"]
-    ckpt_path = Path(paths["fusion"]) / "best.pth"
+    ckpt_path = Path(paths["fusion"]) / layout.BEST
     raw = read_checkpoint(ckpt_path)
     meta = checkpoint_meta(raw)
     if meta is None or "members" not in meta:
@@ -30,11 +31,11 @@ def main(params: dict[str, Any]) -> None:
         counts = fuse_eval_sets(net, kind, members, Path(paths["cache"]), Path(paths["prepared"]), out_dir,
                                 self_ensemble=params["inference"]["self_ensemble"],
                                 device=resolve_device(params["device"]))
-        write_json(out_dir / "counts.json", counts)
+        write_json(out_dir / layout.COUNTS, counts)
         with tracked(params, "test") as tracking:
             tracking.log_metrics({f"num_images.{k}": v for k, v in counts.items()})
             for set_name in counts:
-                for picture in sorted((out_dir / "weights" / set_name).glob("*.png"))[:8]:
+                for picture in sorted((out_dir / layout.WEIGHTS / set_name).glob("*.png"))[:8]:
                     tracking.log_artifact(picture, f"weights/{set_name}")
     record(params, "test")
 

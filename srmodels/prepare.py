@@ -32,6 +32,7 @@ import numpy as np
 from skimage import data as skdata
 from tqdm import tqdm
 
+from . import layout
 from .images import ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image, write_image
 from .imresize import downscale_uint8
 from .outputs import remove, swap_in
@@ -40,8 +41,8 @@ from .params import ParamsError
 log = logging.getLogger(__name__)
 
 # The folders (and the manifest) prepare owns inside out_dir; only these are replaced.
-OUTPUT_DIRS = ("train_patches", "fusion_train", "val", "eval")
-MANIFEST = "splits.json"
+OUTPUT_DIRS = (layout.TRAIN_PATCHES, layout.FUSION_TRAIN, layout.VAL, layout.EVAL)
+MANIFEST = layout.SPLITS
 SPLITS = ("backbone_train", "fusion_train", "val", "test")
 
 
@@ -293,9 +294,9 @@ def _staging_paths(out_dir: Path) -> tuple[Path, Path]:
 
 
 def _write_full(folder: Path, stem: str, hr: np.ndarray | None, lr: np.ndarray) -> None:
-    write_image(folder / "lr" / f"{stem}.png", lr)
+    write_image(folder / layout.LR / f"{stem}.png", lr)
     if hr is not None:
-        write_image(folder / "hr" / f"{stem}.png", hr)
+        write_image(folder / layout.HR / f"{stem}.png", hr)
 
 
 def _write_patches(folder: Path, stem: str, hr: np.ndarray, lr: np.ndarray, hr_size: int, step: int,
@@ -303,8 +304,8 @@ def _write_patches(folder: Path, stem: str, hr: np.ndarray, lr: np.ndarray, hr_s
     """Write one image's sub-images; returns how many (0 when the image is smaller than ``hr_size``)."""
     count = 0
     for count, (hr_patch, lr_patch) in enumerate(extract_patches(hr, lr, hr_size, step, scale), start=1):
-        write_image(folder / "hr" / f"{stem}_s{count:03d}.png", hr_patch)
-        write_image(folder / "lr" / f"{stem}_s{count:03d}.png", lr_patch)
+        write_image(folder / layout.HR / f"{stem}_s{count:03d}.png", hr_patch)
+        write_image(folder / layout.LR / f"{stem}_s{count:03d}.png", lr_patch)
     return count
 
 
@@ -367,7 +368,7 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
     staging.mkdir(parents=True)
     try:
         manifest = _write_outputs(plan, eval_sets, fusion_entries, shared, data, scale, hr_size, step, staging)
-        swap_in(staging, out_dir, retired, names=(*OUTPUT_DIRS[:-1], "eval" if with_benchmarks else "eval/test",
+        swap_in(staging, out_dir, retired, names=(*OUTPUT_DIRS[:-1], layout.EVAL if with_benchmarks else f"{layout.EVAL}/test",
                                                   MANIFEST))
     finally:
         remove(staging)
@@ -392,7 +393,7 @@ def _write_outputs(plan: Plan, eval_sets: dict[str, list[Entry]], fusion_entries
         hr, lr, made = load_pair(entry, scale)
         assert hr is not None  # training splits always have HR
         note_made("backbone_train", entry.stem, made)
-        n = _write_patches(out_dir / "train_patches", entry.stem, hr, lr, hr_size, step, scale)
+        n = _write_patches(out_dir / layout.TRAIN_PATCHES, entry.stem, hr, lr, hr_size, step, scale)
         if n == 0:
             log.warning("%s: %dx%d is smaller than the %d-pixel sub-image; no training patches from it",
                         entry.origin, hr.shape[1], hr.shape[0], hr_size)
@@ -400,22 +401,22 @@ def _write_outputs(plan: Plan, eval_sets: dict[str, list[Entry]], fusion_entries
         patches_per_image[entry.stem] = n
         if shared:
             # Same images, loaded once: the full pair is what the fusion net learns from.
-            _write_full(out_dir / "fusion_train", entry.stem, hr, lr)
+            _write_full(out_dir / layout.FUSION_TRAIN, entry.stem, hr, lr)
     if not shared:
         for entry in _progress(fusion_entries, "fusion_train"):
             hr, lr, made = load_pair(entry, scale)
             note_made("fusion_train", entry.stem, made)
-            _write_full(out_dir / "fusion_train", entry.stem, hr, lr)
+            _write_full(out_dir / layout.FUSION_TRAIN, entry.stem, hr, lr)
     for entry in _progress(plan.splits["val"], "val"):
         hr, lr, made = load_pair(entry, scale)
         note_made("val", entry.stem, made)
-        _write_full(out_dir / "val", entry.stem, hr, lr)
+        _write_full(out_dir / layout.VAL, entry.stem, hr, lr)
     has_hr: dict[str, bool] = {}
     for name, entries in eval_sets.items():
         for entry in _progress(entries, f"eval/{name}"):
             hr, lr, made = load_pair(entry, scale)
             note_made(f"eval/{name}", entry.stem, made)
-            _write_full(out_dir / "eval" / name, entry.stem, hr, lr)
+            _write_full(out_dir / layout.EVAL / name, entry.stem, hr, lr)
         has_hr[name] = all(e.load_hr is not None for e in entries)
     for split, stems in lr_made.items():
         log.info("%s: LR of %d image(s) made from HR with the MATLAB bicubic (no LR file given)", split, len(stems))
