@@ -98,13 +98,13 @@ def test_upscale_and_downscale(set5, rfdn_weights, tmp_path):
     assert sr.shape == (288, 288, 3)
 
 
-def _run_cli(*args):
+def _cli_process(*args):
     """The real entry point in its own process (what a user's shell sees)."""
     return subprocess.run([sys.executable, "-m", "srmodels.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_bad_inputs_one_line_errors(set5, rfdn_weights, tmp_path, capsys, caplog):
-    def _run_cli(*args):  # in-process for speed (a CLI process pays ~3 s of imports); see the evil case below
+    def _run_cli(*args):  # in-process for speed (a CLI process pays ~3 s of imports); the evil case uses a process
         caplog.clear()
         try:
             code = main(list(args))
@@ -143,7 +143,7 @@ def test_bad_inputs_one_line_errors(set5, rfdn_weights, tmp_path, capsys, caplog
             return (print, ("pwned",))
 
     torch.save({"params": Evil()}, evil)
-    res = globals()["_run_cli"]("eval", "--weights", str(evil), "--arch", "rfdn", "--hr", str(hr), "--device", "cpu")
+    res = _cli_process("eval", "--weights", str(evil), "--arch", "rfdn", "--hr", str(hr), "--device", "cpu")
     assert res.returncode == 2 and "arbitrary unpickling" in res.stderr and "pwned" not in res.stdout
 
     res = _run_cli("eval", "--weights", str(rfdn_weights), "--hr", str(tmp_path / "nope"), "--device", "cpu")
@@ -158,7 +158,7 @@ def test_odd_images_converted(rfdn_weights, tmp_path):
     cv2.imwrite(str(hr / "gray.png"), smooth[:, :, 0])
     cv2.imwrite(str(hr / "alpha.png"), np.dstack([smooth, np.full((96, 96), 255, np.uint8)]))
     cv2.imwrite(str(hr / "deep.png"), smooth.astype(np.uint16) * 257)
-    res = _run_cli("eval", "--weights", str(rfdn_weights), "--hr", str(hr), "--device", "cpu")
+    res = _cli_process("eval", "--weights", str(rfdn_weights), "--hr", str(hr), "--device", "cpu")
     assert res.returncode == 0, res.stderr
     for said in ("grayscale image converted", "alpha channel dropped", "16-bit image converted"):
         assert res.stderr.count(said) == 1, res.stderr
@@ -264,7 +264,7 @@ def test_oversized_image_header_is_one_line_in_every_command(tiny, cli, monkeypa
 
 def test_oversized_image_in_a_real_process_ends_in_one_line(tiny):
     _huge_png(tiny / "lr" / "huge.png")
-    res = _run_cli("upscale", "--weights", str(tiny / "w.pth"), str(tiny / "lr"), "-o", str(tiny / "out"),
+    res = _cli_process("upscale", "--weights", str(tiny / "w.pth"), str(tiny / "lr"), "-o", str(tiny / "out"),
                    "--device", "cpu")
     _one_line_error(res.returncode, res.stderr, "huge.png", "OPENCV_IO_MAX_IMAGE_PIXELS")
 
