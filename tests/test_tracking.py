@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from srmodels import tracking
-from srmodels.checkpoint import params_hash
-from srmodels.tracking import (TAG_COMMIT, TAG_EXP_NAME, TAG_KEY, artifact_location, code_version, pipeline_key,
-                               pipeline_params, start_stage, tracking_uri)
+from srmodels.checkpoint import git_commit as code_version, params_hash
+from srmodels.tracking import (TAG_COMMIT, TAG_KEY, artifact_location, pipeline_key, pipeline_params, start_stage,
+                               tracking_uri)
 
 ROOT = Path(__file__).resolve().parents[1]
 # MLflow's own SQLAlchemy usage warns on import; not ours to fix.
@@ -287,10 +287,49 @@ def test_dvc_exp_name_groups_stages(env, client, monkeypatch):
     assert sorted(p.info.run_name for p in parents) == ["gusty-lynx", "other-exp"]
     parent = next(p for p in parents if p.info.run_name == "gusty-lynx")
     assert parent.data.tags[TAG_KEY] == "gusty-lynx"
-    assert parent.data.tags[TAG_EXP_NAME] == "gusty-lynx"
+    assert parent.data.tags["srmodels.dvc_exp_name"] == "gusty-lynx"
     assert parent.data.tags["srmodels.dvc_baseline_rev"] == "0123456789abcdef"
     mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
     assert sorted(c.info.run_name for c in mine) == ["cache@dat", "prepare", "score"]
+    assert {c.data.tags["note"] for c in mine} == {"prepare", "cache@dat", "score"}
+
+
+def test_many_long_and_oddly_named_values_are_all_logged(env, client):
+    params = {**{f"p{i}": i for i in range(250)}, "long": "x" * 10000, "finetune@dat": {"lr": 1}}
+    with start_stage(make_params("t-batch"), "prepare") as run:
+        run.log_params(params)
+        run.log_metrics({f"m{i}": i for i in range(250)}, step=3)
+        run.set_tags({"note": "y" * 10000}, parent=True)
+    assert run.active
+    child = client.get_run(run.run_id).data
+    assert sum(k.startswith("p") for k in child.params) == 250 and child.metrics["m249"] == 249
+    assert len(child.params["long"]) == 6000 and child.params["finetune_dat.lr"] == "1"
+    assert [m.step for m in client.get_metric_history(run.run_id, "m0")] == [3]
+    assert len(client.get_run(run.parent_run_id).data.tags["note"]) == 6000
+
+
+# The pipeline's entry point: a stage's run carries the machine it ran on.
+TRACKED_STAGE = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import _common
+with _common.tracked(json.loads(sys.argv[1]), "score") as run:
+    run.log_parent_metrics({"test.psnr_y": 30.0})
+print(json.dumps({"run": run.run_id, "parent": run.parent_run_id}))
+"""
+
+
+def test_stage_runs_carry_the_machine_provenance(env, client, tmp_path):
+    (tmp_path / "params.yaml").write_text("cpu_isa: native\n")
+    proc_env = {**os.environ, "PYTHONPATH": str(ROOT), "SRMODELS_PARAMS": str(tmp_path / "params.yaml")}
+    out = subprocess.run([sys.executable, "-c", TRACKED_STAGE, json.dumps(make_params("t-machine")),
+                          str(ROOT / "stages")], cwd=env, env=proc_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ids = json.loads(out.stdout.strip().splitlines()[-1])
+    tags = client.get_run(ids["run"]).data.tags
+    assert tags["srmodels.cpu_isa"] == "native" and tags["srmodels.torch"] and tags["srmodels.aten_capability"]
+    assert tags["srmodels.role"] == "stage" and tags["srmodels.stage"] == "score"
+    assert client.get_run(ids["parent"]).data.metrics["test.psnr_y"] == 30.0
 
 
 def test_unreachable_server_warns_once_and_stage_completes(env, caplog, tmp_path):
