@@ -232,9 +232,6 @@ class StageRun:
         now = int(time.time() * 1000)
         self._log("metrics", metrics, parent, lambda e, k, v: e.Metric(k, float(v), now, int(step or 0)))
 
-    def log_parent_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.log_metrics(metrics, step, parent=True)
-
     def set_tags(self, tags: Mapping[str, Any], *, parent: bool = False) -> None:
         self._log("tags", tags, parent, lambda e, k, v: e.RunTag(k, str(v)[:_MAX_VALUE]))
 

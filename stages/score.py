@@ -21,7 +21,7 @@ def main(params: dict[str, Any]) -> None:
         files = write_score_report(out_dir, metrics, rows, training_curves(finetune_dir, fusion_dir, members))
         with tracked(params, "score") as tracking:
             tracking.log_metrics(flat_scores(metrics))
-            tracking.log_parent_metrics(flat_scores(metrics))
+            tracking.log_metrics(flat_scores(metrics), parent=True)  # the pipeline's row in `mlflow ui`
             for path in files:
                 tracking.log_artifact(path)
     record(params, "score")

@@ -95,7 +95,7 @@ def test_two_processes_same_key_share_one_parent(env, store, client):
     # The second stage is this (pytest) process: a different process that knows nothing of the first.
     with start_stage(params, "finetune@dat") as run:
         run.log_metrics({"val_psnr_y": 20.5}, step=0)
-        run.log_parent_metrics({"test.psnr_y": 27.25})
+        run.log_metrics({"test.psnr_y": 27.25}, parent=True)
     assert run.parent_run_id == first["parent"]
 
     parents, children = runs_of(client, "t-processes")
@@ -314,7 +314,7 @@ import json, sys
 sys.path.insert(0, sys.argv[2])
 import _common
 with _common.tracked(json.loads(sys.argv[1]), "score") as run:
-    run.log_parent_metrics({"test.psnr_y": 30.0})
+    run.log_metrics({"test.psnr_y": 30.0}, parent=True)
 print(json.dumps({"run": run.run_id, "parent": run.parent_run_id}))
 """
 
@@ -345,7 +345,7 @@ def test_unreachable_server_warns_once_and_stage_completes(env, caplog, tmp_path
             for epoch in range(5):
                 run.log_metrics({"loss": 0.1}, step=epoch)
             run.log_artifact(artifact)
-            run.log_parent_metrics({"test.psnr_y": 1.0})
+            run.log_metrics({"test.psnr_y": 1.0}, parent=True)
             done = True
     elapsed = time.monotonic() - start
     assert done and not run.active and run.run_id is None
