@@ -1,6 +1,7 @@
 """Shared test fixtures: where the reference pack lives, and a skip when it is absent."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -50,3 +51,66 @@ def assert_intermediates_match(model: torch.nn.Module, fixture: Path, atol: floa
         assert got[name].shape == want.shape, name
         assert torch.allclose(got[name], want, atol=atol, rtol=0), \
             f"{name}: max |diff| {(got[name] - want).abs().max().item():.3g}"
+
+
+# --- architecture manifests (tests/test_arch_*.py, tests/test_accelerate.py) ----------------------------------
+
+
+def manifest(arch: str, name: str = "manifest_full.json") -> dict:
+    """A reference manifest (``fixtures/<arch>/<name>``), or skip."""
+    return json.loads(reference_path("fixtures", arch, name).read_text())
+
+
+def assert_matches_manifest(model: torch.nn.Module, spec: dict) -> None:
+    """``model``'s state_dict is the released one: key order, shapes, dtypes, parameter vs buffer, parameter count,
+    the buffers registered as None, and the plain tensor attributes that checkpoints do not carry."""
+    state = model.state_dict()
+    params = dict(model.named_parameters())
+    rows = spec["state_dict"]
+    assert list(state) == [row[0] for row in rows]
+    for key, shape, dtype, kind in rows:
+        assert list(state[key].shape) == shape, key
+        assert str(state[key].dtype) == f"torch.{dtype}", key
+        assert (key in params) == (kind == "parameter"), key
+    assert sum(p.numel() for p in model.parameters()) == spec["num_parameters"]
+    modules = dict(model.named_modules())
+    for key in spec.get("buffers_registered_as_None_absent_from_state_dict", []):
+        owner, _, name = key.rpartition(".")
+        assert key not in state
+        assert name in modules[owner]._buffers and modules[owner]._buffers[name] is None, key
+    for name, attr in spec.get("plain_tensor_attributes_not_in_state_dict", {}).items():
+        value = getattr(model, name)
+        assert isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+        assert name not in state and name not in dict(model.named_buffers())
+        assert list(value.shape) == attr["shape"] and str(value.dtype) == f"torch.{attr['dtype']}"
+        assert torch.allclose(value.cpu(), torch.tensor(attr["values"]).view(attr["shape"]))
+
+
+# --- training data (tests/test_datasets.py, test_train.py, test_fusion.py, test_ddp.py) ------------------------
+# Plain functions: tiny synthetic images that a few training steps can learn from. (Imported here, not at the
+# top, to keep this section apart from the others.)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from srmodels.images import write_image  # noqa: E402
+from srmodels.layout import SCALE  # noqa: E402
+
+
+def smooth_image(rng: np.random.Generator, h: int, w: int, lo: int = 0, hi: int = 255) -> np.ndarray:
+    """A learnable texture: random coarse grid, bicubically enlarged (uint8 HxWx3 in [lo, hi])."""
+    coarse = rng.uniform(lo, hi, size=(max(h // 8, 2), max(w // 8, 2), 3)).astype(np.float32)
+    return np.clip(cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC), lo, hi).round().astype(np.uint8)
+
+
+def downscale(hr: np.ndarray) -> np.ndarray:
+    """The x4 LR of an HR image (area averaging)."""
+    return cv2.resize(hr, (hr.shape[1] // SCALE, hr.shape[0] // SCALE), interpolation=cv2.INTER_AREA)
+
+
+def write_split(root: Path, images: dict[str, np.ndarray]) -> tuple[Path, Path]:
+    """``root/hr`` and ``root/lr`` holding each HR image and its LR, as PNGs named by stem; returns (hr, lr)."""
+    for stem, hr in images.items():
+        write_image(root / "hr" / f"{stem}.png", hr)
+        write_image(root / "lr" / f"{stem}.png", downscale(hr))
+    return root / "hr", root / "lr"

@@ -1,6 +1,7 @@
 """DAT conformance: official state_dict layout, official outputs, strictness, and the padding / shift-mask paths."""
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from srmodels.archs.dat import DAT, shift_window_mask, window_token_order
+from srmodels.accelerate import accelerate
+from srmodels.archs._layers import shift_window_mask, window_token_order
+from srmodels.archs.dat import DAT
 
-from .conftest import REFERENCE, assert_intermediates_match, load_pt, reference_path
+from .conftest import REFERENCE, assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
 
 ATOL = 5e-5
 PUBLIC = ("fixtures", "dat", "public")
@@ -56,31 +59,11 @@ def tiny_model() -> DAT:
 
 @pytest.mark.parametrize("manifest_name", MANIFESTS)
 def test_state_dict_matches_manifest(manifest_name: str) -> None:
-    manifest = json.loads(reference_path("fixtures", "dat", manifest_name).read_text())
+    spec = manifest("dat", manifest_name)
     # Meta tensors: real shapes and dtypes without allocating (or initialising) the 15M-parameter model.
     with torch.device("meta"):
-        model = DAT(**manifest["constructor_kwargs"])
-    state = model.state_dict()
-    params = dict(model.named_parameters())
-    rows = manifest["state_dict"]
-    assert list(state) == [row[0] for row in rows]
-    for key, shape, dtype, kind in rows:
-        assert list(state[key].shape) == shape, key
-        assert str(state[key].dtype) == f"torch.{dtype}", key
-        assert (key in params) == (kind == "parameter"), key
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
-
-    modules = dict(model.named_modules())
-    for key in manifest["buffers_registered_as_None_absent_from_state_dict"]:
-        owner, name = key.rsplit(".", 1)
-        assert name in modules[owner]._buffers and modules[owner]._buffers[name] is None, key
-        assert key not in state
-
-    expected_mean = manifest["plain_tensor_attributes_not_in_state_dict"]["mean"]
-    assert isinstance(model.mean, torch.Tensor) and not isinstance(model.mean, nn.Parameter)
-    assert "mean" not in state and "mean" not in dict(model.named_buffers())
-    assert list(model.mean.shape) == expected_mean["shape"]
-    assert torch.allclose(model.mean.cpu(), torch.tensor(expected_mean["values"]).view(1, 3, 1, 1))
+        model = DAT(**spec["constructor_kwargs"])
+    assert_matches_manifest(model, spec)
 
 
 def test_constructor_signature_is_official() -> None:
@@ -113,13 +96,15 @@ def test_variants_build() -> None:
 # --- official outputs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
 @pytest.mark.parametrize("name", PUBLIC_INPUTS)
-def test_public_outputs(public_model: DAT, name: str) -> None:
+def test_public_outputs(public_model: DAT, name: str, accelerated: bool) -> None:
     inputs = load_pt(reference_path(*PUBLIC, "inputs.pt"))
     outputs = load_pt(reference_path(*PUBLIC, "outputs.pt"))
     assert set(inputs) == set(outputs)
+    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
     with torch.inference_mode():
-        out = public_model(inputs[name])
+        out = model(inputs[name])
     assert out.shape == outputs[name].shape
     assert torch.allclose(out, outputs[name], atol=ATOL, rtol=0), \
         f"{name}: max |diff| {(out - outputs[name]).abs().max().item():.3g}"
@@ -130,13 +115,13 @@ def test_public_intermediates(public_model: DAT) -> None:
 
 
 def test_public_grad_mode_matches(public_model: DAT) -> None:
-    """The autograd path (no in-place shortcuts lost) gives the inference result and gradients."""
+    """The autograd path (no in-place shortcuts lost) gives the accelerated inference result, and gradients."""
     debug = [x for name, x in load_pt(reference_path(*PUBLIC, "inputs.pt")).items() if name.startswith("debug_")]
     x = debug[0].clone().requires_grad_(True)
     out = public_model(x)
     with torch.inference_mode():
-        ref = public_model(x.detach())
-    # Inference runs the wide 3x3 convs by Winograd, autograd by direct convolution: float rounding apart.
+        ref = accelerate(copy.deepcopy(public_model))(x.detach())
+    # Accelerated inference runs the wide 3x3 convs by Winograd, autograd by direct convolution: rounding apart.
     torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-6)
     out.square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
@@ -199,7 +184,7 @@ def test_registered_masks_equal_computed(tiny_model: DAT) -> None:
 
 def test_shift_window_mask_regions() -> None:
     # 8x8 map, 4x4 windows shifted by 2: the last window row/column mixes wrapped-around regions.
-    mask = shift_window_mask(8, 8, (4, 4), (2, 2))
+    mask = shift_window_mask((8, 8), (4, 4), (2, 2))
     assert mask.shape == (4, 16, 16)
     assert (mask[0] == 0).all()                            # top-left window: one region
     assert (mask[3] == -100).sum() == 16 * 16 - 4 * 4 * 4  # bottom-right window: four regions of 4 tokens
@@ -208,7 +193,7 @@ def test_shift_window_mask_regions() -> None:
 
 def test_window_token_order_pads_and_rolls() -> None:
     # 3x5 map padded to 4x6, 2x3 windows, rolled by (1, 1): slot 0 holds token (1, 1).
-    order = window_token_order(3, 5, (4, 6), (2, 3), (1, 1))
+    order = window_token_order((3, 5), (4, 6), (2, 3), (1, 1))
     assert order.shape == (24,)
     assert order[0].item() == 1 * 5 + 1
     assert (order == -1).sum() == 24 - 15
@@ -234,6 +219,6 @@ def test_checkpointing_gives_the_same_result(tiny_model: DAT) -> None:
     out = chk(x)
     with torch.inference_mode():
         ref = tiny_model(x.detach())
-    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-6)  # Winograd vs direct convs, as above
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-6)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

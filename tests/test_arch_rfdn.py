@@ -10,7 +10,7 @@ from torch import nn
 
 from srmodels.archs.rfdn import MIN_INPUT_SIZE, RFDN
 
-from .conftest import assert_intermediates_match, load_pt, reference_path
+from .conftest import assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
 
 ATOL = 5e-5
 RELEASED_ATOL = 1e-2  # outputs on the 0-255 scale
@@ -30,17 +30,10 @@ def public_model() -> RFDN:
 
 
 def test_state_dict_matches_manifest() -> None:
-    manifest = json.loads(reference_path("fixtures", "rfdn", "manifest_full.json").read_text())
-    model = RFDN(**manifest["constructor_kwargs"])
-    state = model.state_dict()
-    params = dict(model.named_parameters())
-    rows = manifest["state_dict"]
-    assert list(state) == [row[0] for row in rows]
-    for key, shape, dtype, kind in rows:
-        assert list(state[key].shape) == shape, key
-        assert str(state[key].dtype) == f"torch.{dtype}", key
-        assert (key in params) == (kind == "parameter"), key
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"] == 433_448
+    spec = manifest("rfdn")
+    model = RFDN(**spec["constructor_kwargs"])
+    assert_matches_manifest(model, spec)
+    assert spec["num_parameters"] == 433_448
 
 
 def test_constructor_signature_is_official() -> None:

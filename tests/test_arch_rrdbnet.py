@@ -1,15 +1,17 @@
 """RRDBNet conformance: BasicSR state_dict layout, official outputs, scale 2/1 unshuffling, strictness."""
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 
 import pytest
 import torch
 
+from srmodels.accelerate import accelerate
 from srmodels.archs.rrdbnet import RRDBNet
 
-from .conftest import assert_intermediates_match, load_pt, reference_path
+from .conftest import assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
 
 ATOL = 5e-5
 PUBLIC = ("fixtures", "rrdbnet", "public")
@@ -42,19 +44,12 @@ def _unshuffle_by_reshape(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def test_state_dict_matches_manifest() -> None:
-    manifest = json.loads(reference_path("fixtures", "rrdbnet", "manifest_full.json").read_text())
+    spec = manifest("rrdbnet")
     # Meta tensors: real shapes and dtypes without allocating or initialising 16.7M parameters.
     with torch.device("meta"):
-        model = RRDBNet(**manifest["constructor_kwargs"])
-    state = model.state_dict()
-    params = dict(model.named_parameters())
-    rows = manifest["state_dict"]
-    assert list(state) == [row[0] for row in rows]
-    for key, shape, dtype, kind in rows:
-        assert list(state[key].shape) == shape, key
-        assert str(state[key].dtype) == f"torch.{dtype}", key
-        assert (key in params) == (kind == "parameter"), key
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"] == 16_697_987
+        model = RRDBNet(**spec["constructor_kwargs"])
+    assert_matches_manifest(model, spec)
+    assert spec["num_parameters"] == 16_697_987
 
 
 def test_constructor_signature_is_official() -> None:
@@ -70,13 +65,15 @@ def test_constructor_signature_is_official() -> None:
 # --- official outputs ------------------------------------------------------------------------------------
 
 
-def test_public_outputs(public_model: RRDBNet) -> None:
+@pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
+def test_public_outputs(public_model: RRDBNet, accelerated: bool) -> None:
     inputs = load_pt(reference_path(*PUBLIC, "inputs.pt"))
     outputs = load_pt(reference_path(*PUBLIC, "outputs.pt"))
     assert set(inputs) == set(outputs)
+    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
     with torch.inference_mode():
         for name, x in inputs.items():
-            out = public_model(x)
+            out = model(x)
             assert out.shape == outputs[name].shape, name
             assert torch.allclose(out, outputs[name], atol=ATOL, rtol=0), \
                 f"{name}: max |diff| {(out - outputs[name]).abs().max().item():.3g}"

@@ -1,6 +1,7 @@
 """SwinIR conformance: official state_dict layout, official outputs, and the shift-mask / padding paths."""
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 
@@ -9,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srmodels.archs.swinir import SwinIR, shift_window_mask, window_partition, window_reverse
+from srmodels.accelerate import accelerate
+from srmodels.archs._layers import shift_window_mask
+from srmodels.archs.swinir import SwinIR, window_partition, window_reverse
 
-from .conftest import REFERENCE, assert_intermediates_match, load_pt, reference_path
+from .conftest import REFERENCE, assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
 
 ATOL = 5e-5
 PUBLIC = ("fixtures", "swinir", "public")
@@ -46,31 +49,11 @@ def public_model() -> SwinIR:
 
 @pytest.mark.parametrize("manifest_name", MANIFESTS)
 def test_state_dict_matches_manifest(manifest_name: str) -> None:
-    manifest = json.loads(reference_path("fixtures", "swinir", manifest_name).read_text())
+    spec = manifest("swinir", manifest_name)
     # Meta tensors: real shapes and dtypes without allocating the 12M-parameter model.
     with torch.device("meta"):
-        model = SwinIR(**manifest["constructor_kwargs"])
-    state = model.state_dict()
-    params = dict(model.named_parameters())
-    rows = manifest["state_dict"]
-    assert list(state) == [row[0] for row in rows]
-    for key, shape, dtype, kind in rows:
-        assert list(state[key].shape) == shape, key
-        assert str(state[key].dtype) == f"torch.{dtype}", key
-        assert (key in params) == (kind == "parameter"), key
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_parameters"]
-
-    modules = dict(model.named_modules())
-    for key in manifest["buffers_registered_as_None_absent_from_state_dict"]:
-        owner, _, name = key.rpartition(".")
-        assert key not in state
-        assert name in modules[owner]._buffers and getattr(modules[owner], name) is None, key
-    for name, spec in manifest["plain_tensor_attributes_not_in_state_dict"].items():
-        value = getattr(model, name)
-        assert isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
-        assert name not in state and name not in dict(model.named_buffers())
-        assert list(value.shape) == spec["shape"] and str(value.dtype) == f"torch.{spec['dtype']}"
-        assert torch.allclose(value.cpu(), torch.tensor(spec["values"]).view(spec["shape"]))
+        model = SwinIR(**spec["constructor_kwargs"])
+    assert_matches_manifest(model, spec)
 
 
 def test_constructed_buffers_equal_official(public_model: SwinIR) -> None:
@@ -108,18 +91,22 @@ def _input_names() -> list[str]:
     return list(json.loads(meta.read_text())["inputs"]) if meta.exists() else ["(none)"]
 
 
+@pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
 @pytest.mark.parametrize("name", _input_names())
-def test_public_outputs(public_model: SwinIR, name: str) -> None:
+def test_public_outputs(public_model: SwinIR, name: str, accelerated: bool) -> None:
     x = load_pt(reference_path(*PUBLIC, "inputs.pt"))[name]
     expected = load_pt(reference_path(*PUBLIC, "outputs.pt"))[name]
+    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
     with torch.no_grad():
-        out = public_model(x)
+        out = model(x)
     assert out.shape == expected.shape and out.is_contiguous()
     assert torch.allclose(out, expected, atol=ATOL, rtol=0), (out - expected).abs().max().item()
 
 
-def test_public_main_test_pipeline(public_model: SwinIR) -> None:
+@pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
+def test_public_main_test_pipeline(public_model: SwinIR, accelerated: bool) -> None:
     """main_test_swinir.py pads by flipped concatenation up to the next window multiple before the model."""
+    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
     outputs = load_pt(reference_path(*PUBLIC, "outputs.pt"))
     inputs = load_pt(reference_path(*PUBLIC, "inputs.pt"))
     for key in [k for k in outputs if k.endswith(PIPELINE_SUFFIX)]:
@@ -129,7 +116,7 @@ def test_public_main_test_pipeline(public_model: SwinIR) -> None:
         x = torch.cat([x, x.flip(2)], 2)[:, :, : (h // ws + 1) * ws]
         x = torch.cat([x, x.flip(3)], 3)[:, :, :, : (w // ws + 1) * ws]
         with torch.no_grad():
-            out = public_model(x)[..., : h * 4, : w * 4]
+            out = model(x)[..., : h * 4, : w * 4]
         assert torch.allclose(out, outputs[key], atol=ATOL, rtol=0), key
 
 
@@ -173,9 +160,9 @@ def test_registered_mask_equals_computed_mask() -> None:
     model = SwinIR(**TINY)
     blk = model.layers[0].residual_group.blocks[1]
     assert blk.shift_size == 4 and blk.attn_mask.shape == (4, 64, 64)
-    assert torch.equal(blk.attn_mask, shift_window_mask((16, 16), 8, 4))
+    assert torch.equal(blk.attn_mask, shift_window_mask((16, 16), (8, 8), (4, 4)))
     assert set(torch.unique(blk.attn_mask).tolist()) == {-100.0, 0.0}
-    assert not shift_window_mask((24, 16), 8, 0).any()
+    assert not shift_window_mask((24, 16), (8, 8), (0, 0)).any()
 
 
 def _transplant(src: SwinIR, **overrides) -> SwinIR:

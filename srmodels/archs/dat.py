@@ -16,28 +16,25 @@ The forward is organised for CPU speed instead of following the official op sequ
 * feature maps stay token-major; the convolutions see them as channels-last NCHW views, so no
   transposes are needed around them;
 * shift masks and gather indices for a given input size are built once per forward and shared by
-  all blocks, instead of once per block;
+  all blocks, instead of once per block (a ``_layers.WindowPlan``, the design SwinIR shares);
 * the channel attention divides its small (d x d) score matrix by the token norms of q and k instead
   of normalising q and k along their strided token axis;
-* in float32 CPU inference the wide 3x3 convolutions (residual groups, ``conv_after_body``, the
-  upsampler) run by Winograd F(4x4, 3x3), and the linear layers are oneDNN matmuls on once-packed weights,
-  fc1 + GELU as one (``_layers``).
+
+The layers themselves are plain ``nn.Linear`` / ``nn.Conv2d``; ``srmodels.accelerate`` swaps in CPU inference
+kernels explicitly.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import (Conv2d, DropPath, Upsample, UpsampleOneStep, linear, linear_gelu, residual_conv, to_2tuple,
+from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, residual_conv, shift_window_mask, to_2tuple,
                       trunc_normal_)
 
 __all__ = ["DAT"]
-
-# Per-forward scratch space shared by all blocks: gather indices and shift masks keyed by size.
-_Cache = dict[tuple, Any]
 
 
 def _tokens_as_image(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -54,83 +51,42 @@ def _pad_to(n: int, multiple: int) -> int:
     return n + (multiple - n % multiple) % multiple
 
 
-def _shift_groups(win: int, shift: int) -> tuple[slice, slice, slice]:
-    """The three bands of one axis after a cyclic shift: untouched, the last window, the wrapped part."""
-    # Written with negative slice bounds on purpose: for shift 0 the last band becomes the whole axis,
-    # which is how the official masks come out in that (unused) case.
-    return slice(0, -win), slice(-win, -shift), slice(-shift, None)
-
-
-def shift_window_mask(height: int, width: int, win: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    """Additive mask (num_windows, N, N) for shifted windows of size win over a height x width map.
-
-    Tokens that came from different regions of the unshifted map get -100, others 0 (Swin's scheme).
-    """
-    regions = torch.zeros(height, width)
-    label = 0
-    for rows in _shift_groups(win[0], shift[0]):
-        for cols in _shift_groups(win[1], shift[1]):
-            regions[rows, cols] = label
-            label += 1
-    windows = regions.view(height // win[0], win[0], width // win[1], win[1]).transpose(1, 2)
-    windows = windows.reshape(-1, win[0] * win[1])
-    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
-    return torch.where(diff != 0, -100.0, 0.0)
-
-
-def window_token_order(height: int, width: int, padded: tuple[int, int], win: tuple[int, int],
-                       shift: tuple[int, int]) -> torch.Tensor:
-    """Source token of every (window, position) slot, -1 for zero padding.
-
-    The map is zero-padded right/bottom to ``padded``, rolled by -shift, then cut into win-sized windows
-    in row-major window order; slot w * N + n holds the flat index (row * width + col) of the unpadded
-    token that lands there.
-    """
-    ph, pw = padded
-    rows = (torch.arange(ph).view(ph // win[0], win[0]) + shift[0]) % ph
-    cols = (torch.arange(pw).view(pw // win[1], win[1]) + shift[1]) % pw
-    rows = rows[:, None, :, None]
-    cols = cols[None, :, None, :]
-    token = torch.where((rows < height) & (cols < width), rows * width + cols, -1)
-    return token.reshape(-1)
-
-
-def _window_gather_indices(batch: int, height: int, width: int, padded: tuple[int, int],
-                           wins: Sequence[tuple[int, int]], shifts: Sequence[tuple[int, int]], heads: int,
-                           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_gather_indices(batch: int, length: int, order: torch.Tensor, n_tok: int,
+                           heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices that move qkv into window order and the attention output back.
+
+    order: (2, slots) token order of each branch (``_layers.window_token_order``, -1 for padding); n_tok:
+    tokens per window.
 
     qkv rows: the (B*L [+1 zero token], 3 * 2 * heads * d) projection seen as rows of d channels,
     row ((token * 3 + t) * 2 + branch) * heads + head. Gathering with ``into`` gives
     (3, 2, B, windows, heads, N, d). The attention output (2, B, windows, heads, N, d) seen as rows of d,
     gathered with ``back``, gives (B, L, 2 * heads * d) with the branch halves in channel order.
     """
-    length = height * width
-    order = torch.stack([window_token_order(height, width, padded, w, s) for w, s in zip(wins, shifts)])
+    device = order.device
     n_slots = order.shape[1]
-    n_tok = wins[0][0] * wins[0][1]
     valid = order >= 0
-    batch_offset = torch.arange(batch).view(1, batch, 1) * length
+    batch_offset = torch.arange(batch, device=device).view(1, batch, 1) * length
     # padding slots read the one all-zero token appended after the last real token
     token = torch.where(valid.unsqueeze(1), order.unsqueeze(1) + batch_offset, batch * length)
     token = token.view(2, batch, n_slots // n_tok, 1, n_tok)  # branch, b, window, (head), n
-    t = torch.arange(3).view(3, 1, 1, 1, 1, 1)
-    br = torch.arange(2).view(1, 2, 1, 1, 1, 1)
-    head = torch.arange(heads).view(1, 1, 1, 1, heads, 1)
+    t = torch.arange(3, device=device).view(3, 1, 1, 1, 1, 1)
+    br = torch.arange(2, device=device).view(1, 2, 1, 1, 1, 1)
+    head = torch.arange(heads, device=device).view(1, 1, 1, 1, heads, 1)
     into = ((token.unsqueeze(0) * 3 + t) * 2 + br) * heads + head
 
-    slot = torch.empty(2, length, dtype=torch.long)
+    slot = torch.empty(2, length, dtype=torch.long, device=device)
     for i in range(2):
-        slot[i, order[i][valid[i]]] = torch.arange(n_slots)[valid[i]]
+        slot[i, order[i][valid[i]]] = torch.arange(n_slots, device=device)[valid[i]]
     window, pos = slot // n_tok, slot % n_tok  # (2, L)
     n_windows = n_slots // n_tok
-    b_idx = torch.arange(batch).view(batch, 1, 1, 1)
-    br = torch.arange(2).view(1, 1, 2, 1)
-    head = torch.arange(heads).view(1, 1, 1, heads)
+    b_idx = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    br = torch.arange(2, device=device).view(1, 1, 2, 1)
+    head = torch.arange(heads, device=device).view(1, 1, 1, heads)
     window = window.t().reshape(1, length, 2, 1)
     pos = pos.t().reshape(1, length, 2, 1)
     back = (((br * batch + b_idx) * n_windows + window) * heads + head) * n_tok + pos
-    return into.reshape(-1).to(device), back.reshape(-1).to(device)
+    return into.reshape(-1), back.reshape(-1)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -180,9 +136,9 @@ class SGFN(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = self.drop(linear_gelu(x, self.fc1, self.act))
+        x = self.drop(self.act(self.fc1(x)))
         x = self.drop(self.sg(x, H, W))
-        return self.drop(linear(x, self.fc2))
+        return self.drop(self.fc2(x))
 
 
 class DynamicPosBias(nn.Module):
@@ -323,31 +279,29 @@ class Adaptive_Spatial_Attention(nn.Module):
     def calculate_mask(self, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Shift masks (num_windows, N, N) of both branches for an H x W (padded) map."""
         t0, t1 = self.shift_size[0], self.shift_size[1]
-        (w0, w1) = self._windows()
-        return shift_window_mask(H, W, w0, (t0, t1)), shift_window_mask(H, W, w1, (t1, t0))
+        w0, w1 = self._windows()
+        return shift_window_mask((H, W), w0, (t0, t1)), shift_window_mask((H, W), w1, (t1, t0))
 
-    def _masks(self, Hp: int, Wp: int, device: torch.device, cache: _Cache) -> Sequence[torch.Tensor]:
+    def _masks(self, Hp: int, Wp: int, plan: WindowPlan) -> Sequence[torch.Tensor]:
         if Hp == self.patches_resolution and Wp == self.patches_resolution:
             # the registered buffers are authoritative at the training size (they are in checkpoints)
             return self.attn_mask_0, self.attn_mask_1
-        key = ("mask", Hp, Wp, tuple(self.split_size), tuple(self.shift_size), device)
-        if key not in cache:
-            cache[key] = tuple(m.to(device) for m in self.calculate_mask(Hp, Wp))
-        return cache[key]
+        return [plan.mask(w, s, (Hp, Wp)) for w, s in zip(self._windows(), self._shifts())]
 
-    def _indices(self, B: int, H: int, W: int, Hp: int, Wp: int, heads: int, device: torch.device,
-                 cache: _Cache) -> tuple[torch.Tensor, torch.Tensor]:
-        shifts = self._shifts()
-        key = ("gather", B, H, W, Hp, Wp, self._windows(), shifts, heads, device)
-        if key not in cache:
-            cache[key] = _window_gather_indices(B, H, W, (Hp, Wp), self._windows(), shifts, heads, device)
-        return cache[key]
+    def _indices(self, B: int, Hp: int, Wp: int, heads: int, plan: WindowPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        wins, shifts = self._windows(), self._shifts()
 
-    def forward(self, x: torch.Tensor, H: int, W: int, cache: Optional[_Cache] = None) -> torch.Tensor:
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            order = torch.stack([plan.order(w, s, (Hp, Wp)) for w, s in zip(wins, shifts)])
+            H, W = plan.x_size
+            return _window_gather_indices(B, H * W, order, wins[0][0] * wins[0][1], heads)
+        return plan.memo(("dat_gather", B, (Hp, Wp), wins, shifts, heads), build)
+
+    def forward(self, x: torch.Tensor, H: int, W: int, plan: Optional[WindowPlan] = None) -> torch.Tensor:
         B, L, C = x.shape
         if L != H * W:
             raise ValueError(f"got {L} tokens for a {H}x{W} map")
-        cache = {} if cache is None else cache
+        plan = WindowPlan((H, W), x.device) if plan is None else plan
         heads = self.attns[0].num_heads
         head_dim = C // 2 // heads
         # q, k, v are zero-padded right/bottom to a multiple of the longer window side; the padded
@@ -355,16 +309,16 @@ class Adaptive_Spatial_Attention(nn.Module):
         split = max(self.split_size[0], self.split_size[1])
         Hp, Wp = _pad_to(H, split), _pad_to(W, split)
 
-        qkv = linear(x, self.qkv).view(B * L, 3 * C)
+        qkv = self.qkv(x).view(B * L, 3 * C)
         v = qkv[:, 2 * C:].reshape(B, H, W, C).permute(0, 3, 1, 2)  # for the conv branch, unpadded
         if Hp != H or Wp != W:
             qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * C)])
-        into, back = self._indices(B, H, W, Hp, Wp, heads, x.device, cache)
+        into, back = self._indices(B, Hp, Wp, heads, plan)
         qkv = qkv.view(-1, head_dim).index_select(0, into)
         q, k, v_win = qkv.view(3, 2, B, -1, heads, self.split_size[0] * self.split_size[1], head_dim).unbind(0)
 
         biases = [attn.relative_bias() for attn in self.attns]
-        masks = self._masks(Hp, Wp, x.device, cache) if self.shifted else None
+        masks = self._masks(Hp, Wp, plan) if self.shifted else None
         out = window_attention(q, k, v_win, self.attns[0].scale, biases, masks, self.attns[0].attn_drop)
         attened_x = out.view(-1, head_dim).index_select(0, back).view(B, L, C)
 
@@ -374,7 +328,7 @@ class Adaptive_Spatial_Attention(nn.Module):
         spatial_map = self.spatial_interaction(_tokens_as_image(attened_x, H, W))
         attened_x = attened_x * torch.sigmoid(channel_map)
         conv_x = _image_as_tokens(torch.sigmoid(spatial_map) * conv_x)
-        return self.proj_drop(linear(attened_x + conv_x, self.proj))
+        return self.proj_drop(self.proj(attened_x + conv_x))
 
 
 class Adaptive_Channel_Attention(nn.Module):
@@ -407,10 +361,10 @@ class Adaptive_Channel_Attention(nn.Module):
             nn.GELU(),
             nn.Conv2d(dim // 16, 1, kernel_size=1))
 
-    def forward(self, x: torch.Tensor, H: int, W: int, cache: Optional[_Cache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, H: int, W: int, plan: Optional[WindowPlan] = None) -> torch.Tensor:
         B, N, C = x.shape
         heads = self.num_heads
-        qkv = linear(x, self.qkv)
+        qkv = self.qkv(x)
         q, k, v = qkv.view(B, N, 3, heads, C // heads).permute(2, 0, 3, 4, 1).unbind(0)  # each (B, heads, d, N)
         conv_x = self.dwconv(_tokens_as_image(qkv[..., 2 * C:], H, W).contiguous(memory_format=torch.channels_last))
 
@@ -428,7 +382,7 @@ class Adaptive_Channel_Attention(nn.Module):
         spatial_map = _image_as_tokens(self.spatial_interaction(conv_x))
         attened_x = attened_x * torch.sigmoid(spatial_map)
         conv_x = _image_as_tokens(conv_x * torch.sigmoid(channel_map))
-        return self.proj_drop(linear(attened_x + conv_x, self.proj))
+        return self.proj_drop(self.proj(attened_x + conv_x))
 
 
 class DATB(nn.Module):
@@ -454,9 +408,9 @@ class DATB(nn.Module):
                         act_layer=act_layer)
         self.norm2 = norm_layer(dim)
 
-    def forward(self, x: torch.Tensor, x_size: Sequence[int], cache: Optional[_Cache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_size: Sequence[int], plan: Optional[WindowPlan] = None) -> torch.Tensor:
         H, W = x_size
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W, cache))
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W, plan))
         return x + self.drop_path(self.ffn(self.norm2(x), H, W))
 
 
@@ -480,15 +434,15 @@ class ResidualGroup(nn.Module):
             for i in range(depth)])
         self.conv = residual_conv(dim, resi_connection)
 
-    def forward(self, x: torch.Tensor, x_size: Sequence[int], cache: Optional[_Cache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_size: Sequence[int], plan: Optional[WindowPlan] = None) -> torch.Tensor:
         H, W = x_size
-        cache = {} if cache is None else cache
+        plan = WindowPlan((H, W), x.device) if plan is None else plan
         res = x
         for blk in self.blocks:
             if self.use_chk and torch.is_grad_enabled():
-                x = checkpoint.checkpoint(blk, x, x_size, cache, use_reentrant=False)
+                x = checkpoint.checkpoint(blk, x, x_size, plan, use_reentrant=False)
             else:
-                x = blk(x, x_size, cache)
+                x = blk(x, x_size, plan)
         return res + _image_as_tokens(self.conv(_tokens_as_image(x, H, W)))
 
 
@@ -573,7 +527,7 @@ class DAT(nn.Module):
         self.conv_after_body = residual_conv(embed_dim, resi_connection)
 
         if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(Conv2d(embed_dim, num_feat, 3, 1, 1),
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
             self.upsample = Upsample(upscale, num_feat)
             self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
@@ -595,10 +549,10 @@ class DAT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
-        cache: _Cache = {}  # masks and gather indices for this input size, shared by all blocks
+        plan = WindowPlan((H, W), x.device)  # masks and gather indices for this input size, shared by all blocks
         x = self.before_RG(x)
         for layer in self.layers:
-            x = layer(x, (H, W), cache)
+            x = layer(x, (H, W), plan)
         return _tokens_as_image(self.norm(x), H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import DirectConv2d
-
 __all__ = ["RRDBNet", "RRDB", "ResidualDenseBlock"]
 
 _LRELU_SLOPE = 0.2
@@ -32,9 +30,8 @@ _UNSHUFFLE = {4: 1, 2: 2, 1: 4}
 
 
 def conv3x3(in_ch: int, out_ch: int) -> nn.Conv2d:
-    # Direct convolution with a once-packed weight in CPU inference. Winograd (DAT/SwinIR's wide convs) gained
-    # only 2% here, on conv5 alone, so RRDBNet keeps the direct convolution's rounding.
-    return DirectConv2d(in_ch, out_ch, 3, 1, 1)
+    """Stride-1, zero-padded 3x3 conv with bias (every conv of this network)."""
+    return nn.Conv2d(in_ch, out_ch, 3, 1, 1)
 
 
 def channels_last_on_cpu(x: torch.Tensor) -> torch.Tensor:

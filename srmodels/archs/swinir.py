@@ -18,17 +18,15 @@ What differs is how the work is laid out, for CPU inference speed:
   and everything else in it (norms, MLP, residual adds) is per token, so going from one block's window order
   to the next block's is a single gather, instead of roll, partition, reverse and roll back.
 * Token orders and shift masks for a padded size are built once per forward and shared by every block,
-  instead of once per block.
+  instead of once per block (a ``_layers.WindowPlan``, the design DAT shares).
 * Relative-position bias and shift mask are passed as one additive term to
   ``F.scaled_dot_product_attention``, which scales, adds, normalises and weights in one fused kernel.
 * Feature maps are channels-last (NHWC), the memory layout of the tokens, so tokens and maps convert as views.
-* In float32 CPU inference the linear layers are oneDNN matmuls on once-packed weights that add the bias,
-  fc1's GELU and the two residuals of a block as they write their output, and the wide 3x3 convolutions
-  (residual groups, ``conv_after_body``, the upsampler) use Winograd F(4x4, 3x3) (``_layers.linear_add`` /
-  ``_layers.Conv2d``).
-  Training takes the plain layers.
 * ``SwinTransformerBlock.forward`` therefore takes window-ordered tokens and a mask, not ``(x, x_size)``;
   ``BasicLayer`` and the model keep the official call signatures.
+
+The layers themselves are plain ``nn.Linear`` / ``nn.Conv2d``; ``srmodels.accelerate`` swaps in CPU inference
+kernels explicitly.
 """
 from __future__ import annotations
 
@@ -39,13 +37,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ._layers import (Conv2d, DropPath, Upsample, UpsampleOneStep, linear, linear_add, linear_gelu, residual_conv,
-                      to_2tuple, trunc_normal_)
+from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, residual_conv, shift_window_mask, to_2tuple,
+                      trunc_normal_)
 
 __all__ = ["SwinIR", "RSTB", "BasicLayer", "SwinTransformerBlock", "WindowAttention", "window_partition",
-           "window_reverse", "shift_window_mask"]
+           "window_reverse"]
 
-_MASK_VALUE = -100.0  # official value for token pairs from different regions of a rolled window
 _NUM_FEAT = 64  # width of the reconstruction head (fixed upstream)
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, as upstream
 _UPSAMPLERS = ("", "pixelshuffle", "pixelshuffledirect", "nearest+conv")
@@ -73,90 +70,6 @@ def relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
     return (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
 
 
-def shift_window_mask(x_size: tuple[int, int], window_size: int, shift_size: int,
-                      device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Additive (num_windows, N, N) mask of the shifted windows for an H x W map (H, W multiples of window_size).
-
-    After the cyclic shift by -shift_size, the last window row/column holds pixels from opposite borders; they
-    split every axis into three bands ([0, n-ws), [n-ws, n-shift), [n-shift, n)), and token pairs from
-    different bands get ``-100``. With ``shift_size == 0`` every pair is in the same band and the mask is zero.
-    """
-    h, w = x_size
-
-    def bands(n: int) -> torch.Tensor:
-        band = torch.zeros(n, dtype=torch.long, device=device)
-        if shift_size > 0:
-            band[n - window_size:] = 1
-            band[n - shift_size:] = 2
-        return band
-
-    region = (bands(h)[:, None] * 3 + bands(w)[None, :]).view(1, h, w, 1)
-    region = window_partition(region, window_size).flatten(1)
-    different = region[:, None, :] != region[:, :, None]
-    mask = torch.zeros(different.shape, device=device, dtype=dtype or torch.get_default_dtype())
-    return mask.masked_fill_(different, _MASK_VALUE)
-
-
-def window_order(x_size: tuple[int, int], window_size: int, shift_size: int,
-                 device: torch.device | None = None) -> torch.Tensor:
-    """Raster index of the token at each position of the windowed sequence (cyclic shift by -shift_size first)."""
-    h, w = x_size
-    index = torch.arange(h * w, device=device).view(1, h, w, 1)
-    if shift_size > 0:
-        index = torch.roll(index, shifts=(-shift_size, -shift_size), dims=(1, 2))
-    return window_partition(index, window_size).flatten()
-
-
-class _WindowPlan:
-    """Token orders and shift masks for one padded feature size, shared by all blocks of one forward.
-
-    Built per forward (a handful of small integer ops) rather than cached on the model, so nothing can go
-    stale across sizes, devices, dtypes or autograd modes. Orders are keyed by (window_size, shift_size);
-    ``None`` stands for the raster order of the feature map.
-    """
-
-    def __init__(self, x_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> None:
-        self.x_size = x_size
-        self.device = device
-        self.dtype = dtype
-        self._orders: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._moves: dict[tuple, torch.Tensor | None] = {}
-        self._masks: dict[tuple[int, int], torch.Tensor | None] = {}
-
-    def _order(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if key not in self._orders:
-            order = window_order(self.x_size, *key, device=self.device)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=self.device)
-            self._orders[key] = (order, inverse)
-        return self._orders[key]
-
-    def move(self, src: tuple[int, int] | None, dst: tuple[int, int] | None) -> torch.Tensor | None:
-        """Index that gathers a src-ordered sequence into dst order (None when the orders coincide)."""
-        if (src, dst) not in self._moves:
-            if src == dst:
-                index = None
-            elif src is None:
-                index = self._order(dst)[0]
-            elif dst is None:
-                index = self._order(src)[1]
-            else:
-                index = self._order(src)[1][self._order(dst)[0]]
-            if index is not None and torch.equal(index, torch.arange(index.numel(), device=self.device)):
-                index = None  # e.g. a single window covering the whole map
-            self._moves[(src, dst)] = index
-        return self._moves[(src, dst)]
-
-    def mask(self, window_size: int, shift_size: int) -> torch.Tensor | None:
-        # Unshifted windows get an all-zero mask upstream; adding zeros is exact, so it is skipped.
-        if shift_size == 0:
-            return None
-        key = (window_size, shift_size)
-        if key not in self._masks:
-            self._masks[key] = shift_window_mask(self.x_size, window_size, shift_size, self.device, self.dtype)
-        return self._masks[key]
-
-
 def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[:, index]`` for (B, L, C) tokens, gathered as rows of one (B * L, C) matrix: ``index_select`` along
     dim 0 runs on every thread, along dim 1 on one (1.7 against 2.3 ms for 10560 x 180 on 2 threads)."""
@@ -164,14 +77,6 @@ def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if b > 1:
         index = (index + torch.arange(0, b * length, length, device=index.device).unsqueeze(1)).flatten()
     return x.reshape(b * length, c).index_select(0, index).view(b, -1, c)
-
-
-def _output(x: torch.Tensor, fc: nn.Linear, drop: nn.Dropout, residual: torch.Tensor | None) -> torch.Tensor:
-    """``drop(fc(x))``, plus ``residual`` when given; in inference (dropout off) the add happens inside the matmul."""
-    if residual is not None and not drop.training:
-        return linear_add(x, fc, residual)
-    x = drop(linear(x, fc))
-    return x if residual is None else x + residual
 
 
 class Mlp(nn.Module):
@@ -187,9 +92,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The MLP of x, plus ``residual`` when given (added inside the last matmul in inference)."""
-        return _output(self.drop(linear_gelu(x, self.fc1, self.act)), self.fc2, self.drop, residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
 
 
 class WindowAttention(nn.Module):
@@ -230,12 +135,10 @@ class WindowAttention(nn.Module):
         # too and the attention kernel does not copy it.
         return self.relative_position_bias_table.t()[:, self.relative_position_index]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B * num_windows, N, C); mask: additive (num_windows, N, N) or None; ``residual``, shaped like x, is
-        added to the output (inside the output projection's matmul in inference)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B * num_windows, N, C); mask: additive (num_windows, N, N) or None."""
         b_, n, c = x.shape
-        qkv = linear(x, self.qkv).view(b_, n, 3, self.num_heads, c // self.num_heads)
+        qkv = self.qkv(x).view(b_, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if mask is None:
             bias = self.relative_position_bias().unsqueeze(0)
@@ -245,7 +148,8 @@ class WindowAttention(nn.Module):
                 bias = bias.repeat(b_ // mask.shape[0], 1, 1, 1)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
                                            dropout_p=self.attn_drop.p if self.training else 0.0)
-        return _output(x.transpose(1, 2).reshape(b_, n, c), self.proj, self.proj_drop, residual)
+        x = self.proj(x.transpose(1, 2).reshape(b_, n, c))
+        return self.proj_drop(x)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
@@ -286,21 +190,15 @@ class SwinTransformerBlock(nn.Module):
         self.register_buffer("attn_mask", attn_mask)
 
     def calculate_mask(self, x_size: tuple[int, int]) -> torch.Tensor:
-        return shift_window_mask(x_size, self.window_size, self.shift_size)
+        return shift_window_mask(x_size, to_2tuple(self.window_size), to_2tuple(self.shift_size))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, L, C) in this block's window order; mask: additive (num_windows, N, N) or None."""
         b, length, c = x.shape
         n = self.window_size * self.window_size
-        if self.training:
-            attn = self.attn(self.norm1(x).view(-1, n, c), mask)
-            # Residuals are added in place into the fresh branch outputs (which autograd does not save), sparing
-            # two full-size allocations per block.
-            x = self.drop_path(attn.view(b, length, c)).add_(x)
-            return self.drop_path(self.mlp(self.norm2(x))).add_(x)
-        # Stochastic depth is off, so each residual add can go into the matmul that ends its branch.
-        x = self.attn(self.norm1(x).view(-1, n, c), mask, residual=x.view(-1, n, c)).view(b, length, c)
-        return self.mlp(self.norm2(x), residual=x)
+        attn = self.attn(self.norm1(x).view(-1, n, c), mask)
+        x = x + self.drop_path(attn.view(b, length, c))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, input_resolution={self.input_resolution}, num_heads={self.num_heads}, "
@@ -331,12 +229,12 @@ class BasicLayer(nn.Module):
         # SwinIR never downsamples (always None); kept for the upstream signature.
         self.downsample = None if downsample is None else downsample(input_resolution, dim=dim, norm_layer=norm_layer)
 
-    def forward(self, x: torch.Tensor, x_size: tuple[int, int], windows: _WindowPlan | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], plan: WindowPlan | None = None) -> torch.Tensor:
         x_size = (int(x_size[0]), int(x_size[1]))
-        plan = windows if windows is not None else _WindowPlan(x_size, x.device, x.dtype)
+        plan = plan if plan is not None else WindowPlan(x_size, x.device, x.dtype)
         order = None
         for blk in self.blocks:
-            key = (blk.window_size, blk.shift_size)
+            key = (to_2tuple(blk.window_size), to_2tuple(blk.shift_size))
             index = plan.move(order, key)
             if index is not None:
                 x = _take_tokens(x, index)
@@ -420,8 +318,8 @@ class RSTB(nn.Module):
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=0, embed_dim=dim)
         self.patch_unembed = PatchUnEmbed(img_size=img_size, patch_size=patch_size, in_chans=0, embed_dim=dim)
 
-    def forward(self, x: torch.Tensor, x_size: tuple[int, int], windows: _WindowPlan | None = None) -> torch.Tensor:
-        y = self.patch_unembed(self.residual_group(x, x_size, windows), x_size)
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], plan: WindowPlan | None = None) -> torch.Tensor:
+        y = self.patch_unembed(self.residual_group(x, x_size, plan), x_size)
         return self.patch_embed(self.conv(y)) + x
 
 
@@ -513,14 +411,14 @@ class SwinIR(nn.Module):
 
         # reconstruction
         if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
             self.upsample = Upsample(upscale, _NUM_FEAT)
             self.conv_last = nn.Conv2d(_NUM_FEAT, num_out_ch, 3, 1, 1)
         elif upsampler == "pixelshuffledirect":
             self.upsample = UpsampleOneStep(upscale, embed_dim, num_out_ch, resolution)
         elif upsampler == "nearest+conv":
-            self.conv_before_upsample = nn.Sequential(Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, _NUM_FEAT, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
             self.conv_up1 = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
             self.conv_up2 = nn.Conv2d(_NUM_FEAT, _NUM_FEAT, 3, 1, 1)
@@ -565,9 +463,9 @@ class SwinIR(nn.Module):
         if self.ape:
             x = x + self.absolute_pos_embed
         x = self.pos_drop(x)
-        windows = _WindowPlan(x_size, x.device, x.dtype)
+        plan = WindowPlan(x_size, x.device, x.dtype)
         for layer in self.layers:
-            x = layer(x, x_size, windows)
+            x = layer(x, x_size, plan)
         x = self.norm(x)
         return self.patch_unembed(x, x_size)
 
