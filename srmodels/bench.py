@@ -1,12 +1,15 @@
 """Speed benchmarks: what `srmodels bench` prints.
 
-Forward: median wall time per forward over ``runs`` after ``warmup`` calls, under ``torch.inference_mode``;
-output megapixels per second; peak memory (CUDA: allocator peak; CPU: the process's peak RSS so far, which only
+Forward: median wall time per forward over ``runs`` after ``warmup`` calls, under ``torch.inference_mode``, of the
+model as inference runs it (``srmodels.accelerate`` applied) and of the plain port on the same weights and input,
+and their ratio (the accelerator's speed-up; about 1 where its kernels do not apply: CUDA, bf16); output megapixels
+per second; peak memory (CUDA: allocator peak; CPU: the process's peak RSS so far, which only
 grows). Fusion training: median time of one optimiser step of team 27's net on in-memory candidates, and the
 projected time of the NTIRE recipe from it.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import statistics
@@ -15,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from .accelerate import accelerate
 from .fusion import AttentionWeightNet, fuse, fusion_loss
 from .inference import upscale
 from .model import build_model
@@ -55,8 +59,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.dtype, self_ensemble: bool,
-              runs: int, warmup: int) -> dict[str, Any]:
-    """Time one variant ('fusion' = team 27's net on three x4 candidates of an h x w LR image)."""
+              runs: int, warmup: int, plain: bool = False) -> dict[str, Any]:
+    """Time one variant ('fusion' = team 27's net on three x4 candidates of an h x w LR image).
+
+    ``ms`` is the accelerated model's median (``srmodels.accelerate``), ``plain_ms`` the plain port's on the same
+    weights and input, ``speedup`` plain_ms / ms. With ``plain`` only the plain port is timed (``ms`` is its
+    median, ``plain_ms`` and ``speedup`` are None).
+    """
     torch.manual_seed(0)
     if name == "fusion":
         model = AttentionWeightNet(3)
@@ -71,15 +80,23 @@ def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.d
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode(), autocast:
-        seconds, out = _median_seconds(
-            lambda: upscale(model, x, scale, self_ensemble=self_ensemble) if scale > 1 else model(x),
-            device, runs, warmup)
+
+    def time_forward(net: torch.nn.Module) -> tuple[float, torch.Tensor]:
+        with torch.inference_mode(), autocast:
+            return _median_seconds(
+                lambda: upscale(net, x, scale, self_ensemble=self_ensemble) if scale > 1 else net(x),
+                device, runs, warmup)
+
+    plain_seconds, out = time_forward(model)
+    seconds, plain_ms, speedup = plain_seconds, None, None
+    if not plain:
+        seconds, out = time_forward(accelerate(copy.deepcopy(model)))
+        plain_ms, speedup = round(plain_seconds * 1000, 1), round(plain_seconds / seconds, 3)
     ms = seconds * 1000
     out_mp = out.shape[-2] * out.shape[-1] / 1e6
     return {"model": name, "input": f"{w}x{h}", "device": device.type, "dtype": _dtype_name(dtype),
-            "self_ensemble": self_ensemble, "ms": round(ms, 1), "mp_per_s": round(out_mp / (ms / 1000), 3),
-            "peak_mb": round(_peak_mb(device), 1)}
+            "self_ensemble": self_ensemble, "ms": round(ms, 1), "plain_ms": plain_ms, "speedup": speedup,
+            "mp_per_s": round(out_mp / (ms / 1000), 3), "peak_mb": round(_peak_mb(device), 1)}
 
 
 def bench_fusion_train(batch: int, lr_patch: int, *, device: torch.device, dtype: torch.dtype, runs: int,
@@ -131,9 +148,13 @@ def format_train_table(rows: list[dict[str, Any]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'model':<14}{'input':>9}{'device':>8}{'dtype':>10}{'x8':>4}{'ms/forward':>12}{'out MP/s':>10}{'peak MB':>10}"
+    """ms/forward is the accelerated model's (the plain port's under --plain); plain ms and speed-up compare."""
+    head = (f"{'model':<14}{'input':>9}{'device':>8}{'dtype':>10}{'x8':>4}{'ms/forward':>12}{'plain ms':>10}"
+            f"{'speed-up':>10}{'out MP/s':>10}{'peak MB':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        plain = "-" if r.get("plain_ms") is None else f"{r['plain_ms']:.1f}"
+        speedup = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
         lines.append(f"{r['model']:<14}{r['input']:>9}{r['device']:>8}{r['dtype']:>10}{'y' if r['self_ensemble'] else 'n':>4}"
-                     f"{r['ms']:>12.1f}{r['mp_per_s']:>10.3f}{r['peak_mb']:>10.1f}")
+                     f"{r['ms']:>12.1f}{plain:>10}{speedup:>10}{r['mp_per_s']:>10.3f}{r['peak_mb']:>10.1f}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import archs, isa
+from .accelerate import accelerate
 from .bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, bench_one, format_table,
                     format_train_table)
 from .checkpoint import CheckpointError
@@ -135,7 +136,7 @@ def cmd_eval(args) -> int:
         if lr_path is not None:
             check_pair_sizes(hr_size, _checked_size(lr_path), scale, hr_path, lr_path)
     device = _device(args.device)
-    model = load_model(args.weights, args.arch).to(device)
+    model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
     if model.scale != scale:
         raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
     rows = []
@@ -177,7 +178,7 @@ def cmd_upscale(args) -> int:
     for path in files:  # the input policy: all checked before the model is built
         _checked_size(path)
     device = _device(args.device)
-    model = load_model(args.weights, args.arch).to(device)
+    model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
 
     def target(path: Path) -> Path:
         stem = path.stem
@@ -230,7 +231,7 @@ def cmd_bench(args) -> int:
                     # the fusion net fuses self-ensembled candidates; it has no x8 of its own
                     for se in ([False, True] if args.self_ensemble and name != "fusion" else [False]):
                         rows.append(bench_one(name, h, w, device=device, dtype=dtype, self_ensemble=se,
-                                              runs=args.runs, warmup=args.warmup))
+                                              runs=args.runs, warmup=args.warmup, plain=args.plain))
                         log.info("%s", rows[-1])
     train_rows = []
     if args.fusion_train:
@@ -366,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in LR pixels")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+        p.add_argument("--plain", action="store_true",
+                       help="run the plain port, without the CPU inference kernels of srmodels.accelerate")
         cpu_isa_arg(p)
 
     def cpu_isa_arg(p: argparse.ArgumentParser) -> None:
@@ -406,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (0: torch's default)")
     p.add_argument("--self-ensemble", action="store_true", help="also time the x8 self-ensemble")
     p.add_argument("--cpu-only", action="store_true")
+    p.add_argument("--plain", action="store_true",
+                   help="time the plain port only (default: the accelerated model, the plain port and their ratio)")
     p.add_argument("--fusion-train", metavar="BATCH:LR_PATCH",
                    help="also time fusion-net training steps, e.g. 72:128 (team 27's batch and patch)")
     p.add_argument("--json", help="write the rows here")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from srmodels import layout
+from srmodels.accelerate import accelerate
 from srmodels.cache import cache_outputs
 from srmodels.model import load_model
 from srmodels.outputs import staged, write_json
@@ -18,7 +19,7 @@ def main(params: dict[str, Any], name: str) -> None:
     inf, paths = params["inference"], params["paths"]
     set_threads(params["threads"])
     device = resolve_device(params["device"])
-    model = load_model(Path(paths["finetune"]) / name / layout.BEST)
+    model = accelerate(load_model(Path(paths["finetune"]) / name / layout.BEST))
     if inf["compile"] and device.type == "cuda":
         model = torch.compile(model)
     with staged(Path(paths["cache"]) / name, paths["work"], whole=True) as out_dir:
