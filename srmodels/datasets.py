@@ -1,5 +1,8 @@
 """Training data: paired LR/HR patches for the backbones, cached-candidate crops for the fusion net.
 
+Arguments name HR before LR everywhere (folders, files). Items put the model's inputs first and the HR target
+last: ``(lr, hr)`` and ``(candidates, lr, hr)``, which the training loop relies on.
+
 Randomness: every random choice of item ``index`` in epoch ``epoch`` comes from
 ``np.random.default_rng((seed, epoch, index))``. An item is therefore a pure function of (seed, epoch, index):
 the same whichever DataLoader worker builds it, however many workers there are, and whether the run was
@@ -64,13 +67,13 @@ def read_pair(hr_path: Path, lr_path: Path, scale: int) -> tuple[np.ndarray, np.
 class PairedPatches(Dataset):
     """Random paired crops of the backbones' training sub-images, returned as float32 CHW in [0, 1].
 
-    Each item is one sub-image pair (``<stem>_s###.png`` in ``lr_dir`` and ``hr_dir``): a random LR crop of
+    Each item is one sub-image pair (``<stem>_s###.png`` in ``hr_dir`` and ``lr_dir``): a random LR crop of
     ``lr_patch`` pixels, the HR crop of ``lr_patch * scale`` at the matching position, and (``augment``) one of
     the 8 flips/rotations applied to both. Sub-images are small (192 px HR by default), so decoding the PNGs
     per item costs less than the forward pass and keeps worker memory flat.
     """
 
-    def __init__(self, lr_dir: str | Path, hr_dir: str | Path, lr_patch: int, scale: int, seed: int,
+    def __init__(self, hr_dir: str | Path, lr_dir: str | Path, lr_patch: int, scale: int, seed: int,
                  augment: bool = True) -> None:
         if lr_patch < 1 or scale < 1:
             raise ValueError(f"lr_patch and scale must be >= 1, got {lr_patch}, {scale}")

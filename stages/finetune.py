@@ -16,20 +16,21 @@ from typing import Any
 
 import torch
 
-from srmodels import distributed
+from srmodels import distributed, layout
 from srmodels.checkpoint import load_into, load_state_dict
 from srmodels.datasets import PairedPatches, list_pairs
 from srmodels.errors import UserError
+from srmodels.finetune import BETAS, finetune
 from srmodels.model import build_model
 from srmodels.outputs import staged, write_json
 from srmodels.runtime import resolve_device, seed_everything, set_threads
-from srmodels.train import finetune
+from srmodels.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 def main(params: dict[str, Any], name: str) -> None:
-    bb, paths, scale = params["backbones"][name], params["paths"], params["scale"]
+    bb, paths = params["backbones"][name], params["paths"]
     stage = f"finetune@{name}"
     prepared, out_dir = Path(paths["prepared"]), Path(paths["finetune"]) / name
     resume_path = Path(paths["work"]) / "resume" / f"{stage}.pth"
@@ -55,26 +56,27 @@ def main(params: dict[str, Any], name: str) -> None:
     model = build_model(bb["variant"])  # seeded above, so a random init is reproducible (and equal on every rank)
     if bb["pretrained"]:
         load_into(model.net, load_state_dict(bb["pretrained"]), strict=True, source=bb["pretrained"])
-    train = PairedPatches(prepared / "train_patches" / "lr", prepared / "train_patches" / "hr",
-                          lr_patch=bb["lr_patch"], scale=scale, seed=params["seed"])
-    val_pairs = list_pairs(prepared / "val" / "hr", prepared / "val" / "lr", scale)
+    patches, val = layout.train_patches(prepared), layout.val(prepared)
+    train = PairedPatches(patches.hr, patches.lr, lr_patch=bb["lr_patch"], scale=layout.SCALE, seed=params["seed"])
+    val_pairs = list_pairs(val.hr, val.lr, layout.SCALE)
+    config = TrainConfig(epochs=bb["epochs"], batch=bb["batch"], lr=bb["lr"], schedule=bb["schedule"],
+                         milestones=bb["milestones"], gamma=bb["gamma"], betas=BETAS, seed=params["seed"],
+                         crop_border=params["metrics"]["crop_border"], threads=params["threads"],
+                         compile=bb["compile"])
 
     with ExitStack() as stack:
         # Rank 0 alone writes; the outputs appear only when the whole stage succeeded.
         target = stack.enter_context(staged(out_dir, paths["work"])) if info.main else out_dir
         tracking = stack.enter_context(tracked(params, stage, enabled=info.main))
         tracking.log_params({f"backbones.{name}.{k}": v for k, v in bb.items()})
-        metrics = finetune(model, train, val_pairs, epochs=bb["epochs"], batch=bb["batch"], lr=bb["lr"],
-                           schedule=bb["schedule"], milestones=bb["milestones"], gamma=bb["gamma"], device=device,
-                           seed=params["seed"], out_dir=target, crop_border=params["metrics"]["crop_border"],
-                           provenance=provenance(params), resume_path=resume_path,
-                           log_metrics=tracking.log_metrics, threads=params["threads"], compile=bb["compile"])
+        metrics = finetune(model, train, val_pairs, config, target, device=device, provenance=provenance(params),
+                           resume_path=resume_path, log_metrics=tracking.log_metrics)
         if info.main:
             timing = metrics.pop("timing")
             metrics = {"backbone": name, "variant": bb["variant"], "cpu_isa": params["cpu_isa"], **metrics}
-            write_json(target / "metrics.json", metrics)
+            write_json(target / layout.METRICS, metrics)
             tracking.log_metrics({**numeric(metrics), **numeric(timing)})
-            tracking.log_artifact(target / "curve.csv")
+            tracking.log_artifact(target / layout.CURVE)
             record(params, stage, timing)
     if info.main:
         resume_path.unlink(missing_ok=True)  # finished: a later run (e.g. `dvc repro --force`) trains anew

@@ -1,19 +1,25 @@
-"""Stage `fusion`: train the fusion weight net on the members' cached outputs, select on validation."""
+"""Stage `fusion`: train the fusion weight net on the members' cached outputs, select on validation.
+
+Outputs are staged and published on success; the resume state lives under ``paths.work`` until then.
+"""
 from _common import numeric, provenance, record, run, tracked  # first: pins the CPU kernels before torch loads
 
 from pathlib import Path
 from typing import Any
 
+from srmodels import layout
 from srmodels.datasets import FusionCrops, fusion_images
 from srmodels.fusion import FUSION_KINDS
+from srmodels.fusion_training import train_fusion
 from srmodels.outputs import staged, write_json
 from srmodels.runtime import resolve_device, seed_everything, set_threads
-from srmodels.train import train_fusion
+from srmodels.training import TrainConfig
 
 
 def main(params: dict[str, Any]) -> None:
-    fp, paths, scale = params["fusion"], params["paths"], params["scale"]
+    fp, paths = params["fusion"], params["paths"]
     prepared, cache, out_dir = Path(paths["prepared"]), Path(paths["cache"]), Path(paths["fusion"])
+    resume_path = Path(paths["work"]) / "resume" / "fusion.pth"
     members = fp["members"]
     device = resolve_device(params["device"])
     set_threads(params["threads"])
@@ -21,26 +27,29 @@ def main(params: dict[str, Any]) -> None:
 
     net = FUSION_KINDS[fp["kind"]](num_candidates=len(members))
     # Built before any training: a crop larger than an image or a cut cache file stops the stage here.
-    train = FusionCrops([cache / m / "fusion_train" for m in members], prepared / "fusion_train" / "hr",
-                        prepared / "fusion_train" / "lr", lr_patch=fp["lr_patch"], scale=scale,
-                        crops_per_image=fp["crops_per_image"], seed=params["seed"])
+    fusion_train, val = layout.fusion_train(prepared), layout.val(prepared)
+    train = FusionCrops([layout.cached_fusion_train(cache, m) for m in members], fusion_train.hr, fusion_train.lr,
+                        lr_patch=fp["lr_patch"], scale=layout.SCALE, crops_per_image=fp["crops_per_image"],
+                        seed=params["seed"])
     # Select on what the test stage will fuse: self-ensembled members when inference.self_ensemble is on.
-    val_split = "val_se" if params["inference"]["self_ensemble"] else "val"
-    val = fusion_images([cache / m / val_split for m in members], prepared / "val" / "hr", prepared / "val" / "lr",
-                        scale)
+    val_images = fusion_images([layout.cached_val(cache, m, params["inference"]["self_ensemble"]) for m in members],
+                               val.hr, val.lr, layout.SCALE)
+    config = TrainConfig(epochs=fp["epochs"], batch=fp["batch"], lr=fp["lr"], seed=params["seed"],
+                         crop_border=params["metrics"]["crop_border"], threads=params["threads"],
+                         compile=fp["compile"])
 
     with staged(out_dir, paths["work"]) as target, tracked(params, "fusion") as tracking:
         tracking.log_params({f"fusion.{k}": v for k, v in fp.items()})
-        metrics = train_fusion(net, train, val, kind=fp["kind"], epochs=fp["epochs"], batch=fp["batch"],
-                               lr=fp["lr"], l1_weight=fp["l1_weight"], mse_weight=fp["mse_weight"], device=device,
-                               seed=params["seed"], out_dir=target, crop_border=params["metrics"]["crop_border"],
-                               provenance=provenance(params), members=members, log_metrics=tracking.log_metrics,
-                               threads=params["threads"], compile=fp["compile"])
+        metrics = train_fusion(net, train, val_images, config, target, kind=fp["kind"], l1_weight=fp["l1_weight"],
+                               mse_weight=fp["mse_weight"], members=members, device=device,
+                               provenance=provenance(params), resume_path=resume_path,
+                               log_metrics=tracking.log_metrics)
         timing = metrics.pop("timing")
-        write_json(target / "metrics.json", {"cpu_isa": params["cpu_isa"], **metrics})
+        write_json(target / layout.METRICS, {"cpu_isa": params["cpu_isa"], **metrics})
         tracking.log_metrics({**numeric(metrics), **numeric(timing)})
-        tracking.log_artifact(target / "curve.csv")
+        tracking.log_artifact(target / layout.CURVE)
         record(params, "fusion", timing)
+    resume_path.unlink(missing_ok=True)  # finished: a later run (e.g. `dvc repro --force`) trains anew
 
 
 if __name__ == "__main__":

@@ -10,18 +10,20 @@ import torch
 
 from srmodels import distributed
 from srmodels.datasets import PairedPatches, list_pairs
+from srmodels.finetune import BETAS, finetune
 from srmodels.model import build_model
-from srmodels.train import finetune
+from srmodels.training import TrainConfig
 
 data, out, variant, epochs, batch, schedule = (Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
                                                int(sys.argv[5]), sys.argv[6])
 info = distributed.init_from_env("cpu")
 torch.manual_seed(0)
 model = build_model(variant)
-train = PairedPatches(data / "train" / "lr", data / "train" / "hr", lr_patch=16, scale=4, seed=0)
+train = PairedPatches(data / "train" / "hr", data / "train" / "lr", lr_patch=16, scale=4, seed=0)
 val = list_pairs(data / "val" / "hr", data / "val" / "lr", 4)
-metrics = finetune(model, train, val, epochs=epochs, batch=batch, lr=2e-3, schedule=schedule, device="cpu", seed=0,
-                   out_dir=out, crop_border=4, threads=1, resume_path=out / "resume.pth")
+config = TrainConfig(epochs=epochs, batch=batch, lr=2e-3, schedule=schedule, betas=BETAS, seed=0, crop_border=4,
+                     threads=1)
+metrics = finetune(model, train, val, config, out, resume_path=out / "resume.pth")
 state = {k: v.clone() for k, v in model.net.state_dict().items()}
 torch.save(state, out / f"final_rank{info.rank}.pt")
 (out / f"metrics_rank{info.rank}.json").write_text(json.dumps(metrics, default=str))

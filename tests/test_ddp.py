@@ -13,10 +13,12 @@ import torch
 
 from srmodels import distributed
 from srmodels.datasets import PairedPatches
+from srmodels.finetune import finetune
 from srmodels.images import write_image
 from srmodels.model import build_model
-from srmodels.train import finetune
-from tests.test_train import SCALE, downscale, smooth_image
+from srmodels.training import ConfigError, TrainConfig
+
+from .conftest import SCALE, downscale, smooth_image
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,7 @@ def run_worker(data: Path, out: Path, nprocs: int, epochs: int, variant: str = "
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # three torchrun launches, about a minute
 def test_two_gloo_processes_train_like_one_and_resume(ddp_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_worker(ddp_data, one, 1, epochs=2)
@@ -77,10 +80,10 @@ def test_two_gloo_processes_train_like_one_and_resume(ddp_data, tmp_path):
 
 def test_global_batch_must_divide_by_world_size(ddp_data, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "current", lambda: distributed.Dist(rank=0, world=2, local_rank=0))
-    train = PairedPatches(ddp_data / "train" / "lr", ddp_data / "train" / "hr", lr_patch=16, scale=SCALE, seed=0)
-    with pytest.raises(ValueError, match=r"global batch \(3\) must divide by the number of processes \(2\)"):
-        finetune(build_model("rfdn_tiny"), train, [], epochs=1, batch=3, lr=1e-3, schedule="constant",
-                 out_dir=tmp_path, crop_border=4)
+    train = PairedPatches(ddp_data / "train" / "hr", ddp_data / "train" / "lr", lr_patch=16, scale=SCALE, seed=0)
+    with pytest.raises(ConfigError, match=r"global batch \(3\) must divide by the number of processes \(2\)"):
+        finetune(build_model("rfdn_tiny"), train, [], TrainConfig(epochs=1, batch=3, lr=1e-3, crop_border=4),
+                 tmp_path)
 
 
 def test_torchrun_command_is_a_standalone_launch():

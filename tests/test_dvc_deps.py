@@ -67,4 +67,4 @@ def test_stage_deps_cover_imports(name, script, deps):
 
 def test_import_walk_sees_the_backbones():
     found = srmodels_imports(ROOT / "stages" / "finetune.py")
-    assert {"srmodels/train.py", "srmodels/model.py", "srmodels/archs/__init__.py", "srmodels/archs/dat.py"} <= found
+    assert {"srmodels/training.py", "srmodels/model.py", "srmodels/archs/__init__.py", "srmodels/archs/dat.py"} <= found

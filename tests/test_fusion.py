@@ -1,10 +1,26 @@
-"""Team 27's AttentionWeightNet: structure, their released checkpoint on their own candidates, generalisation."""
+"""Team 27's AttentionWeightNet: structure, their released checkpoint on their own candidates, generalisation;
+training the fusion nets (``srmodels.fusion_training``) on tiny synthetic caches."""
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
-from srmodels.checkpoint import load_into, load_state_dict
+from srmodels.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint, unwrap_state_dict
+from srmodels.datasets import FusionCrops, fusion_images, load_fusion_image
 from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse
+from srmodels.fusion_training import fusion_job, train_fusion
+from srmodels.images import write_image
+from srmodels.training import TrainConfig
 
-from .conftest import load_pt, reference_path
+from .conftest import SCALE, downscale, load_pt, reference_path, smooth_image
+
+# One intra-op thread: these tensors are tiny, so more threads only add synchronisation.
+CONFIG = TrainConfig(epochs=2, batch=8, lr=1e-3, crop_border=4, seed=0, threads=1)
 
 
 def test_structure_matches_team27():
@@ -57,3 +73,107 @@ def test_image_weight_net_one_weight_per_image():
     assert torch.allclose(w.sum(1), torch.ones(3, 1, 1))
     cand = torch.rand(3, 6, 64, 80)
     assert fuse(cand, w).shape == (3, 3, 64, 80)
+
+
+# ---------------------------------------------------------------------------------------- training the net
+
+def make_fusion_split(root: Path, split: str, stems: list[str], seed: int) -> None:
+    """HR/LR plus two members' caches: 'a' is right on the left half, 'b' on the right; the wrong one is brighter."""
+    rng = np.random.default_rng(seed)
+    for stem in stems:
+        hr = smooth_image(rng, 64, 64, lo=25, hi=130)
+        write_image(root / split / "hr" / f"{stem}.png", hr)
+        write_image(root / split / "lr" / f"{stem}.png", downscale(hr))
+        exact = hr.transpose(2, 0, 1).astype(np.float32) / 255.0
+        wrong = exact + 0.35
+        half = exact.shape[2] // 2
+        a = np.concatenate([exact[..., :half], wrong[..., half:]], axis=2)
+        b = np.concatenate([wrong[..., :half], exact[..., half:]], axis=2)
+        for member, cand in (("a", a), ("b", b)):
+            (root / "cache" / member / split).mkdir(parents=True, exist_ok=True)
+            np.save(root / "cache" / member / split / f"{stem}.npy", cand.astype(np.float16))
+
+
+@pytest.fixture(scope="module")
+def fusion_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fusion")
+    make_fusion_split(root, "fusion_train", [f"f{i}" for i in range(6)], seed=10)
+    make_fusion_split(root, "val", ["v0", "v1"], seed=11)
+    return root
+
+
+def fusion_sets(root: Path, lr_patch: int = 8) -> tuple[FusionCrops, list]:
+    members = ("a", "b")
+    train = FusionCrops([root / "cache" / m / "fusion_train" for m in members], root / "fusion_train" / "hr",
+                        root / "fusion_train" / "lr", lr_patch=lr_patch, scale=SCALE, crops_per_image=8, seed=0)
+    val = fusion_images([root / "cache" / m / "val" for m in members], root / "val" / "hr", root / "val" / "lr",
+                        SCALE)
+    return train, val
+
+
+def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
+    train, val = fusion_sets(fusion_data)
+    torch.manual_seed(0)
+    net = AttentionWeightNet(num_candidates=2)
+    metrics = train_fusion(net, train, val, replace(CONFIG, epochs=4, lr=3e-3), tmp_path, kind="pixel",
+                           l1_weight=0.8, mse_weight=0.2, provenance={"test": True})
+    best_member = max(metrics["member_val_psnr"].values())
+    assert metrics["best_val_psnr"] > best_member + 10, metrics
+    assert metrics["gain_over_best_member"] == metrics["best_val_psnr"] - best_member
+    assert metrics["timing"]["samples_per_second"] > 0 and metrics["timing"]["hr_megapixels_per_second"] > 0
+    assert not any("second" in k for k in metrics)
+    # The best checkpoint describes itself and, reloaded, weights 'a' on the left and 'b' on the right.
+    raw = read_checkpoint(tmp_path / "best.pth")
+    meta = checkpoint_meta(raw)
+    assert meta["arch"] == "fusion_pixel" and meta["kwargs"] == {"num_candidates": 2}
+    assert meta["members"] == ["a", "b"] and meta["kind"] == "pixel" and meta["scale"] == SCALE
+    assert meta["val_psnr"] == metrics["best_val_psnr"]
+    reloaded = AttentionWeightNet(2)
+    load_into(reloaded, unwrap_state_dict(raw))
+    cands, _, _ = load_fusion_image(val[0], SCALE)
+    with torch.no_grad():
+        w = reloaded.eval()(cands)[0]
+    assert w[0, :, 4:28].mean() > 0.9 and w[1, :, 36:60].mean() > 0.9
+    assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 5
+
+
+def test_image_fusion_checkpoint(fusion_data, tmp_path):
+    train, val = fusion_sets(fusion_data)
+    torch.manual_seed(0)
+    metrics = train_fusion(ImageWeightNet(num_candidates=2), train, val, replace(CONFIG, epochs=1), tmp_path,
+                           kind="image")
+    meta = checkpoint_meta(read_checkpoint(tmp_path / "best.pth"))
+    assert meta["arch"] == "fusion_image" and meta["members"] == ["a", "b"] and meta["kind"] == "image"
+    reloaded = ImageWeightNet(**meta["kwargs"])
+    load_into(reloaded, unwrap_state_dict(read_checkpoint(tmp_path / "best.pth")))
+    assert metrics["epochs"] == 1 and metrics["best_epoch"] in (0, 1)
+
+
+def test_fusion_resumes_exactly(fusion_data, tmp_path):
+    train, val = fusion_sets(fusion_data)
+
+    def run(out: Path, stop: int | None = None) -> tuple[dict, torch.nn.Module]:
+        def interrupt(metrics: dict, epoch: int) -> None:
+            if epoch == stop:
+                raise KeyboardInterrupt
+
+        torch.manual_seed(0)
+        net = AttentionWeightNet(num_candidates=2)
+        metrics = train_fusion(net, train, val, CONFIG, out, kind="pixel", resume_path=out / "resume.pth",
+                               log_metrics=interrupt)
+        return metrics, net
+
+    straight, straight_net = run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", stop=1)
+    resumed, net = run(tmp_path / "run")
+    assert resumed.pop("timing")["resumed_from_epoch"] == 1 and straight.pop("timing")["resumed_from_epoch"] == 0
+    assert resumed == straight
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), straight_net.state_dict().values()))
+    assert (tmp_path / "run" / "curve.csv").read_bytes() == (tmp_path / "straight" / "curve.csv").read_bytes()
+
+
+def test_fusion_members_must_match_candidates(fusion_data):
+    train, val = fusion_sets(fusion_data)
+    with pytest.raises(ValueError, match="3 member names for 2 candidates"):
+        fusion_job(AttentionWeightNet(2), "pixel", train, val, members=["a", "b", "c"])
