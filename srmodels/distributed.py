@@ -49,10 +49,11 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ENV_KEYS)
 
 
-def torchrun_command(script: str, args: Sequence[str], nprocs: int) -> list[str]:
-    """The command that runs ``script args`` as ``nprocs`` processes on this node (a private rendezvous)."""
+def torchrun_command(script: str, args: Sequence[str], nprocs: int, *, module: bool = False) -> list[str]:
+    """The command that runs ``script args`` (a module name with ``module=True``, as ``python -m`` would) as
+    ``nprocs`` processes on this node (a private rendezvous)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}",
-            script, *args]
+            *(["-m"] if module else []), script, *args]
 
 
 def init_from_env(device_type: str, timeout_minutes: int = 30) -> Dist:

@@ -10,14 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-# `dvc exp run --temp` / `--queue` run the stages in a copy of the repository: that copy's srmodels, not the
-# installed (editable) one of the main checkout, is the code the experiment is about.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from srmodels import isa  # no torch inside
+from srmodels.errors import UserError
 
-from srmodels import isa  # noqa: E402  (no torch inside)
-from srmodels.errors import UserError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PARAMS_FILE = os.environ.get("SRMODELS_PARAMS", "params.yaml")
 # SRMODELS_DEBUG=1 shows the traceback of an error that is otherwise printed as one line.

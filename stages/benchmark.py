@@ -3,7 +3,7 @@
 Its own stage so that the folder is a DVC dependency: replacing an image there re-runs this set's preparation
 and what scores it, nothing else.
 """
-from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
+from stages._common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 import sys
 from pathlib import Path

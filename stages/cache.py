@@ -1,5 +1,5 @@
 """Stage `cache@<backbone>`: run the fine-tuned backbone once over every image later stages use."""
-from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
+from stages._common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 import sys
 from pathlib import Path

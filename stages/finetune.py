@@ -4,7 +4,7 @@ With ``backbones.<b>.nprocs`` > 1 the stage re-launches itself through torchrun 
 this node; started by torchrun directly (several nodes, see README) it joins the group torchrun describes.
 Outputs are staged and published on success; the resume state lives under ``paths.work`` until then.
 """
-from _common import numeric, provenance, record, run, tracked  # first: pins the CPU kernels before torch loads
+from stages._common import numeric, provenance, record, run, tracked  # first: pins the CPU kernels before torch loads
 
 import logging
 import signal
@@ -39,7 +39,7 @@ def main(params: dict[str, Any], name: str) -> None:
         if device.type == "cuda" and bb["nprocs"] > torch.cuda.device_count():
             raise UserError(f"backbones.{name}.nprocs: {bb['nprocs']} but only {torch.cuda.device_count()} "
                             "GPU(s) here")
-        command = distributed.torchrun_command(__file__, sys.argv[1:], bb["nprocs"])
+        command = distributed.torchrun_command("stages.finetune", sys.argv[1:], bb["nprocs"], module=True)
         log.info("launching %d DDP processes: %s", bb["nprocs"], " ".join(command))
         child = subprocess.Popen(command)
         # Pass SIGTERM/SIGINT on to torchrun, which stops the workers (rank 0 marks its MLflow run KILLED).

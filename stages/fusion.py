@@ -2,7 +2,7 @@
 
 Outputs are staged and published on success; the resume state lives under ``paths.work`` until then.
 """
-from _common import numeric, provenance, record, run, tracked  # first: pins the CPU kernels before torch loads
+from stages._common import numeric, provenance, record, run, tracked  # first: pins the CPU kernels before torch loads
 
 from pathlib import Path
 from typing import Any

@@ -1,5 +1,5 @@
 """Stage `prepare`: training sub-images, fusion/validation/test splits and benchmark sets under paths.prepared."""
-from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
+from stages._common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 from pathlib import Path
 from typing import Any

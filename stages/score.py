@@ -1,5 +1,5 @@
 """Stage `score`: PSNR/SSIM (Y, NTIRE protocol; and RGB) of bicubic, every member (plain and x8) and the fusion."""
-from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
+from stages._common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 from pathlib import Path
 from typing import Any

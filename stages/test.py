@@ -1,5 +1,5 @@
 """Stage `test`: fuse the cached outputs of every scored set; write SR PNGs and per-pixel weight pictures."""
-from _common import record, run, tracked  # first: pins the CPU kernels before torch loads
+from stages._common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
 from pathlib import Path
 from typing import Any

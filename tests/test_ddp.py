@@ -87,6 +87,6 @@ def test_global_batch_must_divide_by_world_size(ddp_data, tmp_path, monkeypatch)
 
 
 def test_torchrun_command_is_a_standalone_launch():
-    cmd = distributed.torchrun_command("stages/finetune.py", ["dat"], 4)
+    cmd = distributed.torchrun_command("stages.finetune", ["dat"], 4, module=True)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert "--standalone" in cmd and "--nproc-per-node=4" in cmd and cmd[-2:] == ["stages/finetune.py", "dat"]
+    assert "--standalone" in cmd and "--nproc-per-node=4" in cmd and cmd[-3:] == ["-m", "stages.finetune", "dat"]

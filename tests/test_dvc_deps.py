@@ -51,7 +51,8 @@ def stages() -> list[tuple[str, str, list[str]]]:
     out = []
     for name, stage in spec.items():
         body = stage.get("do", stage)
-        script = body["cmd"].split()[1]
+        module = body["cmd"].split()[2]  # python -m stages.<name> ...
+        script = module.replace(".", "/") + ".py"
         out.append((name, script, [d for d in body["deps"] if isinstance(d, str)]))
     return out
 

@@ -185,7 +185,7 @@ def test_a_failed_stage_is_one_line_and_keeps_its_previous_outputs(repo):
     whole = npy.read_bytes()
     npy.write_bytes(whole[: len(whole) // 2])
     try:
-        res = _run([sys.executable, "stages/fusion.py"], repo, env, ok=False)
+        res = _run([sys.executable, "-m", "stages.fusion"], repo, env, ok=False)
     finally:
         npy.write_bytes(whole)
     assert res.returncode == 1 and "Traceback" not in res.stderr

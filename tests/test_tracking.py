@@ -311,8 +311,7 @@ def test_many_long_and_oddly_named_values_are_all_logged(env, client):
 # The pipeline's entry point: a stage's run carries the machine it ran on.
 TRACKED_STAGE = """
 import json, sys
-sys.path.insert(0, sys.argv[2])
-import _common
+from stages import _common
 with _common.tracked(json.loads(sys.argv[1]), "score") as run:
     run.log_metrics({"test.psnr_y": 30.0}, parent=True)
 print(json.dumps({"run": run.run_id, "parent": run.parent_run_id}))
@@ -322,8 +321,7 @@ print(json.dumps({"run": run.run_id, "parent": run.parent_run_id}))
 def test_stage_runs_carry_the_machine_provenance(env, client, tmp_path):
     (tmp_path / "params.yaml").write_text("cpu_isa: native\n")
     proc_env = {**os.environ, "PYTHONPATH": str(ROOT), "SRMODELS_PARAMS": str(tmp_path / "params.yaml")}
-    out = subprocess.run([sys.executable, "-c", TRACKED_STAGE, json.dumps(make_params("t-machine")),
-                          str(ROOT / "stages")], cwd=env, env=proc_env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", TRACKED_STAGE, json.dumps(make_params("t-machine"))], cwd=env, env=proc_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     ids = json.loads(out.stdout.strip().splitlines()[-1])
     tags = client.get_run(ids["run"]).data.tags
