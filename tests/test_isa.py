@@ -25,12 +25,12 @@ needs_avx2 = pytest.mark.skipif("avx2" not in isa.cpu_flags() or "fma" not in is
 # vectorised element-wise ops, softmax, GELU, LayerNorm and Adam. Prints the ATen level and a hash of the bits.
 PROBE = r"""
 import sys
-sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r})  # this checkout's srmodels, whatever is installed
 from srmodels import isa
 isa.pin(sys.argv[1])
 import hashlib
 import torch
-from srmodels.archs._layers import winograd_conv3x3
+from srmodels.accelerate import accelerate, winograd_conv3x3
 from srmodels.model import build_model
 from srmodels.runtime import seed_everything, set_threads
 
@@ -47,7 +47,7 @@ for variant in ("dat_tiny", "swinir_tiny", "rfdn_tiny", "rrdbnet_tiny"):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    accelerate(model.eval())  # the inference kernels the cache stage runs
     with torch.inference_mode():
         digest.update(model(torch.rand(1, 3, 37, 29, generator=g)).numpy().tobytes())
     for p in model.parameters():
