@@ -23,7 +23,8 @@ from .imresize import imresize_uint8
 from .layout import cached_eval as candidate_dir, eval_set, eval_sets
 from .metrics import calculate_psnr, calculate_ssim
 from .outputs import write_json
-from .report import bar_chart_png, curves_png, markdown_table, read_curve, weight_map_image, write_csv
+from .report import bar_chart_png, comparison_table, curves_png, markdown_table, read_curve, weight_map_image, write_csv
+from .statistics import LEVEL, model_comparisons
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,17 @@ def _scores(sr: np.ndarray, hr: np.ndarray, crop_border: int) -> dict[str, float
 
 
 def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_dir: Path, *, scale: int,
-                    crop_border: int, self_ensemble: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    crop_border: int, self_ensemble: bool
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """Scores of bicubic, each member (plain and x8), and the fusion on every set that has ground truth.
 
-    Every SR image is quantised to 8 bit first, as it would be when saved. Returns (summary, per-image rows):
-    summary[set][model] = mean scores; sets without HR (LR-only test sets) are listed as unscored.
+    Every SR image is quantised to 8 bit first, as it would be when saved. Returns (summary, per-image rows,
+    per-image PSNR-Y): summary[set][model] = mean scores, sets without HR (LR-only test sets) listed as
+    unscored; psnr_y[set][model] = unrounded per-image PSNR-Y in one image order (for paired comparisons).
     """
     summary: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
+    psnr_y: dict[str, dict[str, list[float]]] = {}
     for set_name in eval_sets(prepared):
         pairs = eval_set(prepared, set_name)
         hr_dir = pairs.hr
@@ -131,20 +135,33 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
             model: {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
             for model, scores in per_model.items()}
         summary[set_name]["num_images"] = len(next(iter(per_model.values())))
-    return summary, rows
+        psnr_y[set_name] = {model: [s["psnr_y"] for s in scores] for model, scores in per_model.items()}
+    return summary, rows, psnr_y
 
 
-def score_metrics(summary: dict[str, Any], finetune_dir: Path, fusion_dir: Path, members: list[str], *,
-                  crop_border: int, y_channel: bool, self_ensemble: bool, cpu_isa: str) -> dict[str, Any]:
-    """The pipeline's metrics file: every scored set, and each model's best validation PSNR-Y."""
+def set_comparisons(psnr_y: dict[str, dict[str, list[float]]], members: list[str], *, self_ensemble: bool,
+                    resamples: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Paired PSNR-Y comparisons (``srmodels.statistics``) on every scored set."""
+    return {set_name: model_comparisons(scores, members, self_ensemble=self_ensemble, resamples=resamples,
+                                        seed=seed)
+            for set_name, scores in psnr_y.items()}
+
+
+def score_metrics(summary: dict[str, Any], comparisons: dict[str, Any], finetune_dir: Path, fusion_dir: Path,
+                  members: list[str], *, crop_border: int, y_channel: bool, self_ensemble: bool, cpu_isa: str,
+                  bootstrap_resamples: int) -> dict[str, Any]:
+    """The pipeline's metrics file: every scored set, the paired comparisons on each, and each model's best
+    validation PSNR-Y."""
     def best_val(folder: Path) -> float:
         return json.loads((folder / layout.METRICS).read_text())["best_val_psnr"]
 
     return {
         "cpu_isa": cpu_isa,
         "protocol": {"crop_border": crop_border, "primary": "y" if y_channel else "rgb",
-                     "self_ensemble": self_ensemble},
+                     "self_ensemble": self_ensemble, "comparisons": "paired PSNR-Y difference a - b per image, "
+                     f"{LEVEL:.0%} percentile bootstrap over images ({bootstrap_resamples} resamples)"},
         "sets": summary,
+        "comparisons": comparisons,
         "val": {"fusion_psnr_y": best_val(fusion_dir),
                 **{f"{m}_psnr_y": best_val(finetune_dir / m) for m in members}},
     }
@@ -155,6 +172,8 @@ def flat_scores(metrics: dict[str, Any]) -> dict[str, float]:
     flat = {f"{s}.{m}.{k}": v for s, d in metrics["sets"].items() if d.get("scored", True)
             for m, scores in d.items() if isinstance(scores, dict) for k, v in scores.items()}
     flat.update({f"val.{k}": v for k, v in metrics["val"].items()})
+    flat.update({f"{s}.{label.replace(' ', '_')}.{k}": v for s, d in metrics["comparisons"].items()
+                 for label, c in d.items() for k, v in c.items() if isinstance(v, (int, float))})
     return flat
 
 
@@ -166,7 +185,7 @@ def write_score_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[s
     write_json(out_dir / layout.METRICS, metrics)
     write_csv(out_dir / "per_image.csv", rows)
     table_rows = [{"set": s, "model": m, **v} for s, d in summary.items() for m, v in d.items() if isinstance(v, dict)]
-    (out_dir / "table.md").write_text(markdown_table(table_rows))
+    (out_dir / "table.md").write_text(markdown_table(table_rows) + "\n" + comparison_table(metrics["comparisons"]))
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     scored = [s for s, v in summary.items() if v.get("scored", True)]

@@ -96,7 +96,7 @@ SCHEMA: dict[str, Any] = {
         "compile": bool,
     },
     "inference": {"self_ensemble": bool, "tile": Optional_(int), "tile_overlap": int, "compile": bool},
-    "metrics": {"crop_border": int, "y_channel": bool},
+    "metrics": {"crop_border": int, "y_channel": bool, "bootstrap": {"resamples": int, "seed": int}},
     "mlflow": {"tracking_uri": str, "experiment": str},
 }
 
@@ -189,6 +189,9 @@ def _semantic_checks(p: dict[str, Any]) -> None:
     for field in ("epochs", "batch", "lr_patch", "crops_per_image"):
         if p["fusion"][field] < 1:
             raise ParamsError(f"fusion.{field}: must be >= 1, got {p['fusion'][field]}")
+    if p["metrics"]["bootstrap"]["resamples"] < 100:
+        raise ParamsError(f"metrics.bootstrap.resamples: {p['metrics']['bootstrap']['resamples']} is too few "
+                          "for a 95% interval (use 1000 or more)")
     for split in ("backbone_train", "fusion_train", "val"):
         r = p["data"]["div2k"][split]
         if len(r) != 2 or r[0] > r[1]:

@@ -186,6 +186,20 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, metrics: Sequence[tuple
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Markdown table of paired comparisons (``srmodels.statistics``): one row per set and pair of models."""
+    lines = ["| set | a vs b | mean PSNR-Y a - b (dB) | 95% interval | wins / losses / ties of a | verdict |",
+             "|:---|:---|---:|:---:|:---:|:---|"]
+    notes = set()
+    for set_name, pairs in comparisons.items():
+        for label, c in pairs.items():
+            lines.append(f"| {set_name} | {label} | {c['mean_diff']:+.4f} | [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
+                         f"| {c['wins']} / {c['losses']} / {c['ties']} | {c['verdict']} |")
+            if "warning" in c:
+                notes.add(f"{set_name}: {c['warning']}.")
+    return "\n".join(lines + [""] + sorted(notes)) + "\n"
+
+
 def _atomic_write(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

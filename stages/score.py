@@ -4,7 +4,8 @@ from stages._common import record, run, tracked  # first: pins the CPU kernels b
 from pathlib import Path
 from typing import Any
 
-from srmodels.evaluation import flat_scores, score_eval_sets, score_metrics, training_curves, write_score_report
+from srmodels.evaluation import (flat_scores, score_eval_sets, score_metrics, set_comparisons, training_curves,
+                                 write_score_report)
 from srmodels.layout import SCALE
 from srmodels.outputs import staged
 
@@ -13,10 +14,13 @@ def main(params: dict[str, Any]) -> None:
     paths, members, mp = params["paths"], params["fusion"]["members"], params["metrics"]
     self_ensemble = params["inference"]["self_ensemble"]
     finetune_dir, fusion_dir = Path(paths["finetune"]), Path(paths["fusion"])
-    summary, rows = score_eval_sets(members, Path(paths["cache"]), Path(paths["prepared"]), Path(paths["test"]),
-                                    scale=SCALE, crop_border=mp["crop_border"], self_ensemble=self_ensemble)
-    metrics = score_metrics(summary, finetune_dir, fusion_dir, members, crop_border=mp["crop_border"],
-                            y_channel=mp["y_channel"], self_ensemble=self_ensemble, cpu_isa=params["cpu_isa"])
+    summary, rows, psnr_y = score_eval_sets(members, Path(paths["cache"]), Path(paths["prepared"]),
+                                            Path(paths["test"]), scale=SCALE, crop_border=mp["crop_border"],
+                                            self_ensemble=self_ensemble)
+    comparisons = set_comparisons(psnr_y, members, self_ensemble=self_ensemble, **mp["bootstrap"])
+    metrics = score_metrics(summary, comparisons, finetune_dir, fusion_dir, members, crop_border=mp["crop_border"],
+                            y_channel=mp["y_channel"], self_ensemble=self_ensemble, cpu_isa=params["cpu_isa"],
+                            bootstrap_resamples=mp["bootstrap"]["resamples"])
     with staged(Path(paths["score"]), paths["work"]) as out_dir:
         files = write_score_report(out_dir, metrics, rows, training_curves(finetune_dir, fusion_dir, members))
         with tracked(params, "score") as tracking:

@@ -110,7 +110,7 @@ def test_score_step_names_missing_and_stale_inputs(tmp_path):
     with pytest.raises(DataError, match=r"sr/test/moon\.png: fused image missing; re-run the test stage"):
         score_eval_sets(["dat", "rfdn"], cache, prepared, test_dir, **kwargs)
     write_image(test_dir / "sr" / "test" / "moon.png", np.zeros((24, 32, 3), np.uint8))
-    summary, _ = score_eval_sets(["dat", "rfdn"], cache, prepared, test_dir, **kwargs)
+    summary, _, _ = score_eval_sets(["dat", "rfdn"], cache, prepared, test_dir, **kwargs)
     assert set(summary["test"]) == {"bicubic", "dat", "dat+se", "rfdn", "rfdn+se", "fusion", "num_images"}
     _save(cache / "dat" / "eval_se" / "test" / "moon.npy", 20, 32)  # from another run's images
     with pytest.raises(DataError, match=r"dat/eval_se/test/moon\.npy: dat\+se output is 32x20, but HR"):
