@@ -8,6 +8,8 @@ input. Both only predict weights; ``fuse`` applies them, so the weights can be i
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -41,6 +43,10 @@ class AttentionWeightNet(nn.Module):
             nn.Conv2d(16, num_candidates, 1),
         )
 
+    def output_layer(self) -> nn.Conv2d:
+        """The conv whose outputs the softmax turns into weights."""
+        return self.attention[-1]
+
     def forward(self, candidates: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(candidates))
         x = F.relu(self.conv2(x))
@@ -67,6 +73,10 @@ class ImageWeightNet(nn.Module):
             nn.Conv2d(num_feat, num_candidates, 1),
         )
 
+    def output_layer(self) -> nn.Conv2d:
+        """The conv whose outputs the softmax turns into weights."""
+        return self.head[-1]
+
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         pooled = self.features(lr).mean(dim=(2, 3), keepdim=True)
         return torch.softmax(self.head(pooled), dim=1)
@@ -74,6 +84,31 @@ class ImageWeightNet(nn.Module):
 
 # kind -> class; the pipeline's ``fusion.kind`` param names one of these.
 FUSION_KINDS: dict[str, type[nn.Module]] = {"pixel": AttentionWeightNet, "image": ImageWeightNet}
+
+
+# How the fusion net starts (params: fusion.init). best_member: the candidate that scores best on validation, so
+# epoch 0 is that member and selection on validation can only keep or improve it; random: team 27's init.
+INITS = ("best_member", "random")
+# Odds of the chosen candidate at the start: weight 1 - 1/512, so the fused value is within 1/512 of the member's
+# and its 8-bit rounding within one level, whatever the other candidates are (all in [0, 1]).
+_SELECT_ODDS = 511
+
+
+def start_at_candidate(net: nn.Module, index: int) -> None:
+    """Make ``net`` weight candidate ``index`` by 1 - 1/512 everywhere, in a way training moves away from.
+
+    The output layer's weights become zero and its bias favours the candidate: the softmax is then constant and
+    far from saturated (its gradient is 1/512 of its largest, which Adam's per-parameter scaling turns into steps
+    of the usual size). The first step gives the output layer non-zero weights, after which every layer learns.
+    """
+    layer = net.output_layer()
+    n = layer.out_channels
+    if not 0 <= index < n:
+        raise ValueError(f"candidate {index} of {n}")
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+        layer.bias[index] = math.log(_SELECT_ODDS * (n - 1))
 
 
 def fusion_inputs(kind: str, candidates: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .datasets import FusionCrops, FusionImage, load_fusion_image
-from .fusion import fuse, fusion_inputs, fusion_loss
+from .fusion import INITS, fuse, fusion_inputs, fusion_loss, start_at_candidate
 from .training import (Job, LogMetrics, Predict, TrainConfig, autocast, evaluate, files_fingerprint, fit,
                        memory_format)
 
@@ -41,7 +41,8 @@ def _candidates_predictor(pick: Any, scale: int) -> Predict:
 
 
 def fusion_job(net: nn.Module, kind: str, train: FusionCrops, val: Sequence[FusionImage], *,
-               l1_weight: float = 0.8, mse_weight: float = 0.2, members: Sequence[str] | None = None) -> Job:
+               l1_weight: float = 0.8, mse_weight: float = 0.2, members: Sequence[str] | None = None,
+               init: str = "random") -> Job:
     """Training of a fusion weight net: loss ``l1_weight * L1 + mse_weight * MSE`` of the fused crop vs HR.
 
     ``net`` is an ``AttentionWeightNet`` (kind 'pixel', sees the candidates) or an ``ImageWeightNet`` ('image',
@@ -63,10 +64,10 @@ def fusion_job(net: nn.Module, kind: str, train: FusionCrops, val: Sequence[Fusi
 
     return Job(model=net, train=train, val=val, loss=loss, predictor=predictor,
                describe={"arch": f"fusion_{kind}", "kwargs": {"num_candidates": n}, "scale": scale,
-                         "input_range": 1.0, "extra": {"members": members, "kind": kind}},
+                         "input_range": 1.0, "extra": {"members": members, "kind": kind, "init": init}},
                identity={"train": {"files": _files(train.images), "lr_patch": train.lr_patch,
                                    "crops_per_image": train.crops_per_image, "augment": train.augment},
-                         "val": _files(val), "l1_weight": l1_weight, "mse_weight": mse_weight})
+                         "val": _files(val), "l1_weight": l1_weight, "mse_weight": mse_weight, "init": init})
 
 
 def _files(images: Sequence[FusionImage]) -> dict[str, Any]:
@@ -77,34 +78,43 @@ def _files(images: Sequence[FusionImage]) -> dict[str, Any]:
 
 def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage], config: TrainConfig,
                  out_dir: str | Path, *, kind: str, l1_weight: float = 0.8, mse_weight: float = 0.2,
-                 members: Sequence[str] | None = None, device: torch.device | str = "cpu",
+                 members: Sequence[str] | None = None, init: str = "random", device: torch.device | str = "cpu",
                  provenance: dict[str, Any] | None = None, resume_path: str | Path | None = None,
                  log_metrics: LogMetrics | None = None) -> dict[str, Any]:
     """Train a fusion weight net on cached candidates (``fit`` of a ``fusion_job``), against its references.
 
     ``val`` is the validation split's images (``fusion_images`` over the val or val_se caches), never test.
+    ``init``: ``random`` trains ``net`` as given (team 27); ``best_member`` first sets it to select the member
+    that scores best on ``val`` (``srmodels.fusion.start_at_candidate``), so the best epoch cannot fall below it.
 
     Returns:
         best_val_psnr, best_epoch, initial_val_psnr, final_val_psnr, member_val_psnr (each candidate alone),
         mean_val_psnr (plain average of the candidates), gain_over_best_member, epochs, steps and
         best_per_image; ``timing`` holds the wall-clock figures (see ``fit``).
     """
-    job = fusion_job(net, kind, train, val, l1_weight=l1_weight, mse_weight=mse_weight, members=members)
-    metrics = fit(job, config, out_dir, device=device, provenance=provenance, resume_path=resume_path,
-                  log_metrics=log_metrics)
-    # References the net has to beat: each member alone and the plain average (after ``fit``, with its threads).
+    if init not in INITS:
+        raise ValueError(f"unknown fusion init {init!r}; valid: {', '.join(INITS)}")
+    job = fusion_job(net, kind, train, val, l1_weight=l1_weight, mse_weight=mse_weight, members=members, init=init)
+    # References the net has to beat: each member alone and the plain average (pure functions of the caches).
     members, n, scale = job.describe["extra"]["members"], train.num_candidates, train.scale
     member_psnr = {m: evaluate(_candidates_predictor(lambda c, _lr, i=i: c[:, 3 * i:3 * i + 3], scale), val,
                                config.crop_border)[0] for i, m in enumerate(members)}
     mean_psnr = evaluate(_candidates_predictor(lambda c, _lr: c.view(1, n, 3, *c.shape[-2:]).mean(1), scale),
                          val, config.crop_border)[0]
     best_member = max(member_psnr.values())
+    if init == "best_member":
+        start = members.index(max(member_psnr, key=member_psnr.__getitem__))  # the first of equals
+        start_at_candidate(net, start)
+        log.info("fusion starts at its best validation member, %s (%.4f dB)", members[start], best_member)
+    metrics = fit(job, config, out_dir, device=device, provenance=provenance, resume_path=resume_path,
+                  log_metrics=log_metrics)
     log.info("val PSNR-Y: fusion %.4f dB; members %s; their average %.4f dB", metrics["best_val_psnr"],
              ", ".join(f"{m} {p:.4f}" for m, p in member_psnr.items()), mean_psnr)
     if metrics["best_val_psnr"] <= best_member:
         log.warning("fusion (%.4f dB) does not beat its best member (%.4f dB) on val", metrics["best_val_psnr"],
                     best_member)
-    return {**{k: metrics[k] for k in ("best_val_psnr", "best_epoch", "initial_val_psnr", "final_val_psnr")},
+    return {"init": init,
+            **{k: metrics[k] for k in ("best_val_psnr", "best_epoch", "initial_val_psnr", "final_val_psnr")},
             "member_val_psnr": member_psnr, "mean_val_psnr": mean_psnr,
             "gain_over_best_member": metrics["best_val_psnr"] - best_member,
             **{k: metrics[k] for k in ("epochs", "steps", "best_per_image", "timing")}}

@@ -86,6 +86,7 @@ SCHEMA: dict[str, Any] = {
     "fusion": {
         "members": ListOf(str),
         "kind": OneOf("pixel", "image"),
+        "init": OneOf("best_member", "random"),
         "epochs": int,
         "batch": int,
         "lr": float,

@@ -41,7 +41,7 @@ def main(params: dict[str, Any]) -> None:
     with staged(out_dir, paths["work"]) as target, tracked(params, "fusion") as tracking:
         tracking.log_params({f"fusion.{k}": v for k, v in fp.items()})
         metrics = train_fusion(net, train, val_images, config, target, kind=fp["kind"], l1_weight=fp["l1_weight"],
-                               mse_weight=fp["mse_weight"], members=members, device=device,
+                               mse_weight=fp["mse_weight"], members=members, init=fp["init"], device=device,
                                provenance=provenance(params), resume_path=resume_path,
                                log_metrics=tracking.log_metrics)
         timing = metrics.pop("timing")

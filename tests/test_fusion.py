@@ -12,7 +12,7 @@ import torch
 
 from srmodels.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint, unwrap_state_dict
 from srmodels.datasets import FusionCrops, fusion_images, load_fusion_image
-from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse
+from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse, start_at_candidate
 from srmodels.fusion_training import fusion_job, train_fusion
 from srmodels.images import write_image
 from srmodels.training import TrainConfig
@@ -135,6 +135,36 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
         w = reloaded.eval()(cands)[0]
     assert w[0, :, 4:28].mean() > 0.9 and w[1, :, 36:60].mean() > 0.9
     assert len(list(csv.DictReader((tmp_path / "curve.csv").open()))) == 5
+
+
+@pytest.mark.parametrize("net", [AttentionWeightNet(3), ImageWeightNet(3)], ids=["pixel", "image"])
+def test_start_at_candidate_is_that_candidate_to_8_bit(net):
+    torch.manual_seed(0)
+    start_at_candidate(net, 1)
+    cands, lr = torch.rand(2, 9, 24, 20), torch.rand(2, 3, 6, 5)
+    with torch.no_grad():
+        w = net(cands if isinstance(net, AttentionWeightNet) else lr)
+        out = fuse(cands, w)
+    assert torch.allclose(w[:, 1], torch.full_like(w[:, 1], 511 / 512), atol=1e-6)
+    assert (out - cands[:, 3:6]).abs().max() < 1 / 510  # so the 8-bit images differ by at most one level
+    # Still trainable: the softmax is not saturated, and the first step gives the output layer weights.
+    net.zero_grad()
+    fuse(cands, net(cands if isinstance(net, AttentionWeightNet) else lr)).sub(cands[:, :3]).abs().mean().backward()
+    assert net.output_layer().weight.grad.abs().max() > 0 and net.output_layer().bias.grad.abs().max() > 1e-4
+
+
+def test_best_member_init_starts_at_the_best_member_and_still_learns(fusion_data, tmp_path):
+    train, val = fusion_sets(fusion_data)
+    torch.manual_seed(0)
+    metrics = train_fusion(AttentionWeightNet(num_candidates=2), train, val, replace(CONFIG, epochs=4, lr=3e-3),
+                           tmp_path, kind="pixel", init="best_member", provenance={"test": True})
+    best_member = max(metrics["member_val_psnr"].values())
+    assert metrics["init"] == "best_member"
+    assert abs(metrics["initial_val_psnr"] - best_member) < 0.05, metrics  # epoch 0 is the member (8-bit)
+    assert metrics["best_val_psnr"] > best_member + 10  # and it learned to take each half from the right member
+    assert checkpoint_meta(read_checkpoint(tmp_path / "best.pth"))["init"] == "best_member"
+    with pytest.raises(ValueError, match="unknown fusion init"):
+        train_fusion(AttentionWeightNet(2), train, val, CONFIG, tmp_path, kind="pixel", init="zeros")
 
 
 def test_image_fusion_checkpoint(fusion_data, tmp_path):
