@@ -23,7 +23,8 @@ from .imresize import imresize_uint8
 from .layout import cached_eval as candidate_dir, eval_set, eval_sets
 from .metrics import calculate_psnr, calculate_ssim
 from .outputs import write_json
-from .report import bar_chart_png, comparison_table, curves_png, markdown_table, read_curve, weight_map_image, write_csv
+from .report import (bar_chart_png, comparison_table, curves_png, markdown_table, panel_image, read_curve,
+                     weight_map_image, write_csv)
 from .statistics import LEVEL, model_comparisons
 
 log = logging.getLogger(__name__)
@@ -202,3 +203,73 @@ def training_curves(finetune_dir: Path, fusion_dir: Path, members: list[str]) ->
     curves = {m: read_curve(finetune_dir / m / layout.CURVE, "val_psnr") for m in members}
     curves["fusion"] = read_curve(fusion_dir / layout.CURVE, "val_psnr")
     return curves
+
+
+# ------------------------------------------------------------------------------------------- comparison panels
+PANEL_CROP = 48  # HR pixels per side of a panel crop
+
+
+def _luma(img: np.ndarray) -> np.ndarray:
+    """BT.601 Y of an RGB uint8 image, float64 in [16, 235] (the scale PSNR-Y is computed on)."""
+    return 16.0 + img.astype(np.float64) @ np.array([65.481, 128.553, 24.966]) / 255.0
+
+
+def _best_window(score: np.ndarray, size: int, exclude: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Top-left (y, x) of the ``size`` x ``size`` window with the largest mean ``score`` (the first of equals),
+    not overlapping the window at ``exclude``."""
+    integral = np.pad(score, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    if exclude is not None:
+        ey, ex = exclude
+        sums[max(0, ey - size + 1):ey + size, max(0, ex - size + 1):ex + size] = -np.inf
+        if not np.isfinite(sums).any():
+            return exclude
+    y, x = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(y), int(x)
+
+
+def write_panels(members: list[str], cache_root: Path, prepared: Path, test_dir: Path, out_dir: Path, *,
+                 scale: int, self_ensemble: bool) -> list[Path]:
+    """``<out_dir>/<set>/<stem>.png`` for every image with ground truth: the same crops of HR, bicubic, each
+    member (as fused: x8 when self_ensemble) and the fusion, with each crop's PSNR-Y, plus the weight map.
+
+    Two crops per image: where the members disagree most (per-pixel spread of their Y), and where the fusion
+    gains most over the image's best member (squared-error difference), a different place.
+    """
+    written: list[Path] = []
+    for set_name in eval_sets(prepared):
+        pairs = eval_set(prepared, set_name)
+        if not pairs.hr.is_dir():
+            continue
+        for hr_path in list_images(pairs.hr):
+            stem = hr_path.stem
+            hr = read_image(hr_path)
+            outputs = {"bicubic": imresize_uint8(read_image(pairs.lr / f"{stem}.png"), scale=scale)}
+            for m in members:
+                path = candidate_dir(cache_root, m, set_name, self_ensemble) / f"{stem}.npy"
+                outputs[f"{m}+se" if self_ensemble else m] = to_uint8(
+                    torch.from_numpy(load_output(path).astype(np.float32)))
+            outputs["fusion"] = read_image(test_dir / layout.SR / set_name / f"{stem}.png")
+            weights = read_image(test_dir / layout.WEIGHTS / set_name / f"{stem}.png")[:hr.shape[0], :hr.shape[1]]
+            size = min(PANEL_CROP, hr.shape[0], hr.shape[1])
+            y_hr = _luma(hr)
+            member_names = [n for n in outputs if n not in ("bicubic", "fusion")]
+            member_y = np.stack([_luma(outputs[n]) for n in member_names])
+            best = min(member_names, key=lambda n: float(((_luma(outputs[n]) - y_hr) ** 2).mean()))
+            gain = (_luma(outputs[best]) - y_hr) ** 2 - (_luma(outputs["fusion"]) - y_hr) ** 2
+            disagree = _best_window(member_y.std(axis=0), size)
+            gains = _best_window(gain, size, exclude=disagree)
+            rows = []
+            for (y, x), why in ((disagree, "members disagree"), (gains, f"fusion vs {best}")):
+                crop_hr = hr[y:y + size, x:x + size]
+                row = [(f"HR: {why}", crop_hr)]
+                for name, img in outputs.items():
+                    crop = img[y:y + size, x:x + size]
+                    psnr = calculate_psnr(crop, crop_hr, crop_border=0, y_channel=True)
+                    row.append((f"{name} {psnr:.2f}", crop))
+                row.append(("weights", weights[y:y + size, x:x + size]))
+                rows.append(row)
+            path = out_dir / set_name / f"{stem}.png"
+            write_image(path, panel_image(rows, legend=members))
+            written.append(path)
+    return written

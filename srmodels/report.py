@@ -3,6 +3,7 @@
 * :func:`weight_map_image`: where each backbone wins, as an RGB picture with a legend.
 * :func:`markdown_table`: the model comparison table (one row per model, PSNR-Y / SSIM-Y / PSNR-RGB per scored
   set, best value bold), in the spirit of team 27's Table 3.
+* :func:`panel_image`: captioned crops side by side (the score stage's comparison panels).
 * :func:`write_csv`, :func:`bar_chart_png`, :func:`curves_png`: the same numbers as files DVC and MLflow keep.
 
 Every file is written atomically (temporary file, then rename) so an interrupted stage never leaves a truncated
@@ -133,6 +134,29 @@ def _with_legend(picture: np.ndarray, labels: Sequence[str], colours: Sequence[t
                         font, scale, (0, 0, 0), thickness, cv2.LINE_AA)
             x += widths[i] + gap
     return canvas
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Comparison panels
+# --------------------------------------------------------------------------------------------------------------
+def panel_image(rows: Sequence[Sequence[tuple[str, np.ndarray]]], tile: int = 144,
+                legend: Sequence[str] = ()) -> np.ndarray:
+    """Rows of captioned crops side by side (RGB uint8): each crop scaled to ``tile`` px by pixel repetition
+    (nearest neighbour, so the pictures show the pixels that were scored), its caption in a strip above it;
+    ``legend`` names the weight map's colours (as :func:`weight_map_image` assigns them) in a strip below."""
+    font, scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    (_, text_h), baseline = cv2.getTextSize("Ag", font, scale, thickness)
+    cap_h, gap = text_h + baseline + 6, 4
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (cap_h + tile + gap) + gap, cols * (tile + gap) + gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        y = gap + i * (cap_h + tile + gap)
+        for j, (caption, crop) in enumerate(row):
+            x = gap + j * (tile + gap)
+            canvas[y + cap_h:y + cap_h + tile, x:x + tile] = cv2.resize(crop, (tile, tile),
+                                                                         interpolation=cv2.INTER_NEAREST)
+            cv2.putText(canvas, caption, (x + 2, y + text_h + 2), font, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+    return _with_legend(canvas, [f"weights: {n}" for n in legend], colours_for(legend)) if legend else canvas
 
 
 # --------------------------------------------------------------------------------------------------------------

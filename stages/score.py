@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from srmodels.evaluation import (flat_scores, score_eval_sets, score_metrics, set_comparisons, training_curves,
-                                 write_score_report)
+                                 write_panels, write_score_report)
 from srmodels.layout import SCALE
 from srmodels.outputs import staged
 
@@ -23,11 +23,15 @@ def main(params: dict[str, Any]) -> None:
                             bootstrap_resamples=mp["bootstrap"]["resamples"])
     with staged(Path(paths["score"]), paths["work"]) as out_dir:
         files = write_score_report(out_dir, metrics, rows, training_curves(finetune_dir, fusion_dir, members))
+        panels = write_panels(members, Path(paths["cache"]), Path(paths["prepared"]), Path(paths["test"]),
+                              out_dir / "panels", scale=SCALE, self_ensemble=self_ensemble)
         with tracked(params, "score") as tracking:
             tracking.log_metrics(flat_scores(metrics))
             tracking.log_metrics(flat_scores(metrics), parent=True)  # the pipeline's row in `mlflow ui`
             for path in files:
                 tracking.log_artifact(path)
+            for path in panels:
+                tracking.log_artifact(path, f"panels/{path.parent.name}")
     record(params, "score")
 
 
