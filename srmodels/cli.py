@@ -427,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol-db", type=float, default=0.0, help="allowed |change| of keys named *psnr* (default: exact)")
     p.add_argument("--tol-ssim", type=float, default=0.0, help="allowed |change| of keys named *ssim* (default: exact)")
     p.set_defaults(func=cmd_compare_metrics)
+
     p = sub.add_parser(
         "profile", help="a params profile (profiles/<name>.yaml) as `dvc exp run` overrides, or written in",
         description="Print the `-S ++key=value` overrides that apply a profile, for "

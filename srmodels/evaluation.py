@@ -21,7 +21,7 @@ from .fusion import fuse, fusion_inputs
 from .images import list_images, read_image, to_tensor, to_uint8, write_image
 from .imresize import imresize_uint8
 from .layout import cached_eval as candidate_dir, eval_set, eval_sets
-from .metrics import calculate_psnr, calculate_ssim
+from .metrics import calculate_psnr, calculate_ssim, rgb_to_y
 from .outputs import write_json
 from .report import (bar_chart_png, comparison_table, curves_png, markdown_table, panel_image, read_curve,
                      weight_map_image, write_csv)
@@ -209,11 +209,6 @@ def training_curves(finetune_dir: Path, fusion_dir: Path, members: list[str]) ->
 PANEL_CROP = 48  # HR pixels per side of a panel crop
 
 
-def _luma(img: np.ndarray) -> np.ndarray:
-    """BT.601 Y of an RGB uint8 image, float64 in [16, 235] (the scale PSNR-Y is computed on)."""
-    return 16.0 + img.astype(np.float64) @ np.array([65.481, 128.553, 24.966]) / 255.0
-
-
 def _best_window(score: np.ndarray, size: int, exclude: tuple[int, int] | None = None) -> tuple[int, int]:
     """Top-left (y, x) of the ``size`` x ``size`` window with the largest mean ``score`` (the first of equals),
     not overlapping the window at ``exclude``."""
@@ -252,12 +247,11 @@ def write_panels(members: list[str], cache_root: Path, prepared: Path, test_dir:
             outputs["fusion"] = read_image(test_dir / layout.SR / set_name / f"{stem}.png")
             weights = read_image(test_dir / layout.WEIGHTS / set_name / f"{stem}.png")[:hr.shape[0], :hr.shape[1]]
             size = min(PANEL_CROP, hr.shape[0], hr.shape[1])
-            y_hr = _luma(hr)
-            member_names = [n for n in outputs if n not in ("bicubic", "fusion")]
-            member_y = np.stack([_luma(outputs[n]) for n in member_names])
-            best = min(member_names, key=lambda n: float(((_luma(outputs[n]) - y_hr) ** 2).mean()))
-            gain = (_luma(outputs[best]) - y_hr) ** 2 - (_luma(outputs["fusion"]) - y_hr) ** 2
-            disagree = _best_window(member_y.std(axis=0), size)
+            y_hr = rgb_to_y(hr)
+            member_y = {n: rgb_to_y(img) for n, img in outputs.items() if n not in ("bicubic", "fusion")}
+            best = min(member_y, key=lambda n: float(((member_y[n] - y_hr) ** 2).mean()))
+            gain = (member_y[best] - y_hr) ** 2 - (rgb_to_y(outputs["fusion"]) - y_hr) ** 2
+            disagree = _best_window(np.stack(list(member_y.values())).std(axis=0), size)
             gains = _best_window(gain, size, exclude=disagree)
             rows = []
             for (y, x), why in ((disagree, "members disagree"), (gains, f"fusion vs {best}")):
