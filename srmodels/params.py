@@ -60,6 +60,7 @@ BACKBONE_DEFAULTS = {
     "gamma": float,
     "nprocs": int,
     "compile": bool,
+    "ema_decay": float,
 }
 BACKBONE = {"variant": str, **BACKBONE_DEFAULTS}
 
@@ -162,6 +163,12 @@ def _check(value: Any, spec: Any, key: str) -> Any:
 def _semantic_checks(p: dict[str, Any]) -> None:
     from .archs import VARIANTS  # local: keeps `srmodels.params` importable without building models
 
+    entries = [("backbone_defaults", p["backbone_defaults"]),
+               *((f"backbones.{n}", bb) for n, bb in p["backbones"].items())]
+    for key, entry in entries:  # the defaults first, so that a bad default is named where it is written
+        if not 0.0 <= entry["ema_decay"] < 1.0:  # 1 would never leave the initial weights
+            raise ParamsError(f"{key}.ema_decay: must be in [0, 1) (0 = off; KAIR's SwinIR recipe uses 0.999), "
+                              f"got {entry['ema_decay']}")
     for name, bb in p["backbones"].items():
         if bb["variant"] not in VARIANTS:
             raise ParamsError(f"backbones.{name}.variant: unknown variant {bb['variant']!r}; "

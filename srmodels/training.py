@@ -8,6 +8,15 @@ self-describing ``best.pth``; write ``curve.csv``; step the LR schedule; resume 
 What differs between jobs is a ``Job``: the module, its data, its loss, how it predicts a validation image, and
 what its checkpoint says about it. The numbers that choose a run are a ``TrainConfig``.
 
+EMA (``TrainConfig.ema_decay`` > 0): an exponential moving average of the weights, updated after every optimizer
+step as ``ema = decay * ema + (1 - decay) * weight`` (KAIR's and BasicSR's formula, no warm-up and no bias
+correction) from the initial weights: the pretrained ones when fine-tuning, so epoch 0 validates the same model
+with or without EMA. Floating-point parameters are averaged; buffers (BatchNorm statistics and counters) are
+copied from the trained weights. Validation, model selection, ``curve.csv`` and the metrics are then the EMA's,
+best.pth holds the EMA weights (``state_dict`` and ``params_ema``) and the raw ones of the same step (``params``),
+and the resume state holds the EMA, so a resumed run still equals an uninterrupted one. Decay 0 is off: nothing
+is averaged and every output is what it was before EMA existed.
+
 Reproducibility: ``seed_everything`` seeds Python, NumPy and torch and, on CPU, asks for deterministic kernels.
 Data order and augmentation are pure functions of (seed, epoch, index) (see ``srmodels.datasets``), so CPU runs
 with the same seed and thread count give bit-identical weights, and a resumed run gives the weights of an
@@ -22,9 +31,10 @@ import logging
 import os
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +75,8 @@ class TrainConfig:
     ``gamma`` at each of ``milestones``) or 'constant'. ``batch`` is the global batch under DDP. ``threads``:
     CPU intra-op threads (None: leave torch's setting). ``workers``: DataLoader processes (items do not depend
     on them). ``compile``: ``torch.compile`` the training forward (fixed crop shapes, so one compilation);
-    validation sees whole images of varying sizes and stays eager.
+    validation sees whole images of varying sizes and stays eager. ``ema_decay``: in [0, 1); > 0 validates,
+    selects and saves an exponential moving average of the weights (see the module docstring), 0 is off.
     """
 
     epochs: int
@@ -80,6 +91,7 @@ class TrainConfig:
     threads: int | None = None
     workers: int = 0
     compile: bool = False
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         # Stages pass lists from params.yaml; tuples keep the config hashable and its JSON form the same.
@@ -93,6 +105,8 @@ class TrainConfig:
             raise ConfigError(f"lr and gamma must be > 0, got {self.lr}, {self.gamma}")
         if any(m < 1 for m in self.milestones):
             raise ConfigError(f"milestones are epochs, >= 1; got {list(self.milestones)}")
+        if not 0.0 <= self.ema_decay < 1.0:  # 1 would never move from the initial weights
+            raise ConfigError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.crop_border < 0 or self.workers < 0 or (self.threads is not None and self.threads < 1):
             raise ConfigError(f"crop_border and workers must be >= 0 and threads >= 1, got {self.crop_border}, "
                               f"{self.workers}, {self.threads}")
@@ -158,6 +172,74 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.milestones),
                                                     gamma=config.gamma)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[], gamma=1.0)  # constant
+
+
+class WeightsEma:
+    """Exponential moving average of a module's weights, ``ema = decay * ema + (1 - decay) * weight`` after every
+    ``update``, starting equal to the module's weights.
+
+    Floating-point parameters are averaged; every other state_dict entry (BatchNorm running statistics and
+    counters, constant buffers) is copied, so the average always runs with the statistics of the weights being
+    trained. ``tensors`` is a state dict of the module (same keys, device and dtypes). Under DDP every rank holds
+    the same weights after each step, so every rank's average is the same.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        live = module.state_dict(keep_vars=True)
+        params = {id(p) for p in module.parameters()}
+        self.averaged = [k for k, v in live.items() if id(v) in params and v.is_floating_point()]
+        self.copied = [k for k in live if k not in set(self.averaged)]
+        self.tensors = {k: v.detach().clone() for k, v in live.items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        # The module's state_dict is read anew every time: a module may replace a buffer rather than update it.
+        live = module.state_dict(keep_vars=True)
+        ema = [self.tensors[k] for k in self.averaged]
+        torch._foreach_mul_(ema, self.decay)
+        torch._foreach_add_(ema, [live[k].detach() for k in self.averaged], alpha=1.0 - self.decay)
+        for k in self.copied:
+            self.tensors[k].copy_(live[k])
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a saved average (``tensors`` as ``state`` returns it)."""
+        if tensors.keys() != self.tensors.keys():
+            raise ValueError("the saved EMA does not have the module's keys")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                self.tensors[k].copy_(v)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the averaged weights (for best.pth and the resume state)."""
+        return {k: v.detach().cpu().clone() for k, v in self.tensors.items()}
+
+
+@contextmanager
+def _holding(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``module`` holds ``tensors`` inside the block and its own weights again afterwards, bit for bit (in-place
+    copies: the optimizer's parameters stay the same objects)."""
+    own = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(tensors)
+    try:
+        yield
+    finally:
+        module.load_state_dict(own)
+
+
+def _add_raw_weights(path: Path, raw: Mapping[str, torch.Tensor]) -> None:
+    """Make the best.pth that ``save_checkpoint`` wrote with the EMA weights (its ``state_dict``) also hold them
+    as ``params_ema`` and the raw weights of the same step as ``params``: BasicSR's, KAIR's and traiNNer-redux's
+    keys, whose loaders and ours (``checkpoint.WRAPPER_KEYS``) take ``params_ema`` first, while spandrel, which
+    takes ``state_dict`` first, gets the EMA too. Both EMA keys name the same tensors, stored once."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["params_ema"] = checkpoint["state_dict"]
+    checkpoint["params"] = {k: v.detach().cpu() for k, v in raw.items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)  # atomic, as save_checkpoint's own write
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -249,6 +331,8 @@ def _resume_identity(job: Job, config: TrainConfig, weights: nn.Module) -> dict[
     settings = asdict(config)
     for key in ("workers", "compile", "threads"):
         settings.pop(key)
+    if not config.ema_decay:  # off: the identity, and so the resume states, of runs from before EMA existed
+        settings.pop("ema_decay")
     settings["epochs"] = config.epochs if config.schedule == "cosine" else None
     if config.schedule != "multistep":
         settings["milestones"] = settings["gamma"] = None
@@ -307,19 +391,23 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
             outside the stage's outputs: it is work in progress, not a result.
         log_metrics: called as ``log_metrics(metrics, epoch)`` after every epoch (epoch 0 included).
 
+    With ``config.ema_decay`` > 0 every validation (epoch 0 included), the selection of the best epoch, curve.csv
+    and the metrics returned are those of the weights' EMA (``WeightsEma``); best.pth holds the EMA weights as
+    ``state_dict`` and ``params_ema`` and the raw ones as ``params``.
+
     Data-parallel (DDP) when called in every process of an initialised process group (``srmodels.distributed``):
     ``config.batch`` is then the global batch and must divide by the world size; rank 0 alone validates, writes
     out_dir and calls ``log_metrics``. Each rank is seeded with ``seed + rank`` (stochastic layers such as
     DropPath differ per rank; data order and augmentation do not depend on the rank). On CUDA, BatchNorm layers
     become SyncBatchNorm so that statistics span the global batch. The model is left holding the last epoch's
-    weights.
+    weights (the raw ones when EMA is on).
 
     Returns:
         best_val_psnr, best_epoch, initial_val_psnr, final_val_psnr, final_train_loss, improved (whether any
-        epoch beat the initial model), epochs, steps, world_size and best_per_image: all functions of the
-        seed and the data. ``timing`` holds what is not: resumed_from_epoch, train_seconds (training only, all
-        sessions), samples_per_second and hr_megapixels_per_second (all ranks) and epoch_seconds. Ranks other
-        than 0 return only epochs, steps and world_size.
+        epoch beat the initial model), epochs, steps, world_size, best_per_image and, with EMA on,
+        ema_decay: all functions of the seed and the data. ``timing`` holds what is not: resumed_from_epoch,
+        train_seconds (training only, all sessions), samples_per_second and hr_megapixels_per_second (all
+        ranks) and epoch_seconds. Ranks other than 0 return only epochs, steps and world_size.
     """
     device = torch.device(device)
     info = distributed.current()
@@ -343,23 +431,44 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BatchNorm children in place, same keys
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scheduler = _make_scheduler(optimizer, config, epochs * steps_per_epoch)
+    # Built after the move and the SyncBatchNorm conversion: the average lives beside the weights it follows.
+    ema = WeightsEma(weights, config.ema_decay) if config.ema_decay else None
 
     def validate() -> tuple[float, dict[str, float]]:
         model.eval()
-        return evaluate(job.predictor(device), job.val, config.crop_border)
+        # The job's predictor reads ``model``: with EMA on, it holds the average for the time of the validation.
+        with _holding(weights, ema.tensors) if ema is not None else nullcontext():
+            return evaluate(job.predictor(device), job.val, config.crop_border)
 
-    def save_best(epoch: int, step: int, best_weights: dict[str, torch.Tensor] | None = None) -> None:
-        best["weights"] = best_weights or {k: v.detach().cpu().clone() for k, v in weights.state_dict().items()}
+    def save_best(epoch: int, step: int, saved: Mapping[str, Any] | None = None) -> None:
+        """best.pth from the current weights, or from ``saved`` (``best`` as a resume state holds it)."""
+        def current() -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu().clone() for k, v in weights.state_dict().items()}
+
+        if saved is not None:
+            best["weights"] = saved["weights"]
+            if ema is not None:
+                best["raw"] = saved["raw"]
+        elif ema is not None:
+            best["weights"], best["raw"] = ema.state(), current()
+        else:
+            best["weights"] = current()
         best["step"] = step
         extra = {**job.describe.get("extra", {}), "val_psnr": best["psnr"]}
+        if ema is not None:  # only when on: a run without EMA describes itself as before EMA existed
+            extra["ema_decay"] = config.ema_decay
         save_checkpoint(best_path, best["weights"], **{**job.describe, "extra": extra}, step=step, epoch=epoch,
                         provenance=provenance)
+        if ema is not None:
+            _add_raw_weights(best_path, best["raw"])
 
     state = _load_resume(resume_path, identity, epochs) if resume_path is not None and info.main else None
     # Only rank 0 reads the resume state (nodes need not share a file system); the others receive it.
     state = distributed.broadcast_object(state, info)
     if state is not None:
         weights.load_state_dict(state["model"])
+        if ema is not None:  # the identity includes ema_decay, so a state written with EMA on has "ema"
+            ema.load(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if info.main:
@@ -373,7 +482,7 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
         if info.main:
             # out_dir may be a fresh staging folder: the best weights travel in the resume state and best.pth /
             # curve.csv are rewritten from there.
-            save_best(best["epoch"], best["step"], best["weights"])
+            save_best(best["epoch"], best["step"], best)
             _write_curve(curve_path, history)
     elif not info.main:
         start, step, history, best, best_per_image = 0, 0, [], {}, {}
@@ -408,6 +517,8 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update(weights)
             last_lr = optimizer.param_groups[0]["lr"]
             if config.schedule == "cosine":
                 scheduler.step()
@@ -435,11 +546,13 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
         _write_curve(curve_path, history)
         if resume_path is not None:
             resume_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"format": RESUME_FORMAT, "config": json.dumps(identity, sort_keys=True), "epoch": epoch,
-                        "step": step, "model": {k: v.detach().cpu() for k, v in weights.state_dict().items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": _rng_states(), "best": best, "best_per_image": best_per_image,
-                        "history": history}, resume_path.with_suffix(".pth.tmp"))
+            resume = {"format": RESUME_FORMAT, "config": json.dumps(identity, sort_keys=True), "epoch": epoch,
+                      "step": step, "model": {k: v.detach().cpu() for k, v in weights.state_dict().items()},
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "rng": _rng_states(), "best": best, "best_per_image": best_per_image, "history": history}
+            if ema is not None:
+                resume["ema"] = ema.state()
+            torch.save(resume, resume_path.with_suffix(".pth.tmp"))
             resume_path.with_suffix(".pth.tmp").replace(resume_path)  # atomic: a kill mid-save keeps the last
         log.info("epoch %d/%d: train loss %.6f, val PSNR-Y %.4f dB (best %.4f @ %d), lr %.3g, %.1f s", epoch,
                  epochs, train_loss, val_psnr, best["psnr"], best["epoch"], last_lr, seconds)
@@ -453,10 +566,13 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
     if trained and best["epoch"] == 0:
         log.warning("no epoch beat the initial model on val (%.4f dB); best.pth keeps the initial weights",
                     best["psnr"])
-    return {
+    summary = {
         "best_val_psnr": best["psnr"], "best_epoch": best["epoch"], "initial_val_psnr": history[0]["val_psnr"],
         "final_val_psnr": history[-1]["val_psnr"],
         "final_train_loss": trained[-1]["train_loss"] if trained else None,
         "improved": best["epoch"] > 0, "epochs": history[-1]["epoch"], "steps": step,
         "world_size": info.world, "best_per_image": best_per_image, "timing": _timing(trained, resumed_from),
     }
+    if ema is not None:  # only when on: without EMA the metrics stay those of runs from before EMA existed
+        summary["ema_decay"] = config.ema_decay
+    return summary

@@ -62,7 +62,7 @@ def main(params: dict[str, Any], name: str) -> None:
     config = TrainConfig(epochs=bb["epochs"], batch=bb["batch"], lr=bb["lr"], schedule=bb["schedule"],
                          milestones=bb["milestones"], gamma=bb["gamma"], betas=BETAS, seed=params["seed"],
                          crop_border=params["metrics"]["crop_border"], threads=params["threads"],
-                         compile=bb["compile"])
+                         compile=bb["compile"], ema_decay=bb["ema_decay"])
 
     with ExitStack() as stack:
         # Rank 0 alone writes; the outputs appear only when the whole stage succeeded.
