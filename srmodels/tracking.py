@@ -249,3 +249,60 @@ class StageRun:
 
 
 start_stage = StageRun
+
+
+def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
+                  root: Path | None = None) -> list[Any]:
+    """Finished pipeline runs of the MLflow store, as :class:`srmodels.summarize.PipelineRun` (newest per name).
+
+    A pipeline run counts when its ``fusion`` and ``score`` stages both finished in it: MLflow only knows what
+    ran, so an experiment that DVC restored entirely from its cache has no run here (``--from dvc`` has it).
+    Params come back as MLflow stored them (text), which is all grouping by configuration needs.
+    """
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from .errors import UserError
+    from .summarize import PER_IMAGE, PipelineRun, parse_per_image
+
+    uri = tracking_uri(params, root) or ""
+    experiment = params.get("mlflow", {}).get("experiment", "srmodels")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"{uri}: no MLflow experiment '{experiment}'")
+    parents = client.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=5000)
+    runs, seen = [], set()
+    for parent in parents:
+        name = parent.info.run_name
+        if name in seen or (names and name not in names):
+            continue
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                      "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        stage = {}
+        for child in children:
+            stage.setdefault(child.data.tags.get("srmodels.stage"), child)
+        if "fusion" not in stage or "score" not in stage:
+            log.info("MLflow run %s (%s): no finished fusion and score stages; skipped", name, parent.info.run_id)
+            continue
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                table = Path(client.download_artifacts(stage["score"].info.run_id, PER_IMAGE, tmp)).read_text()
+                fusion = json.loads(Path(client.download_artifacts(stage["fusion"].info.run_id, "metrics.json",
+                                                                   tmp)).read_text())
+        except Exception as err:  # noqa: BLE001 - MLflow raises its own kinds for a missing artifact
+            log.info("MLflow run %s: %s or the fusion's metrics.json not logged (%s); skipped", name, PER_IMAGE,
+                     type(err).__name__)
+            continue
+        seen.add(name)
+        runs.append(PipelineRun(name=name, params=dict(parent.data.params), source=f"mlflow:{parent.info.run_id}",
+                                per_image=parse_per_image(table, f"MLflow run {name}: {PER_IMAGE}"),
+                                member_val_psnr={k: float(v) for k, v in fusion["member_val_psnr"].items()},
+                                fusion_val_psnr=float(fusion["best_val_psnr"])))
+    missing = sorted(set(names or ()) - seen)
+    if missing:
+        raise UserError(f"{uri}: no finished pipeline run named {', '.join(missing)} in experiment '{experiment}'")
+    return sorted(runs, key=lambda r: (r.seed, r.name))

@@ -48,6 +48,7 @@ def main(params: dict[str, Any]) -> None:
         write_json(target / layout.METRICS, {"cpu_isa": params["cpu_isa"], **metrics})
         tracking.log_metrics({**numeric(metrics), **numeric(timing)})
         tracking.log_artifact(target / layout.CURVE)
+        tracking.log_artifact(target / layout.METRICS)  # whole, nested: `srmodels summarize --from mlflow` reads it
         record(params, "fusion", timing)
     resume_path.unlink(missing_ok=True)  # finished: a later run (e.g. `dvc repro --force`) trains anew
 

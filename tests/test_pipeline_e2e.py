@@ -214,6 +214,16 @@ def test_experiments_rerun_only_the_fusion_and_the_workspace_comes_back_clean(re
     runs = {name: stages for name, _, stages in _parents(repo)}
     for name in ("ws", "tmp", "q1", "q2"):
         assert runs[name] == sorted(DOWNSTREAM), (name, runs)
+    # The sweep summary reads the same finished runs from DVC and from MLflow, to the same numbers.
+    summaries = {}
+    for source in ("dvc", "mlflow"):
+        out = repo / f"summary-{source}"
+        _run([sys.executable, "-m", "srmodels", "summarize", "--from", source, "--exp", "q1", "--exp", "q2",
+              "--resamples", "200", "-o", str(out)], repo, env)
+        summaries[source] = json.loads((out / "summary.json").read_text())
+        shutil.rmtree(out)
+    models = {s: [c["models"] for c in summaries[s]["configurations"].values()] for s in summaries}
+    assert models["dvc"] == models["mlflow"] and len(models["dvc"]) == 2
     _run(["git", "checkout", "--", "."], repo, env)
     _run([DVC, "checkout", "--force"], repo, env)
     assert _status(repo, env) == UP_TO_DATE
