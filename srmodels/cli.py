@@ -28,12 +28,13 @@ from .bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, 
                     format_train_table)
 from .checkpoint import CheckpointError
 from .errors import UserError
-from .images import (ImageError, check_pair, check_pair_sizes, image_size, list_images, pair_by_stem, read_image,
-                     to_tensor, to_uint8, write_image)
+from .evaluation import BenchmarkSet, benchmark_set, check_benchmark_sets, score_benchmark_sets
+from .images import ImageError, image_size, list_images, read_image, to_tensor, to_uint8, write_image
 from .imresize import downscale_uint8
 from .inference import upscale
-from .metrics import calculate_psnr, calculate_ssim
 from .model import load_model
+from .prepare import SET_NAME_RULE, plan_set, valid_set_name
+from .report import sets_table
 from .runtime import keep_freed_memory, resolve_device
 
 log = logging.getLogger("srmodels")
@@ -121,52 +122,89 @@ def _sr(model, lr: np.ndarray, args, device: torch.device, path: Path) -> np.nda
     return to_uint8(y.float())
 
 
+def _output_file(path: str | None, what: str) -> None:
+    """An output file that can be written: checked up front, so that a bad path costs no model work."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{target}: {what} must be a file, but it is an existing folder")
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"{blocker}: is a file, so the {what} {target} cannot be written under it")
+
+
+def _folder_set_name(hr_dir: Path) -> str:
+    """The table header of an --hr folder: its name, or its parent's when it is an HR/ folder (Set5/HR -> Set5)."""
+    real = hr_dir.resolve()
+    return (real.parent.name if real.name.lower() == "hr" and real.parent.name else real.name) or str(hr_dir)
+
+
+def _set_specs(args) -> list[tuple[str, str]]:
+    """(name, folder) of each --set, in the order given; a malformed or repeated --set is one line."""
+    if args.lr is not None:
+        raise UserError(f"--lr {args.lr}: only with --hr (a --set folder's LR images are in DIR/LR_bicubic/X4/)")
+    specs: list[tuple[str, str]] = []
+    for spec in args.sets:
+        name, eq, folder = spec.partition("=")
+        if not eq or not folder:
+            raise UserError(f"--set {spec}: expected NAME=DIR, e.g. --set Set5=datasets/Set5")
+        if not valid_set_name(name):
+            raise UserError(f"--set {spec}: {name!r} is not usable as a set name ({SET_NAME_RULE})")
+        if name in (n for n, _ in specs):
+            raise UserError(f"--set {spec}: the set name {name} is given twice")
+        specs.append((name, folder))
+    return specs
+
+
 def cmd_eval(args) -> int:
     _check_arch(args.arch)
     _check_model_args(args)
-    scale = args.scale
-    if scale < 1 or args.crop_border < 0:
-        raise UserError(f"--scale {scale} / --crop-border {args.crop_border}: need scale >= 1 and crop border >= 0")
-    hr_files = list_images(args.hr)
-    if not hr_files:
-        raise ImageError(f"{args.hr}: no images")
-    pairs = pair_by_stem(hr_files, list_images(args.lr), scale) if args.lr else [(p, None) for p in hr_files]
-    for hr_path, lr_path in pairs:  # the input policy: all checked before the model is built
-        hr_size = _checked_size(hr_path, scale)
-        if lr_path is not None:
-            check_pair_sizes(hr_size, _checked_size(lr_path), scale, hr_path, lr_path)
+    scale, crop_border = args.scale, args.crop_border
+    if scale < 1 or crop_border < 0:
+        raise UserError(f"--scale {scale} / --crop-border {crop_border}: need scale >= 1 and crop border >= 0")
+    _output_file(args.json, "--json results")
+    _output_file(args.table, "--table")
+    if args.hr is not None:  # today's one-folder form: one set
+        hr_dir, lr_dir = Path(args.hr), None if args.lr is None else Path(args.lr)
+        sets = [BenchmarkSet(_folder_set_name(hr_dir), hr_dir, lr_dir,
+                             plan_set(hr_dir, lr_dir, scale, what=f"--hr {args.hr}"))]
+    else:
+        sets = [benchmark_set(name, Path(folder), scale, what=f"--set {name}={folder}")
+                for name, folder in _set_specs(args)]
+    # The input policy: every image of every set decoded and checked before the model is built.
+    count = check_benchmark_sets(sets, scale=scale, crop_border=crop_border)
+    log.info("checked %d image(s) in %d set(s)", count, len(sets))
     device = _device(args.device)
     model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
     if model.scale != scale:
         raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
-    rows = []
-    for hr_path, lr_path in pairs:
-        hr = read_image(hr_path)
-        if lr_path is None:
-            hr = hr[: hr.shape[0] // scale * scale, : hr.shape[1] // scale * scale]
-            lr = downscale_uint8(hr, scale)
-        else:
-            lr = read_image(lr_path)
-            hr = check_pair(hr, lr, scale, hr_path, lr_path)
-        sr = _sr(model, lr, args, device, lr_path or hr_path)
-        psnr = calculate_psnr(sr, hr, crop_border=args.crop_border, y_channel=args.y_channel)
-        ssim = calculate_ssim(sr, hr, crop_border=args.crop_border, y_channel=args.y_channel)
-        rows.append({"image": hr_path.stem, "psnr": round(float(psnr), 4), "ssim": round(float(ssim), 5)})
-        print(f"{hr_path.stem:<24} {psnr:8.4f} dB  {ssim:.5f}")
+    label = args.label or f"{model.variant or model.arch}{'+se' if args.self_ensemble else ''}"
+    scored = score_benchmark_sets(
+        sets, lambda lr, entry: _sr(model, lr, args, device, entry.lr_path or Path(entry.origin)),
+        scale=scale, crop_border=crop_border)
+    channel = "y" if args.y_channel else "rgb"
+    table = sets_table({label: {s: r["mean"] for s, r in scored.items()}},
+                       {s: r["num_images"] for s, r in scored.items()},
+                       psnr_key=f"psnr_{channel}", ssim_key=f"ssim_{channel}")
+    made = [s for s, r in scored.items() if r["lr_folder"] is None]
+    caption = (f"PSNR (dB) / SSIM on {channel.upper()}, x{scale}, {crop_border}-pixel "
+               f"border cropped; (n) = images per set"
+               + (f"; LR made from HR with the MATLAB bicubic: {', '.join(made)}" if made else "")
+               + ("; x8 self-ensemble" if args.self_ensemble else "") + ".\n")
+    print(table + "\n" + caption, end="")
     result = {
-        "images": rows,
-        "mean_psnr": round(float(np.mean([r["psnr"] for r in rows])), 4),
-        "mean_ssim": round(float(np.mean([r["ssim"] for r in rows])), 5),
-        "protocol": {"scale": scale, "crop_border": args.crop_border,
-                     "channel": "y" if args.y_channel else "rgb", "self_ensemble": args.self_ensemble,
-                     "tile": args.tile, "tile_overlap": args.tile_overlap, "bf16": args.bf16,
-                     "lr": "given" if args.lr else "matlab bicubic of HR"},
+        "model": {"label": label, "weights": args.weights, "arch": model.arch, "variant": model.variant},
+        "protocol": {"scale": scale, "crop_border": crop_border, "y_channel": args.y_channel,
+                     "self_ensemble": args.self_ensemble, "tile": args.tile, "tile_overlap": args.tile_overlap,
+                     "bf16": args.bf16, "plain": args.plain, "table": f"psnr_{channel} / ssim_{channel}"},
+        "sets": scored,
         "machine": isa.provenance(),  # the kernels' pin, CPU and library versions behind these numbers
     }
-    print(f"{'mean':<24} {result['mean_psnr']:8.4f} dB  {result['mean_ssim']:.5f}  "
-          f"({'Y' if args.y_channel else 'RGB'}, crop {args.crop_border}, {len(rows)} images)")
     if args.json:
         _write_text(args.json, json.dumps(result, indent=1) + "\n", "--json results")
+    if args.table:
+        _write_text(args.table, table + "\n" + caption, "--table")
     return 0
 
 
@@ -350,6 +388,25 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_summarize(args) -> int:
+    from . import summarize
+
+    if args.source == "mlflow":
+        from .params import read_yaml
+        from .tracking import pipeline_runs
+
+        params_file = Path(args.repo) / "params.yaml"
+        runs = pipeline_runs(read_yaml(params_file) if params_file.is_file() else {}, names=args.exp,
+                             root=Path(args.repo).resolve())
+    else:
+        runs = summarize.dvc_runs(args.repo, args.exp, all_commits=args.all_commits)
+    result = summarize.summarize(runs, set_name=args.set, resamples=args.resamples, seed=args.seed)
+    files = summarize.write_summary(_output_folder(args.output, "--output"), result)
+    print(summarize.markdown(result))
+    log.info("wrote %s", ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0],
                                      epilog=INPUT_POLICY + " Errors are one line; --debug shows the traceback.")
@@ -376,16 +433,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pin the CPU kernels' instruction set (avx2: the same bits on every x86-64 CPU, as "
                             "the pipeline runs; default native: this CPU's fastest kernels)")
 
-    p = sub.add_parser("eval", help="PSNR/SSIM of a model on a folder of HR images", epilog=INPUT_POLICY)
+    p = sub.add_parser(
+        "eval", help="PSNR/SSIM of a model on benchmark sets, as one table", epilog=INPUT_POLICY,
+        description="Score a model on one or more benchmark sets and print one Markdown table in the layout of SR "
+                    "papers: a column per set (in the order given), cells PSNR / SSIM on Y with the crop border. "
+                    "--json writes per-set means and per-image PSNR/SSIM on Y and RGB.")
     model_args(p)
-    p.add_argument("--hr", required=True, help="folder of HR images")
-    p.add_argument("--lr", help="folder of LR images (bird <-> birdx4); default: MATLAB bicubic of HR")
+    sets = p.add_mutually_exclusive_group(required=True)
+    sets.add_argument("--set", dest="sets", action="append", metavar="NAME=DIR",
+                      help="a benchmark set (repeat for several): HR images in DIR/HR/ (or directly in DIR when it has "
+                           "no HR/), LR in DIR/LR_bicubic/X4/ (bird <-> birdx4) or, without that folder, the MATLAB "
+                           "bicubic of HR")
+    sets.add_argument("--hr", help="one folder of HR images (a set named after the folder: Set5/HR -> Set5)")
+    p.add_argument("--lr", help="with --hr: folder of LR images (bird <-> birdx4); default: MATLAB bicubic of HR")
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--crop-border", type=int, default=4)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--y-channel", dest="y_channel", action="store_true", default=True, help="score on Y (default)")
-    g.add_argument("--rgb", dest="y_channel", action="store_false", help="score on RGB")
-    p.add_argument("--json", help="write per-image and mean results here")
+    g.add_argument("--y-channel", dest="y_channel", action="store_true", default=True,
+                   help="table on Y (default)")
+    g.add_argument("--rgb", dest="y_channel", action="store_false", help="table on RGB (the JSON has both)")
+    p.add_argument("--label", help="the model's row in the table (default: its variant, +se with --self-ensemble)")
+    p.add_argument("--json", help="write per-set means, per-image scores and the protocol here")
+    p.add_argument("--table", help="also write the Markdown table here")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("upscale", help="super-resolve images", epilog=INPUT_POLICY)
@@ -437,6 +506,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true", help="write the profile into the params file instead")
     p.add_argument("--params", default="params.yaml", help="the params file it applies to (default params.yaml)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser(
+        "summarize", help="a seed sweep's finished runs: per model mean ± sd over seeds, the fusion's gain with a CI",
+        description="Read the finished pipeline runs (DVC experiments, or MLflow pipeline runs), group them by "
+                    "their params other than seed, and write per configuration each model's mean, standard "
+                    "deviation and range over seeds, the fusion's gain over its best member (chosen per seed on "
+                    "validation) with a 95%% bootstrap interval over seeds x images, and the configurations "
+                    "compared pairwise: summary.md (also printed), summary.json, summary.png.")
+    p.add_argument("--from", dest="source", choices=["dvc", "mlflow"], default="dvc",
+                   help="where the runs are read: DVC experiments (default) or the MLflow store of params.yaml")
+    p.add_argument("--repo", default=".", help="the repository (default: here)")
+    p.add_argument("--exp", action="append", metavar="NAME",
+                   help="only this experiment (repeatable; default: every finished one)")
+    p.add_argument("--all-commits", action="store_true", help="DVC: experiments of every baseline commit, not HEAD's")
+    p.add_argument("--set", default="test", help="the scored set to summarise (default: test)")
+    p.add_argument("-o", "--output", default="summary", help="output folder (default: summary)")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=cmd_summarize)
     for p in sub.choices.values():  # also after the command: `srmodels eval --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

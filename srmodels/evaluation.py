@@ -1,14 +1,19 @@
-"""The `test` and `score` steps: fuse cached outputs of the scored sets, then score every model on them.
+"""Scoring: the pipeline's `test` and `score` steps, and one model on benchmark sets (`srmodels eval`).
 
-Nothing here runs a backbone: candidates come from the cache (see ``srmodels.cache``).
+The pipeline fuses cached outputs of the scored sets, then scores every model on them; nothing there runs a
+backbone (candidates come from the cache, see ``srmodels.cache``). ``srmodels eval`` reads benchmark folders
+with the same planning as the pipeline's ``benchmark@<name>`` stages (``srmodels.prepare.plan_set``), runs its
+model through a callable and scores each set. Both score an image with :func:`image_scores` and average a set
+with :func:`mean_scores`, so a number means the same in a metrics file and in an eval table.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,11 +23,12 @@ from . import layout
 from .cache import check_output, load_output, rerun_hint
 from .errors import DataError
 from .fusion import fuse, fusion_inputs
-from .images import list_images, read_image, to_tensor, to_uint8, write_image
+from .images import ImageError, list_images, read_image, to_tensor, to_uint8, write_image
 from .imresize import imresize_uint8
 from .layout import cached_eval as candidate_dir, eval_set, eval_sets
 from .metrics import calculate_psnr, calculate_ssim, rgb_to_y
 from .outputs import write_json
+from .prepare import Entry, check_entry, load_pair, plan_set, set_folders
 from .report import (bar_chart_png, comparison_table, curves_png, markdown_table, panel_image, read_curve,
                      weight_map_image, write_csv)
 from .statistics import LEVEL, model_comparisons
@@ -80,11 +86,18 @@ def fuse_eval_sets(net: torch.nn.Module, kind: str, members: list[str], cache_ro
     return counts
 
 
-def _scores(sr: np.ndarray, hr: np.ndarray, crop_border: int) -> dict[str, float]:
+def image_scores(sr: np.ndarray, hr: np.ndarray, *, crop_border: int) -> dict[str, float]:
+    """PSNR and SSIM of one 8-bit SR image against its HR, on Y and on RGB, ``crop_border`` pixels cropped
+    on every side; unrounded (round only for display, and average the unrounded values)."""
     return {"psnr_y": calculate_psnr(sr, hr, crop_border=crop_border, y_channel=True),
             "ssim_y": calculate_ssim(sr, hr, crop_border=crop_border, y_channel=True),
             "psnr_rgb": calculate_psnr(sr, hr, crop_border=crop_border, y_channel=False),
             "ssim_rgb": calculate_ssim(sr, hr, crop_border=crop_border, y_channel=False)}
+
+
+def mean_scores(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The mean of each score over a set's images (unrounded per-image values), rounded to 4 decimals."""
+    return {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
 
 
 def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_dir: Path, *, scale: int,
@@ -129,15 +142,84 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
                 if sr.shape != hr.shape:  # a stale cache or test output from other images or another scale
                     raise DataError(f"{sources[model]}: {model} output is {sr.shape[1]}x{sr.shape[0]}, but HR "
                                     f"{hr_path} is {hr.shape[1]}x{hr.shape[0]}; re-run the stages that wrote it")
-                s = _scores(sr, hr, crop_border)
+                s = image_scores(sr, hr, crop_border=crop_border)
                 per_model.setdefault(model, []).append(s)
                 rows.append({"set": set_name, "image": stem, "model": model, **{k: round(v, 4) for k, v in s.items()}})
-        summary[set_name] = {
-            model: {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
-            for model, scores in per_model.items()}
+        summary[set_name] = {model: mean_scores(scores) for model, scores in per_model.items()}
         summary[set_name]["num_images"] = len(next(iter(per_model.values())))
         psnr_y[set_name] = {model: [s["psnr_y"] for s in scores] for model, scores in per_model.items()}
     return summary, rows, psnr_y
+
+
+# ------------------------------------------------------------------------------ one model on benchmark sets
+SSIM_WINDOW = 11  # srmodels.metrics' SSIM needs this many pixels per side after the border crop
+
+
+@dataclass(frozen=True)
+class BenchmarkSet:
+    """One set to score: its name, where its HR (and given LR) images are, and what to read (HR first)."""
+
+    name: str
+    hr_dir: Path
+    lr_dir: Path | None      # None: LR made from HR with the MATLAB bicubic
+    entries: list[Entry]
+
+
+def benchmark_set(name: str, folder: Path, scale: int, *, what: str) -> BenchmarkSet:
+    """A benchmark folder (``folder/HR/`` or images in ``folder``, optional ``folder/LR_bicubic/X<scale>/``),
+    planned as the pipeline's ``benchmark@<name>`` stage plans it; errors name ``what``."""
+    hr_dir, lr_dir = set_folders(Path(folder), scale, what=what)
+    return BenchmarkSet(name, hr_dir, lr_dir, plan_set(hr_dir, lr_dir, scale, what=what))
+
+
+def check_benchmark_sets(sets: Sequence[BenchmarkSet], *, scale: int, crop_border: int) -> int:
+    """Decode and check every image of every set (pairing, LR = HR / scale, big enough to score after the
+    border crop), keeping nothing; returns the number of images. The first bad file stops it, named."""
+    count = 0
+    for bench in sets:
+        for entry in tqdm(bench.entries, desc=f"checking {bench.name}", unit="img", disable=None, leave=False):
+            size = check_entry(entry, scale)
+            assert size is not None  # benchmark entries always have HR
+            if min(size) - 2 * crop_border < SSIM_WINDOW:
+                raise ImageError(f"{entry.origin}: {size[1]}x{size[0]} leaves less than {SSIM_WINDOW}x{SSIM_WINDOW} "
+                                 f"pixels after the {crop_border}-pixel crop border (SSIM needs that many)")
+            count += 1
+    return count
+
+
+def score_benchmark_sets(sets: Sequence[BenchmarkSet], predict: Callable[[np.ndarray, Entry], np.ndarray], *,
+                         scale: int, crop_border: int) -> dict[str, dict[str, Any]]:
+    """Score one model on every set, in the given order: ``{set: {hr_folder, lr_folder, lr, num_images, mean,
+    images}}``, ``mean`` as :func:`mean_scores`, ``images`` one row per image (scores rounded to 4 decimals).
+
+    ``predict(lr, entry)`` returns the HxWx3 uint8 SR image of an LR image (quantised as when saved). HR is
+    mod-cropped and a missing LR made with the MATLAB bicubic exactly as the pipeline prepares its sets.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for bench in sets:
+        per_image: list[dict[str, float]] = []
+        rows: list[dict[str, Any]] = []
+        for entry in tqdm(bench.entries, desc=bench.name, unit="img", disable=None, leave=False):
+            hr, lr, _ = load_pair(entry, scale)
+            assert hr is not None  # benchmark entries always have HR
+            sr = predict(lr, entry)
+            if sr.shape != hr.shape:  # a model of another scale, or one that pads its output
+                raise DataError(f"{entry.origin}: SR output is {sr.shape[1]}x{sr.shape[0]}, HR is "
+                                f"{hr.shape[1]}x{hr.shape[0]}")
+            scores = image_scores(sr, hr, crop_border=crop_border)
+            per_image.append(scores)
+            rows.append({"image": entry.stem, **{k: round(v, 4) for k, v in scores.items()}})
+            log.info("%s/%s: PSNR-Y %.4f dB, SSIM-Y %.4f", bench.name, entry.stem, scores["psnr_y"],
+                     scores["ssim_y"])
+        results[bench.name] = {
+            "hr_folder": str(bench.hr_dir),
+            "lr_folder": None if bench.lr_dir is None else str(bench.lr_dir),
+            "lr": "given" if bench.lr_dir is not None else "matlab bicubic of HR",
+            "num_images": len(rows),
+            "mean": mean_scores(per_image),
+            "images": rows,
+        }
+    return results
 
 
 def set_comparisons(psnr_y: dict[str, dict[str, list[float]]], members: list[str], *, self_ensemble: bool,

@@ -33,7 +33,8 @@ from skimage import data as skdata
 from tqdm import tqdm
 
 from . import layout
-from .images import ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image, write_image
+from .images import (IMAGE_SUFFIXES, ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image,
+                     write_image)
 from .imresize import downscale_uint8
 from .outputs import remove, swap_in
 from .params import ParamsError
@@ -149,9 +150,13 @@ def _read_checked(entry: Entry, scale: int) -> tuple[np.ndarray | None, np.ndarr
     return hr, lr
 
 
-def check_entry(entry: Entry, scale: int) -> None:
-    """Decode and check one entry's files as ``load_pair`` would, keeping nothing (no LR is made)."""
-    _read_checked(entry, scale)
+def check_entry(entry: Entry, scale: int) -> tuple[int, int] | None:
+    """Decode and check one entry's files as ``load_pair`` would, keeping nothing (no LR is made).
+
+    Returns the (height, width) its HR will have (mod-cropped), None for an LR-only entry.
+    """
+    hr, _ = _read_checked(entry, scale)
+    return None if hr is None else (hr.shape[0], hr.shape[1])
 
 
 def load_pair(entry: Entry, scale: int) -> tuple[np.ndarray | None, np.ndarray, bool]:
@@ -258,26 +263,61 @@ def plan_div2k(div2k: dict[str, Any], scale: int, base_dir: Path) -> Plan:
 
 
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SET_NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
+
+
+def valid_set_name(name: str) -> bool:
+    """Whether ``name`` can name a scored set (it becomes a folder name and a table column)."""
+    return bool(_SET_NAME.match(name))
+
+
+def set_folders(folder: Path, scale: int, *, what: str) -> tuple[Path, Path | None]:
+    """(HR folder, LR folder or None) of a benchmark folder laid out as papers ship them.
+
+    HR images are in ``folder/HR/``, or directly in ``folder`` when it has no ``HR/`` subfolder (so a bare
+    folder of images is a set too); given LR images are in ``folder/LR_bicubic/X<scale>/``, and when that
+    folder is absent the LR images are made from HR. ``what`` names the setting or argument in messages.
+    """
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: benchmark folder of {what} not found")
+    hr_dir = folder / "HR"
+    if not hr_dir.is_dir():
+        if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+            raise ImageError(f"{hr_dir}: no such folder, and {folder} holds no images itself ({what})")
+        hr_dir = folder
+    lr_dir = folder / "LR_bicubic" / f"X{scale}"
+    return hr_dir, lr_dir if lr_dir.is_dir() else None
+
+
+def plan_set(hr_dir: Path, lr_dir: Path | None, scale: int, *, what: str) -> list[Entry]:
+    """Entries of one scored set: every image of ``hr_dir`` (sorted by name), each paired with its LR in
+    ``lr_dir`` (``bird`` <-> ``birdx4``; an HR without its LR is an error), or with LR made from HR when
+    ``lr_dir`` is None. An empty set or two HR files with one stem are errors naming ``what``."""
+    hr_files = list_images(hr_dir)
+    if not hr_files:
+        raise ImageError(f"{hr_dir}: no images ({what})")
+    stems: dict[str, Path] = {}
+    for path in hr_files:
+        if path.stem in stems:  # both would be scored, and prepared into one file, under one name
+            raise ImageError(f"{path}: same name as {stems[path.stem].name} ({what}); keep one")
+        stems[path.stem] = path
+    if lr_dir is None:
+        return [_hr_entry(p.stem, p, None) for p in hr_files]
+    return [_hr_entry(hr.stem, hr, lr) for hr, lr in pair_by_stem(hr_files, list_images(lr_dir), scale)]
 
 
 def plan_benchmark(name: str, folder: str, scale: int, base_dir: Path) -> list[Entry]:
-    """Entries of one extra scored set: ``folder/HR`` and optionally ``folder/LR_bicubic/X<scale>``.
+    """Entries of one extra scored set ``data.benchmarks.<name>`` (a folder as :func:`set_folders` describes).
 
     When the LR folder exists every HR needs its LR (``bird`` <-> ``birdx4``); otherwise LR is made here.
+    ``srmodels eval --set`` reads its folders with the same two functions.
     """
-    if not _SET_NAME.match(name) or name == "test":
-        raise ParamsError(f"data.benchmarks.{name}: not usable as a set name (letters, digits, '_', '.', '-'; "
+    if not valid_set_name(name) or name == "test":
+        raise ParamsError(f"data.benchmarks.{name}: not usable as a set name ({SET_NAME_RULE}; "
                           "'test' is the main test set)")
-    root = _resolve(folder, base_dir)
-    if not root.is_dir():
-        raise ImageError(f"{root}: benchmark folder of data.benchmarks.{name} not found")
-    hr_files = list_images(root / "HR")
-    if not hr_files:
-        raise ImageError(f"{root / 'HR'}: no images (data.benchmarks.{name})")
-    lr_dir = root / "LR_bicubic" / f"X{scale}"
-    if not lr_dir.is_dir():
-        return [_hr_entry(p.stem, p, None) for p in hr_files]
-    return [_hr_entry(hr.stem, hr, lr) for hr, lr in pair_by_stem(hr_files, list_images(lr_dir), scale)]
+    what = f"data.benchmarks.{name}"
+    hr_dir, lr_dir = set_folders(_resolve(folder, base_dir), scale, what=what)
+    return plan_set(hr_dir, lr_dir, scale, what=what)
 
 
 # ---------------------------------------------------------------------------------------------------- writing

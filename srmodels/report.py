@@ -3,6 +3,8 @@
 * :func:`weight_map_image`: where each backbone wins, as an RGB picture with a legend.
 * :func:`markdown_table`: the model comparison table (one row per model, PSNR-Y / SSIM-Y / PSNR-RGB per scored
   set, best value bold), in the spirit of team 27's Table 3.
+* :func:`sets_table`: one model (or several) on benchmark sets, a column per set, ``PSNR / SSIM`` cells: the
+  layout of SR papers (``srmodels eval``).
 * :func:`panel_image`: captioned crops side by side (the score stage's comparison panels).
 * :func:`write_csv`, :func:`bar_chart_png`, :func:`curves_png`: the same numbers as files DVC and MLflow keep.
 
@@ -206,6 +208,34 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], *, metrics: Sequence[tuple
         for line, text in zip(body, shown):
             line.append("–" if text is None else f"**{text}**" if text == best else text)
     lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * len(columns)]
+    lines += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def sets_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], counts: Mapping[str, int], *,
+               psnr_key: str = "psnr_y", ssim_key: str = "ssim_y") -> str:
+    """Markdown table in the layout of SR papers: one row per model, one column per benchmark set.
+
+    ``results[model][set]`` holds the set's mean scores; ``counts`` gives the sets, in column order, and their
+    image counts (shown in the header: ``Set5 (5)``). Each cell is ``PSNR / SSIM`` with 2 and 4 decimals, the
+    precision papers print. With several models the best PSNR and the best SSIM of a column (as displayed,
+    ties included) are bold, as in :func:`markdown_table`; a missing value shows as an en dash.
+    """
+    models = list(results)
+    header = ["Model"] + [f"{s} ({n})" for s, n in counts.items()]
+    body = [[m] for m in models]
+    for s in counts:
+        cells: list[list[str]] = [[] for _ in models]
+        for key in (psnr_key, ssim_key):
+            shown = [None if (v := _number(results[m].get(s, {}).get(key))) is None else f"{v:.{_decimals(key)}f}"
+                     for m in models]
+            present = [float(t) for t in shown if t is not None]
+            best = f"{max(present):.{_decimals(key)}f}" if len(present) > 1 else None
+            for cell, text in zip(cells, shown):
+                cell.append("–" if text is None else f"**{text}**" if text == best else text)
+        for line, cell in zip(body, cells):
+            line.append(" / ".join(cell))
+    lines = ["| " + " | ".join(header) + " |", "|:---|" + ":---:|" * len(counts)]
     lines += ["| " + " | ".join(line) + " |" for line in body]
     return "\n".join(lines) + "\n"
 

@@ -27,12 +27,20 @@ def rfdn_weights():
     return reference_path("weights", "RFDN_AIM.pth")
 
 
+def _one_set(path):
+    """The only set of an `eval --json` file (the --hr form scores one set, named after the folder)."""
+    (result,) = json.loads(path.read_text())["sets"].values()
+    return result
+
+
 @pytest.fixture(scope="module")
 def plain_eval(set5, rfdn_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "plain.json"
     assert main(["eval", "--weights", str(rfdn_weights), "--arch", "rfdn", "--hr", str(set5 / "HR"),
                  "--lr", str(set5 / "LR_bicubic" / "X4"), "--json", str(out), "--device", "cpu"]) == 0
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    assert list(result["sets"]) == ["Set5"]  # Set5/HR -> Set5
+    return {**result["sets"]["Set5"], "protocol": result["protocol"]}
 
 
 def test_eval_reproduces_official_rfdn_numbers(plain_eval):
@@ -40,17 +48,20 @@ def test_eval_reproduces_official_rfdn_numbers(plain_eval):
     got = {r["image"]: r for r in plain_eval["images"]}
     assert set(got) == {r["image"] for r in expected["images"]}
     for ref in expected["images"]:
-        assert abs(got[ref["image"]]["psnr"] - ref["psnr_y"]) <= 0.01, ref["image"]
-        assert abs(got[ref["image"]]["ssim"] - ref["ssim_y"]) <= 0.0005, ref["image"]
-    assert abs(plain_eval["mean_psnr"] - expected["mean_psnr_y"]) <= 0.01
+        assert abs(got[ref["image"]]["psnr_y"] - ref["psnr_y"]) <= 0.01, ref["image"]
+        assert abs(got[ref["image"]]["ssim_y"] - ref["ssim_y"]) <= 0.0005, ref["image"]
+        assert abs(got[ref["image"]]["psnr_rgb"] - ref["psnr_rgb"]) <= 0.01, ref["image"]
+    assert abs(plain_eval["mean"]["psnr_y"] - expected["mean_psnr_y"]) <= 0.01
 
 
-def test_eval_rgb(set5, rfdn_weights, tmp_path):
+def test_eval_rgb(set5, rfdn_weights, tmp_path, capsys):
     expected = json.loads(reference_path("numbers", "rfdn_aim_set5_x4.json").read_text())
     out = tmp_path / "rgb.json"
     main(["eval", "--weights", str(rfdn_weights), "--arch", "rfdn", "--hr", str(set5 / "HR"),
           "--lr", str(set5 / "LR_bicubic" / "X4"), "--rgb", "--json", str(out), "--device", "cpu"])
-    assert abs(json.loads(out.read_text())["mean_psnr"] - expected["mean_psnr_rgb"]) <= 0.01
+    mean = _one_set(out)["mean"]
+    assert abs(mean["psnr_rgb"] - expected["mean_psnr_rgb"]) <= 0.01
+    assert f"| {mean['psnr_rgb']:.2f} / {mean['ssim_rgb']:.4f} |" in capsys.readouterr().out  # the table shows RGB
 
 
 def test_self_ensemble_raises_mean_and_tiling_stays_close(set5, rfdn_weights, plain_eval, tmp_path):
@@ -58,10 +69,9 @@ def test_self_ensemble_raises_mean_and_tiling_stays_close(set5, rfdn_weights, pl
               "--device", "cpu"]
     main(["eval", *common, "--self-ensemble", "--json", str(tmp_path / "se.json")])
     main(["eval", *common, "--tile", "32", "--json", str(tmp_path / "tile.json")])
-    se = json.loads((tmp_path / "se.json").read_text())
-    tiled = json.loads((tmp_path / "tile.json").read_text())
-    assert se["mean_psnr"] > plain_eval["mean_psnr"]
-    assert abs(tiled["mean_psnr"] - plain_eval["mean_psnr"]) <= 0.02
+    se, tiled = _one_set(tmp_path / "se.json")["mean"], _one_set(tmp_path / "tile.json")["mean"]
+    assert se["psnr_y"] > plain_eval["mean"]["psnr_y"]
+    assert abs(tiled["psnr_y"] - plain_eval["mean"]["psnr_y"]) <= 0.02
 
 
 def test_bf16_autocast_stays_within_stated_tolerance(set5, rfdn_weights, plain_eval, tmp_path):
@@ -69,19 +79,21 @@ def test_bf16_autocast_stays_within_stated_tolerance(set5, rfdn_weights, plain_e
     out = tmp_path / "bf16.json"
     assert main(["eval", "--weights", str(rfdn_weights), "--arch", "rfdn", "--hr", str(set5 / "HR"),
                  "--lr", str(set5 / "LR_bicubic" / "X4"), "--bf16", "--device", "cpu", "--json", str(out)]) == 0
-    bf16 = json.loads(out.read_text())
-    assert bf16["protocol"]["bf16"] and not plain_eval["protocol"]["bf16"]
-    assert abs(bf16["mean_psnr"] - plain_eval["mean_psnr"]) <= 0.05
-    fp32 = {r["image"]: r["psnr"] for r in plain_eval["images"]}
-    assert all(abs(r["psnr"] - fp32[r["image"]]) <= 0.1 for r in bf16["images"])
-    assert bf16["mean_psnr"] != plain_eval["mean_psnr"]  # autocast really ran in bf16
+    assert json.loads(out.read_text())["protocol"]["bf16"] and not plain_eval["protocol"]["bf16"]
+    bf16 = _one_set(out)
+    assert abs(bf16["mean"]["psnr_y"] - plain_eval["mean"]["psnr_y"]) <= 0.05
+    fp32 = {r["image"]: r["psnr_y"] for r in plain_eval["images"]}
+    assert all(abs(r["psnr_y"] - fp32[r["image"]]) <= 0.1 for r in bf16["images"])
+    assert bf16["mean"]["psnr_y"] != plain_eval["mean"]["psnr_y"]  # autocast really ran in bf16
 
 
 def test_eval_without_lr_uses_matlab_bicubic(set5, rfdn_weights, plain_eval, tmp_path):
     # Set5's LR files were made with MATLAB's bicubic, so ours must give the same scores.
     out = tmp_path / "nolr.json"
     main(["eval", "--weights", str(rfdn_weights), "--hr", str(set5 / "HR"), "--json", str(out), "--device", "cpu"])
-    assert abs(json.loads(out.read_text())["mean_psnr"] - plain_eval["mean_psnr"]) <= 0.01
+    made = _one_set(out)
+    assert made["lr"] == "matlab bicubic of HR" and plain_eval["lr"] == "given"
+    assert abs(made["mean"]["psnr_y"] - plain_eval["mean"]["psnr_y"]) <= 0.01
 
 
 def test_upscale_and_downscale(set5, rfdn_weights, tmp_path):
@@ -323,7 +335,7 @@ def test_eval_checks_lr_sizes_before_the_model(tiny, cli, monkeypatch):
 def test_good_inputs_still_run(tiny, cli):
     code, out, _ = cli("eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--lr", tiny / "lr",
                        "--device", "cpu", "--json", tiny / "r.json")
-    assert code == 0 and "mean" in out and len(json.loads((tiny / "r.json").read_text())["images"]) == 2
+    assert code == 0 and out.startswith(f"| Model | {tiny.name} (2) |") and len(_one_set(tiny / "r.json")["images"]) == 2
     code, _, _ = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--device", "cpu")
     assert code == 0 and sorted(p.name for p in (tiny / "sr").iterdir()) == ["a.png", "b.png"]
     assert cv2.imread(str(tiny / "sr" / "a.png")).shape == (64, 64, 3)
