@@ -1,4 +1,4 @@
-"""The ``srmodels`` command: eval, upscale, downscale, compare-metrics (and bench).
+"""The ``srmodels`` command: eval, upscale, downscale, export, compare-metrics (and bench).
 
 A problem the user can fix (a missing, corrupt or oversized image, LR/HR sizes that do not fit the scale, an
 unknown ``--arch``, an unreadable or unsafe checkpoint, an output path that is a file) ends in one line
@@ -143,7 +143,8 @@ def _folder_set_name(hr_dir: Path) -> str:
 def _set_specs(args) -> list[tuple[str, str]]:
     """(name, folder) of each --set, in the order given; a malformed or repeated --set is one line."""
     if args.lr is not None:
-        raise UserError(f"--lr {args.lr}: only with --hr (a --set folder's LR images are in DIR/LR_bicubic/X4/)")
+        raise UserError(f"--lr {args.lr}: only with --hr (a --set folder's LR images are in "
+                        f"DIR/LR_bicubic/X{args.scale}/)")
     specs: list[tuple[str, str]] = []
     for spec in args.sets:
         name, eq, folder = spec.partition("=")
@@ -407,6 +408,22 @@ def cmd_summarize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_official, export_onnx, export_safetensors
+
+    _check_arch(args.arch)
+    # torch.export traces with autograd's ordinary tensors; main() runs commands under inference_mode.
+    with torch.inference_mode(False):
+        if args.to == "onnx":
+            check = export_onnx(args.weights, args.output, variant=args.arch, opset=args.opset)
+            print(check.summary())
+        elif args.to == "official":
+            print(export_official(args.weights, args.output, variant=args.arch))
+        else:
+            print(export_safetensors(args.weights, args.output, variant=args.arch))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0],
                                      epilog=INPUT_POLICY + " Errors are one line; --debug shows the traceback.")
@@ -525,6 +542,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser(
+        "export", help="a checkpoint as safetensors (self-describing), the official layout, or ONNX",
+        description="Write WEIGHTS (ours, released, any wrapping, .pth or .safetensors; or the fusion net's "
+                    "best.pth) as: safetensors with our description in its metadata (loads with no --arch); the "
+                    "official layout ({'params': ...} for DAT, SwinIR, RRDBNet; RFDN's bare dict on 0-255 "
+                    "pixels; team 27's fusion layout); or ONNX with dynamic height and width, checked against "
+                    "PyTorch with onnxruntime on two sizes (needs the onnx extra).")
+    p.add_argument("weights", help="checkpoint to export")
+    p.add_argument("--to", required=True, choices=["safetensors", "official", "onnx"], help="output format")
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("--arch", help="variant name for released weights (ours describe themselves)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    p.set_defaults(func=cmd_export)
     for p in sub.choices.values():  # also after the command: `srmodels eval --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
