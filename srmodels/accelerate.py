@@ -201,7 +201,8 @@ class _SwinBlock(SwinTransformerBlock):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         attn, mlp = self.attn, self.mlp
-        if self.training or not isinstance(attn.proj, PackedLinear) or not isinstance(mlp.fc2, PackedLinear):
+        if (self.training or torch.compiler.is_exporting() or not isinstance(attn.proj, PackedLinear)
+                or not isinstance(mlp.fc2, PackedLinear)):  # export: the plain block's graph
             return super().forward(x, mask)
         b, length, c = x.shape
         n = self.window_size * self.window_size

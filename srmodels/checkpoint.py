@@ -1,11 +1,23 @@
 """Checkpoint loading (every wrapping the released SR weights use) and our self-describing checkpoints.
 
-Everything is read with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused,
-never executed. Loading into a model is strict by default and a mismatch is reported key by key.
+Two file formats are read, chosen by the file's first bytes (not its name):
+
+* torch files (``.pth``, ``.pt``, ``.ckpt``), read with ``torch.load(weights_only=True)``: a file that needs
+  arbitrary unpickling is refused, never executed;
+* safetensors (``.safetensors``), read with ``safetensors.torch``: a JSON header and raw tensor bytes, nothing
+  to execute. Our own description travels in its string metadata (see :func:`save_checkpoint`); files written
+  by other toolkits (traiNNer-redux, chaiNNer, spandrel users) are bare tensor dicts.
+
+The tensors may be wrapped as the toolkits write them: ``params_ema`` / ``params-ema`` / ``params`` (BasicSR,
+traiNNer-redux), ``model_state_dict``, ``state_dict``, ``model``, ``net``, ``net_g`` / ``netG`` (trainer
+states), team 27's ``weight_net_state_dict``, nested ones too; keys may carry ``module.`` / ``_orig_mod.``
+(DDP, torch.compile) or, on every key, ``netG.`` / ``net_g.`` prefixes; original ESRGAN names are mapped to
+RRDBNet's. Loading into a model is strict by default and a mismatch is reported key by key.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pickle
 import re
@@ -22,9 +34,24 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 FORMAT = "srmodels-checkpoint-v1"
-# Wrapper keys in the order they are preferred: EMA weights beat raw ones (Real-ESRGAN, SwinIR real-world).
-WRAPPER_KEYS = ("params_ema", "params", "weight_net_state_dict", "state_dict", "model")
+# Wrapper keys in the order they are preferred: EMA weights beat raw ones (Real-ESRGAN, SwinIR real-world;
+# traiNNer-redux writes 'params-ema' in older releases). The rest are what trainers put around a state dict.
+WRAPPER_KEYS = ("params_ema", "params-ema", "params", "weight_net_state_dict", "model_state_dict", "state_dict",
+                "model", "net", "net_g", "netG")
+# Wrappers seen nested (a trainer state around a BasicSR dict); deeper nesting is not a checkpoint we know.
+_MAX_WRAPPING_DEPTH = 3
+# Stripped from any key wherever they occur at its start: DDP and torch.compile wrap the module itself.
 STRIP_PREFIXES = ("module.", "_orig_mod.")
+# Stripped only when every key starts with it: a generator saved from its GAN wrapper (ESRGAN-era trainers,
+# BasicSR's net_g); on some keys only it could be a real submodule name.
+COMMON_PREFIXES = ("netG.", "net_g.")
+# safetensors metadata: the key whose value marks our description (its other keys are JSON-encoded fields).
+# 'format': 'pt' is what safetensors.torch and Hugging Face tools write and check; we keep it as they expect.
+SAFETENSORS_FORMAT_KEY = "srmodels_format"
+SAFETENSORS_SUFFIX = ".safetensors"
+# A safetensors header is JSON, preceded by its length; larger than this it is not a checkpoint we can read
+# (the format itself caps it at 100 MB).
+_SAFETENSORS_MAX_HEADER = 100_000_000
 # Original ESRGAN (xinntao/ESRGAN) names -> BasicSR RRDBNet names.
 _ESRGAN_RENAMES = (
     (re.compile(r"^RRDB_trunk\.(\d+)\.RDB(\d)\."), r"body.\1.rdb\2."),
@@ -73,11 +100,98 @@ def _damage(path: Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any] | Mapping[str, torch.Tensor]:
-    """The raw object stored in ``path``, loaded without arbitrary unpickling."""
+def _looks_like_safetensors(path: Path) -> bool:
+    """An 8-byte little-endian header length that fits the file, then the header's opening brace."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < size <= min(_SAFETENSORS_MAX_HEADER, path.stat().st_size - 8)
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (cut header, cut tensor data), or None if it looks whole."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated: {size} bytes, not even the 8-byte header length"
+        n = int.from_bytes(head, "little")
+        if n > _SAFETENSORS_MAX_HEADER:
+            return f"not safetensors: its first 8 bytes give a header of {n:,} bytes, starting {head!r}"
+        if 8 + n > size:
+            return f"truncated: the header alone needs {8 + n:,} bytes, the file has {size:,}"
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"corrupt header ({_describe(err)})"
+    if not isinstance(header, dict):
+        return "corrupt header (not a JSON object)"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return f"truncated: its tensors need {need:,} bytes, the file has {size:,}"
+    return None
+
+
+def _decode_metadata(path: Path, metadata: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """Our description from a safetensors header's metadata, or None for a file written elsewhere."""
+    if not metadata or metadata.get(SAFETENSORS_FORMAT_KEY) != FORMAT:
+        return None
+    meta: dict[str, Any] = {}
+    for key, text in metadata.items():
+        if key in (SAFETENSORS_FORMAT_KEY, "format"):
+            continue
+        try:
+            meta[key] = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: metadata {key!r} is not JSON ({err.msg}); the file says it is an "
+                                  f"{FORMAT} description") from None
+    missing = [k for k in ("arch", "kwargs", "scale", "input_range") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: its {FORMAT} metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any] | dict[str, torch.Tensor]:
+    """A safetensors file as :func:`read_checkpoint` returns it: our wrapping when its metadata describes it,
+    the bare tensor dict otherwise. Reads only JSON and raw tensor bytes (nothing executes)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load as load_bytes
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: not a readable safetensors file (empty file (0 bytes))")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_bytes(path.read_bytes())  # a copy in memory: no memory map left open on the file
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = _safetensors_damage(path) or _describe(err)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+    meta = _decode_metadata(path, metadata)
+    if meta is None:
+        return tensors
+    return {"format": FORMAT, "meta": meta, "state_dict": tensors}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any] | Mapping[str, torch.Tensor]:
+    """The raw object stored in ``path``, loaded without arbitrary unpickling: a torch file or safetensors, told
+    apart by their first bytes (a renamed file still loads), the name deciding only for a file that is neither."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    torch_file = head == b"PK\x03\x04" or head[:1] == b"\x80"  # zip (torch.save) or legacy pickle
+    if _looks_like_safetensors(path) or (path.suffix.lower() == SAFETENSORS_SUFFIX and not torch_file):
+        return read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load on a bad file raises many types (KeyError, struct.error...)
@@ -98,19 +212,34 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def _find_state_dict(obj: Mapping[str, Any], depth: int = 0) -> Mapping[str, torch.Tensor] | None:
+    """The preferred wrapped tensor dict: a wrapper key at this level beats a deeper one, EMA beats raw."""
+    for key in WRAPPER_KEYS:
+        if key in obj and _is_tensor_dict(obj[key]):
+            return obj[key]
+    if depth + 1 < _MAX_WRAPPING_DEPTH:
+        for key in WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                found = _find_state_dict(obj[key], depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
 def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Plain ``{key: tensor}`` from any known wrapping, prefixes stripped and ESRGAN names mapped."""
     if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-        for key in WRAPPER_KEYS:
-            if key in obj and _is_tensor_dict(obj[key]):
-                obj = obj[key]
-                break
-        else:
+        found = _find_state_dict(obj)
+        if found is None:
             raise CheckpointError(
                 f"{source}: no state dict found; top-level keys {sorted(map(str, obj))[:10]}, "
                 f"expected a tensor dict or one of {', '.join(WRAPPER_KEYS)}")
+        obj = found
     if not _is_tensor_dict(obj):
         raise CheckpointError(f"{source}: does not hold a state dict of tensors")
+    for prefix in COMMON_PREFIXES:
+        if all(str(key).startswith(prefix) for key in obj):
+            obj = {key[len(prefix):]: value for key, value in obj.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         stripped = True
@@ -190,8 +319,6 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 def params_hash(params: Mapping[str, Any]) -> str:
     """Short stable hash of a params mapping (key order independent)."""
-    import json
-
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -199,14 +326,54 @@ def params_hash(params: Mapping[str, Any]) -> str:
 def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *, arch: str, kwargs: dict[str, Any],
                     scale: int, input_range: float, variant: str | None = None, step: int = 0, epoch: int = 0,
                     provenance: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint that can rebuild its model alone (``weights_only``-loadable: tensors and plain types)."""
+    """Write a checkpoint that can rebuild its model alone.
+
+    A ``.safetensors`` path gets a safetensors file with the description in its metadata (one JSON-encoded
+    string per field, see :func:`save_safetensors`); any other path a torch file loadable with
+    ``weights_only`` (tensors and plain types), the pipeline's format.
+    """
     meta = {"arch": arch, "variant": variant, "kwargs": kwargs, "scale": int(scale), "input_range": float(input_range),
             "step": int(step), "epoch": int(epoch), "provenance": provenance or {}}
     if extra:
         meta.update(extra)
     path = Path(path)
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        save_safetensors(path, state_dict, meta=meta)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save({"format": FORMAT, "meta": meta, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}},
                tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint behind
+
+
+def safetensors_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
+    """Our description as safetensors metadata (string -> string): every field JSON-encoded, so numbers, lists
+    and nested dicts come back as they went in; a field JSON cannot hold is refused (ValueError)."""
+    out = {"format": "pt", SAFETENSORS_FORMAT_KEY: FORMAT}
+    for key, value in meta.items():
+        if key in out:
+            raise ValueError(f"metadata field {key!r} is reserved")
+        try:
+            out[str(key)] = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"metadata field {key!r} cannot be written as JSON ({err})") from None
+    return out
+
+
+def save_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
+                     meta: Mapping[str, Any] | None = None) -> None:
+    """Write ``state_dict`` as safetensors, atomically; ``meta`` (our description) goes into its metadata.
+
+    Without ``meta`` the file is a bare tensor dict with ``{'format': 'pt'}``, the layout other toolkits write.
+    """
+    from safetensors.torch import save_file
+
+    metadata = safetensors_metadata(meta) if meta is not None else {"format": "pt"}
+    # safetensors refuses tensors that share storage or are not contiguous: each one gets its own copy.
+    tensors = {str(k): v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # atomic, as save_checkpoint

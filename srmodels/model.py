@@ -69,7 +69,8 @@ def infer_variant(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 
 def load_model(weights: str | Path, variant: str | None = None, input_range: float | None = None) -> SRModel:
-    """Rebuild a model from a checkpoint: ours describe themselves; released ones need or imply a variant.
+    """Rebuild a model from a checkpoint: ours describe themselves (``.pth`` or ``.safetensors`` with our
+    metadata); released ones (any wrapping :mod:`srmodels.checkpoint` reads) need or imply a variant.
 
     For released weights the variant's input range applies (``rfdn`` -> 0-255, the scale of RFDN_AIM.pth)
     unless ``input_range`` is given.
@@ -78,6 +79,9 @@ def load_model(weights: str | Path, variant: str | None = None, input_range: flo
     state_dict = unwrap_state_dict(raw, source=str(weights))
     meta = checkpoint_meta(raw)
     if meta is not None:
+        if meta.get("arch") not in archs.ARCHS:
+            raise CheckpointError(f"{weights}: describes a {meta.get('arch')!r} model, not one of the backbones "
+                                  f"{', '.join(archs.ARCHS)}")
         if variant is not None and variant not in (meta.get("variant"), meta["arch"]):
             log.warning("%s describes itself as %s (%s); ignoring --arch %s", weights, meta.get("variant"),
                         meta["arch"], variant)

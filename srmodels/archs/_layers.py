@@ -61,12 +61,36 @@ def window_token_order(x_size: tuple[int, int], padded: tuple[int, int], window:
     """
     height, width = x_size
     ph, pw = padded
-    rows = (torch.arange(ph, device=device).view(ph // window[0], window[0]) + shift[0]) % ph
-    cols = (torch.arange(pw, device=device).view(pw // window[1], window[1]) + shift[1]) % pw
+    # (i + shift) % side as a roll: the same indices, and it exports with symbolic sides (ONNX has no remainder
+    # by a symbolic scalar)
+    rows = torch.arange(ph, device=device).roll(-shift[0]).view(ph // window[0], window[0])
+    cols = torch.arange(pw, device=device).roll(-shift[1]).view(pw // window[1], window[1])
     rows = rows[:, None, :, None]
     cols = cols[None, :, None, :]
     token = torch.where((rows < height) & (cols < width), rows * width + cols, -1)
     return token.reshape(-1)
+
+
+def size_value(n: Any) -> Any:
+    """An image side as an int; a symbolic one (``torch.export`` with dynamic height and width) stays symbolic,
+    where ``int()`` would fix it to the size traced."""
+    return n if isinstance(n, torch.SymInt) else int(n)
+
+
+def _hashable(key: Any) -> Any:
+    """``key`` with symbolic sizes replaced by their expressions (a SymInt cannot be hashed); equal expressions
+    are the same size, so the memo still serves every block of one forward."""
+    if isinstance(key, torch.SymInt):
+        return ("symint", str(key))
+    if isinstance(key, tuple):
+        return tuple(_hashable(k) for k in key)
+    return key
+
+
+def pad_always() -> bool:
+    """True while ``torch.export`` traces with symbolic sizes: a pad of zero is then emitted rather than decided
+    on the size traced (a zero pad is exact, so eager numerics do not depend on this)."""
+    return torch.compiler.is_exporting()
 
 
 _T = TypeVar("_T")
@@ -88,13 +112,14 @@ class WindowPlan:
     """
 
     def __init__(self, x_size: tuple[int, int], device: torch.device, dtype: torch.dtype | None = None) -> None:
-        self.x_size = (int(x_size[0]), int(x_size[1]))
+        self.x_size = (size_value(x_size[0]), size_value(x_size[1]))
         self.device = device
         self.dtype = dtype or torch.get_default_dtype()
         self._memo: dict[tuple[Any, ...], Any] = {}
 
     def memo(self, key: tuple[Any, ...], build: Callable[[], _T]) -> _T:
         """``build()``, once per key and plan: for indices derived from orders (an architecture's own layouts)."""
+        key = _hashable(key)
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
@@ -128,7 +153,9 @@ class WindowPlan:
                 index = self._inverse(src)
             else:
                 index = self._inverse(src)[self.order(*dst)]
-            if torch.equal(index, torch.arange(index.numel(), device=self.device)):
+            # Under export the sizes are symbolic, so whether the gather is the identity is not known: keep it.
+            if not torch.compiler.is_exporting() and torch.equal(index, torch.arange(index.numel(),
+                                                                                     device=self.device)):
                 return None  # e.g. a single window covering the whole map
             return index
         return self.memo(("move", src, dst), build)

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, residual_conv, shift_window_mask, to_2tuple,
-                      trunc_normal_)
+from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, pad_always, residual_conv, shift_window_mask,
+                      to_2tuple, trunc_normal_)
 
 __all__ = ["DAT"]
 
@@ -48,7 +48,8 @@ def _image_as_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pad_to(n: int, multiple: int) -> int:
-    return n + (multiple - n % multiple) % multiple
+    # Rounded up as (n + m - 1) // m * m: with symbolic sizes (export) the result is then visibly a multiple of m.
+    return (n + multiple - 1) // multiple * multiple
 
 
 def _window_gather_indices(batch: int, length: int, order: torch.Tensor, n_tok: int,
@@ -75,9 +76,11 @@ def _window_gather_indices(batch: int, length: int, order: torch.Tensor, n_tok: 
     head = torch.arange(heads, device=device).view(1, 1, 1, 1, heads, 1)
     into = ((token.unsqueeze(0) * 3 + t) * 2 + br) * heads + head
 
-    slot = torch.empty(2, length, dtype=torch.long, device=device)
-    for i in range(2):
-        slot[i, order[i][valid[i]]] = torch.arange(n_slots, device=device)[valid[i]]
+    # slot[branch, token]: where each real token sits. Padding slots scatter into one extra column, dropped after,
+    # rather than being masked out first: the same result, and the shapes do not depend on the values (export).
+    slots = torch.arange(n_slots, device=device).expand(2, n_slots)
+    slot = torch.zeros(2, length + 1, dtype=torch.long, device=device)
+    slot = slot.scatter(1, torch.where(valid, order, length), slots)[:, :length]
     window, pos = slot // n_tok, slot % n_tok  # (2, L)
     n_windows = n_slots // n_tok
     b_idx = torch.arange(batch, device=device).view(batch, 1, 1, 1)
@@ -283,7 +286,8 @@ class Adaptive_Spatial_Attention(nn.Module):
         return shift_window_mask((H, W), w0, (t0, t1)), shift_window_mask((H, W), w1, (t1, t0))
 
     def _masks(self, Hp: int, Wp: int, plan: WindowPlan) -> Sequence[torch.Tensor]:
-        if Hp == self.patches_resolution and Wp == self.patches_resolution:
+        if (not torch.compiler.is_exporting() and Hp == self.patches_resolution
+                and Wp == self.patches_resolution):  # under export the size is symbolic: always computed
             # the registered buffers are authoritative at the training size (they are in checkpoints)
             return self.attn_mask_0, self.attn_mask_1
         return [plan.mask(w, s, (Hp, Wp)) for w, s in zip(self._windows(), self._shifts())]
@@ -311,7 +315,7 @@ class Adaptive_Spatial_Attention(nn.Module):
 
         qkv = self.qkv(x).view(B * L, 3 * C)
         v = qkv[:, 2 * C:].reshape(B, H, W, C).permute(0, 3, 1, 2)  # for the conv branch, unpadded
-        if Hp != H or Wp != W:
+        if pad_always() or Hp != H or Wp != W:  # the zero token padding slots read (unread without padding)
             qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * C)])
         into, back = self._indices(B, Hp, Wp, heads, plan)
         qkv = qkv.view(-1, head_dim).index_select(0, into)

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, residual_conv, shift_window_mask, to_2tuple,
-                      trunc_normal_)
+from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, pad_always, residual_conv, shift_window_mask,
+                      size_value, to_2tuple, trunc_normal_)
 
 __all__ = ["SwinIR", "RSTB", "BasicLayer", "SwinTransformerBlock", "WindowAttention", "window_partition",
            "window_reverse"]
@@ -146,8 +146,13 @@ class WindowAttention(nn.Module):
             bias = self.relative_position_bias().unsqueeze(0) + mask.unsqueeze(1)
             if b_ != mask.shape[0]:
                 bias = bias.repeat(b_ // mask.shape[0], 1, 1, 1)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
-                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        if torch.compiler.is_exporting():
+            # The exporter records the reshape below as a view of SDPA's output strides, then decomposes SDPA into
+            # ops with other strides and fails; the same softmax(q k^T * scale + bias) v written out exports.
+            x = torch.softmax((q * self.scale) @ k.transpose(-2, -1) + bias.to(q.dtype), dim=-1) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
         x = self.proj(x.transpose(1, 2).reshape(b_, n, c))
         return self.proj_drop(x)
 
@@ -230,8 +235,11 @@ class BasicLayer(nn.Module):
         self.downsample = None if downsample is None else downsample(input_resolution, dim=dim, norm_layer=norm_layer)
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int], plan: WindowPlan | None = None) -> torch.Tensor:
-        x_size = (int(x_size[0]), int(x_size[1]))
+        x_size = (size_value(x_size[0]), size_value(x_size[1]))
         plan = plan if plan is not None else WindowPlan(x_size, x.device, x.dtype)
+        # The registered masks are the computed ones at img_size; under export the size is symbolic, so always
+        # compute (comparing it with img_size would fix the graph to one side of the comparison).
+        registered = not torch.compiler.is_exporting()
         order = None
         for blk in self.blocks:
             key = (to_2tuple(blk.window_size), to_2tuple(blk.shift_size))
@@ -239,7 +247,7 @@ class BasicLayer(nn.Module):
             if index is not None:
                 x = _take_tokens(x, index)
             order = key
-            mask = blk.attn_mask if x_size == blk.input_resolution else plan.mask(*key)
+            mask = blk.attn_mask if registered and x_size == blk.input_resolution else plan.mask(*key)
             if self.use_checkpoint and torch.is_grad_enabled():
                 x = checkpoint.checkpoint(blk, x, mask, use_reentrant=False)
             else:
@@ -451,9 +459,11 @@ class SwinIR(nn.Module):
     def check_image_size(self, x: torch.Tensor) -> torch.Tensor:
         """Reflect-pad right and bottom to a multiple of window_size (reflect needs H, W > the padding)."""
         h, w = x.shape[-2:]
-        pad_h = -h % self.window_size
-        pad_w = -w % self.window_size
-        if pad_h or pad_w:
+        # Written as (rounded-up size) - size, not -h % window: the same numbers, but with symbolic sizes (export)
+        # the padded side is then visibly a multiple of the window, which the window reshapes rely on.
+        pad_h = (h + self.window_size - 1) // self.window_size * self.window_size - h
+        pad_w = (w + self.window_size - 1) // self.window_size * self.window_size - w
+        if pad_always() or pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
         return x
 
