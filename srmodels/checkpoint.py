@@ -193,7 +193,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any] | Mapping[str, torch.Ten
     if _looks_like_safetensors(path) or (path.suffix.lower() == SAFETENSORS_SUFFIX and not torch_file):
         return read_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Through a file object: torch.load given a '.safetensors' path reads it as safetensors itself.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load on a bad file raises many types (KeyError, struct.error...)
         damage = _damage(path)
         if damage is not None:

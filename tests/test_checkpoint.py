@@ -1,5 +1,6 @@
 """Checkpoint loading: every wrapping, safety, strict reports, self-describing round trip."""
 import io
+import json
 import pickle
 
 import pytest
@@ -182,3 +183,165 @@ def test_refusal_names_what_was_refused(tmp_path):
 
     torch.save({"params": Payload()}, tmp_path / "evil.pth")
     assert "Unsupported global: GLOBAL print" in _reason(tmp_path / "evil.pth")
+
+
+# ------------------------------------------------------------------- other toolkits' wrappings and safetensors
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {"state": {}}, "epoch": 9},
+    lambda sd: {"params-ema": sd},
+    lambda sd: {"net": sd},
+    lambda sd: {"net_g": sd},
+    lambda sd: {"netG": sd},
+    lambda sd: {"netG." + k: v for k, v in sd.items()},
+    lambda sd: {"params": {"net_g." + k: v for k, v in sd.items()}},
+    lambda sd: {"state_dict": {"params_ema": sd}, "step": 3},  # a trainer state around a BasicSR dict
+], ids=["model_state_dict", "params-ema", "net", "net_g", "netG", "netG-prefix", "net_g-prefix", "nested"])
+def test_other_toolkits_wrappings_unwrap(tmp_path, wrap):
+    sd = _sd()
+    torch.save(wrap(sd), tmp_path / "w.pth")
+    got = load_state_dict(tmp_path / "w.pth")
+    assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_common_prefix_stripped_only_when_every_key_has_it():
+    sd = {"netG.conv.weight": torch.zeros(1), "conv_last.weight": torch.zeros(1)}
+    assert list(unwrap_state_dict(sd)) == ["netG.conv.weight", "conv_last.weight"]
+
+
+def test_params_ema_dash_preferred_over_params(tmp_path):
+    a, b = _sd(), _sd()
+    torch.save({"params": a, "params-ema": b}, tmp_path / "w.pth")
+    assert torch.equal(load_state_dict(tmp_path / "w.pth")["conv.bias"], b["conv.bias"])
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "netG."])
+def test_bare_safetensors_of_other_toolkits(tmp_path, prefix):
+    from safetensors.torch import save_file
+
+    sd = _sd()
+    save_file({prefix + k: v for k, v in sd.items()}, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    got = load_state_dict(tmp_path / "w.safetensors")
+    # safetensors keeps no key order (its header is sorted): the same keys and tensors
+    assert sorted(got) == sorted(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert ckpt.checkpoint_meta(ckpt.read_checkpoint(tmp_path / "w.safetensors")) is None
+
+
+def test_safetensors_esrgan_names_and_released_variant(tmp_path):
+    """An ESRGAN-named RRDBNet written by another toolkit loads by its keys and shapes alone."""
+    from safetensors.torch import save_file
+
+    from srmodels.model import build_model, load_model
+
+    model = build_model("rrdbnet_tiny")
+    renames = {"conv_body.": "trunk_conv.", "conv_up1.": "upconv1.", "conv_up2.": "upconv2.", "conv_hr.": "HRconv."}
+
+    def esrgan(key: str) -> str:  # xinntao/ESRGAN's names, written out independently of the loader's table
+        head, _, rest = key.partition(".")
+        if head == "body":
+            block, rdb, tail = rest.split(".", 2)
+            return f"RRDB_trunk.{block}.{rdb.upper()}.{tail}"
+        return next((new + key[len(old):] for old, new in renames.items() if key.startswith(old)), key)
+
+    old = {esrgan(k): v for k, v in model.net.state_dict().items()}
+    assert "RRDB_trunk.0.RDB1.conv1.weight" in old
+    save_file(old, str(tmp_path / "esrgan.safetensors"))
+    with pytest.raises(CheckpointError, match="pass --arch"):  # rrdbnet_tiny and _small share their shapes
+        load_model(tmp_path / "esrgan.safetensors")
+    loaded = load_model(tmp_path / "esrgan.safetensors", "rrdbnet_tiny")
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("variant", ["rfdn_tiny", "swinir_tiny"])
+def test_safetensors_self_describing_round_trip(tmp_path, variant):
+    """The same description through .pth and .safetensors; the safetensors file needs no variant."""
+    from srmodels.model import build_model, load_model
+
+    model = build_model(variant)
+    fields = dict(step=7, epoch=2, provenance={"git_commit": "abc+dirty", "params_hash": ckpt.params_hash({"a": 1})},
+                  extra={"val_psnr": 31.25, "members": ["dat", "rfdn"]})
+    save_checkpoint(tmp_path / "ours.pth", model.net.state_dict(), **model.describe(), **fields)
+    save_checkpoint(tmp_path / "ours.safetensors", model.net.state_dict(), **model.describe(), **fields)
+    from_pth = ckpt.checkpoint_meta(ckpt.read_checkpoint(tmp_path / "ours.pth"))
+    from_st = ckpt.checkpoint_meta(ckpt.read_checkpoint(tmp_path / "ours.safetensors"))
+    assert from_st == from_pth and from_st["kwargs"] == model.kwargs and from_st["input_range"] == 1.0
+    # The metadata is plain strings (the safetensors format), each field JSON that other tools can read.
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "pt" and metadata["srmodels_format"] == ckpt.FORMAT
+    assert json.loads(metadata["arch"]) == model.arch and json.loads(metadata["scale"]) == 4
+    loaded = load_model(tmp_path / "ours.safetensors")
+    assert loaded.variant == variant
+    x = torch.rand(1, 3, 16, 20)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_safetensors_keeps_input_range(tmp_path):
+    from srmodels.model import build_model, load_model
+
+    model = build_model("rfdn_tiny")
+    model.input_range = 255.0
+    save_checkpoint(tmp_path / "r.safetensors", model.net.state_dict(), **model.describe())
+    assert load_model(tmp_path / "r.safetensors").input_range == 255.0
+
+
+def test_renamed_files_load_by_content(tmp_path):
+    from srmodels.model import build_model
+
+    model = build_model("rfdn_tiny")
+    save_checkpoint(tmp_path / "st.safetensors", model.net.state_dict(), **model.describe())
+    (tmp_path / "st.pth").write_bytes((tmp_path / "st.safetensors").read_bytes())
+    assert ckpt.checkpoint_meta(ckpt.read_checkpoint(tmp_path / "st.pth"))["arch"] == "rfdn"
+    torch.save({"params": model.net.state_dict()}, tmp_path / "torch.safetensors")
+    got, want = load_state_dict(tmp_path / "torch.safetensors"), model.net.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_pickle_named_safetensors_is_not_executed(tmp_path):
+    import os
+    marker = "/tmp/srmodels-pwned"
+    if os.path.exists(marker):
+        os.remove(marker)
+    torch.save({"params": _sd(), "payload": _Evil()}, tmp_path / "evil.safetensors")
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
+        load_state_dict(tmp_path / "evil.safetensors")
+    assert not os.path.exists(marker)
+
+
+def _safetensors_blob(tmp_path) -> bytes:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(tmp_path / "whole.safetensors"))
+    return (tmp_path / "whole.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("damage,reason", [
+    (lambda b: b[:5], "not even the 8-byte header length"),
+    (lambda b: b[:40], "truncated: the header alone needs"),
+    (lambda b: b[:-100], "truncated: its tensors need"),
+    (lambda b: b"", "empty file"),
+    (lambda b: b"just some text, not tensors", "not safetensors"),
+], ids=["cut-length", "cut-header", "cut-data", "empty", "text"])
+def test_damaged_safetensors_say_why(tmp_path, damage, reason):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(damage(_safetensors_blob(tmp_path)))
+    assert reason in _reason(path)
+
+
+def test_our_metadata_missing_fields_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(_sd(), str(tmp_path / "half.safetensors"), metadata={"srmodels_format": ckpt.FORMAT, "arch": '"rfdn"'})
+    assert "lacks kwargs, scale, input_range" in _reason(tmp_path / "half.safetensors")
+
+
+def test_metadata_that_json_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="'provenance'"):
+        save_checkpoint(tmp_path / "x.safetensors", _sd(), arch="rfdn", kwargs={}, scale=4, input_range=1.0,
+                        provenance={"when": object()})
+    assert not (tmp_path / "x.safetensors").exists()
