@@ -61,6 +61,8 @@ RESUME_FORMAT = "srmodels-resume-v2"
 CURVE_FIELDS = ("epoch", "train_loss", "val_psnr", "lr")
 COSINE_ETA_MIN = 1e-7  # floor of the per-iteration cosine schedule (BasicSR's value)
 ADAM_BETAS = (0.9, 0.999)  # torch's defaults
+# Warn when the initial weights keep more than this share of the EMA at the end (decay ** steps).
+EMA_INITIAL_SHARE_WARNING = 0.05
 
 
 class ConfigError(UserError):
@@ -433,6 +435,12 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
     scheduler = _make_scheduler(optimizer, config, epochs * steps_per_epoch)
     # Built after the move and the SyncBatchNorm conversion: the average lives beside the weights it follows.
     ema = WeightsEma(weights, config.ema_decay) if config.ema_decay else None
+    initial_share = config.ema_decay ** (epochs * steps_per_epoch)
+    if ema is not None and info.main and initial_share > EMA_INITIAL_SHARE_WARNING:
+        # A short run with a long average: what is validated and saved is still largely the starting point.
+        log.warning("ema_decay %g averages over about %d steps and this run has %d: the final average still "
+                    "gives the initial weights %.0f%% of its weight", config.ema_decay,
+                    round(1 / (1 - config.ema_decay)), epochs * steps_per_epoch, 100 * initial_share)
 
     def validate() -> tuple[float, dict[str, float]]:
         model.eval()

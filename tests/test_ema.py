@@ -211,6 +211,17 @@ def test_resume_into_a_fresh_folder_restores_both_weight_sets(sr_data, ema_run, 
     assert (out / "curve.csv").read_bytes() == (tmp_path / "b" / "curve.csv").read_bytes()
 
 
+def test_short_run_with_a_long_average_warns(sr_data, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+        run(sr_data, tmp_path / "long", epochs=1, ema_decay=0.999)
+    assert "ema_decay 0.999 averages over about 1000 steps and this run has 2: the final average still gives " \
+           "the initial weights 100% of its weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+        run(sr_data, tmp_path / "short", epochs=1, ema_decay=0.1)  # 0.1 ** 2 = 1%: the start is forgotten
+    assert "ema_decay" not in caplog.text
+
+
 def test_resume_state_of_another_decay_is_not_used(sr_data, tmp_path, caplog):
     run(sr_data, tmp_path / "out", epochs=1)  # no EMA
     with caplog.at_level(logging.WARNING, logger="srmodels.training"):
