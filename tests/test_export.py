@@ -1,0 +1,264 @@
+"""`srmodels export`: self-describing safetensors, the official layouts (run the official way), ONNX checked with
+onnxruntime on sizes other than the traced one; the CLI's one-line errors."""
+import importlib.util
+
+import pytest
+import torch
+
+from srmodels import archs
+from srmodels.checkpoint import checkpoint_meta, load_state_dict, read_checkpoint, save_checkpoint
+from srmodels.cli import main
+from srmodels.export import ExportError, export_official, export_onnx, export_safetensors, official_state
+from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse
+from srmodels.model import build_model, load_model
+
+HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnx/onnxruntime/onnxscript not installed (pip install -e '.[onnx]')")
+
+# ONNX against PyTorch, max |difference| on the [0, 1] output scale, float32: 1e-5 is 1/390 of an 8-bit level.
+# The tiny models measure 1e-7..4e-7; the library's own default (for full-size models) is 1e-4.
+ONNX_ATOL = 1e-5
+# The official RFDN run on 0-255 pixels with the folded weights against our model, on the [0, 1] scale.
+FOLD_ATOL = 1e-5
+
+
+def _ours(tmp_path, variant, name="ours.pth", **overrides):
+    model = build_model(variant, overrides).eval()
+    path = tmp_path / name
+    save_checkpoint(path, model.net.state_dict(), **model.describe(), step=5, epoch=1,
+                    provenance={"git_commit": "abc"})
+    return model, path
+
+
+def _fusion(tmp_path, kind="pixel", n=3):
+    net = (AttentionWeightNet if kind == "pixel" else ImageWeightNet)(num_candidates=n)
+    with torch.no_grad():  # default init gives near-uniform weights; make the fusion decide something
+        for p in net.parameters():
+            p.mul_(4)
+    path = tmp_path / f"fusion_{kind}.pth"
+    save_checkpoint(path, net.state_dict(), arch=f"fusion_{kind}", kwargs={"num_candidates": n}, scale=4,
+                    input_range=1.0, extra={"members": ["dat", "swinir", "rfdn"][:n], "kind": kind})
+    return net.eval(), path
+
+
+# --------------------------------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_export_of_ours_keeps_the_description(tmp_path):
+    model, path = _ours(tmp_path, "swinir_tiny")
+    out = export_safetensors(path, tmp_path / "ours.safetensors")
+    assert checkpoint_meta(read_checkpoint(out)) == checkpoint_meta(read_checkpoint(path))
+    loaded = load_model(out)  # no variant
+    x = torch.rand(1, 3, 16, 21)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_safetensors_export_of_released_weights_describes_them(tmp_path):
+    """BasicSR-wrapped weights without a description: --arch once, never again."""
+    model = build_model("dat_tiny").eval()
+    torch.save({"params_ema": model.net.state_dict()}, tmp_path / "DAT_tiny.pth")
+    out = export_safetensors(tmp_path / "DAT_tiny.pth", tmp_path / "dat.safetensors", variant="dat_tiny")
+    meta = checkpoint_meta(read_checkpoint(out))
+    assert meta["variant"] == "dat_tiny" and meta["provenance"]["source"] == "DAT_tiny.pth"
+    assert len(meta["provenance"]["source_sha256"]) == 64
+    loaded = load_model(out)
+    x = torch.rand(1, 3, 20, 17)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_safetensors_export_of_the_fusion_net(tmp_path):
+    net, path = _fusion(tmp_path)
+    out = export_safetensors(path, tmp_path / "fusion.safetensors")
+    raw = read_checkpoint(out)
+    assert checkpoint_meta(raw)["members"] == ["dat", "swinir", "rfdn"]
+    reloaded = AttentionWeightNet(3)
+    reloaded.load_state_dict(load_state_dict(out))
+    x = torch.rand(1, 9, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), net(x))
+
+
+# ------------------------------------------------------------------------------------------------------ official
+
+
+@pytest.mark.parametrize("variant", ["dat_tiny", "swinir_tiny", "rrdbnet_tiny"])
+def test_official_layout_is_basicsr_params(tmp_path, variant):
+    """{'params': ...} with the upstream key names: what the official test scripts and spandrel load."""
+    model, path = _ours(tmp_path, variant)
+    out = export_official(path, tmp_path / "official.pth")
+    raw = torch.load(out, weights_only=True)
+    assert list(raw) == ["params"]
+    want = model.net.state_dict()
+    assert list(raw["params"]) == list(want) and all(torch.equal(raw["params"][k], want[k]) for k in want)
+    net = archs.create(variant)
+    net.load_state_dict(raw["params"], strict=True)  # the ports keep the official names (conformance tests)
+    assert checkpoint_meta(read_checkpoint(out)) is None  # no description: the official layout has none
+
+
+def test_official_rfdn_folds_the_input_range(tmp_path):
+    """A [0, 1]-trained RFDN exported for the official 0-255 pipeline, run the official way, is our model."""
+    model, path = _ours(tmp_path, "rfdn_tiny")
+    assert model.input_range == 1.0
+    state = official_state(path)
+    assert "params" not in state and "fea_conv.weight" in state  # RFDN's bare dict
+    official = archs.RFDN(**model.kwargs).eval()
+    official.load_state_dict(state, strict=True)
+    x = torch.rand(1, 3, 19, 23)
+    with torch.no_grad():
+        ours = model(x)
+        theirs = official(x * 255.0) / 255.0  # the official script: 0-255 in, 0-255 out
+        unfolded = model.net(x * 255.0) / 255.0
+    assert (theirs - ours).abs().max() <= FOLD_ATOL
+    assert (unfolded - ours).abs().max() > 100 * FOLD_ATOL  # the fold is what makes them agree
+
+
+def test_official_rfdn_on_its_native_range_is_unchanged(tmp_path):
+    model = build_model("rfdn_tiny")
+    model.input_range = 255.0  # as RFDN_AIM.pth
+    save_checkpoint(tmp_path / "r.pth", model.net.state_dict(), **model.describe())
+    out = export_official(tmp_path / "r.pth", tmp_path / "RFDN.pth")
+    raw = torch.load(out, weights_only=True)
+    want = model.net.state_dict()
+    assert list(raw) == list(want) and all(torch.equal(raw[k], want[k]) for k in want)
+    back = load_model(out, "rfdn_tiny", input_range=255.0)  # read back as a released RFDN is
+    x = torch.rand(1, 3, 16, 18)
+    with torch.no_grad():
+        assert torch.equal(back(x), model.eval()(x))
+
+
+def test_official_refuses_a_range_that_does_not_fold(tmp_path):
+    model = build_model("dat_tiny")
+    save_checkpoint(tmp_path / "d.pth", model.net.state_dict(), **{**model.describe(), "input_range": 255.0})
+    with pytest.raises(ExportError, match="does not fold"):
+        export_official(tmp_path / "d.pth", tmp_path / "o.pth")
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_official_fusion_is_team27_layout(tmp_path):
+    net, path = _fusion(tmp_path)
+    raw = torch.load(export_official(path, tmp_path / "team27.pth"), weights_only=True)
+    assert list(raw) == ["weight_net_state_dict"]
+    reloaded = AttentionWeightNet(3)
+    reloaded.load_state_dict(raw["weight_net_state_dict"], strict=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_export_round_trip(tmp_path, capsys):
+    model, path = _ours(tmp_path, "rrdbnet_tiny")
+    assert main(["export", str(path), "--to", "safetensors", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["export", str(tmp_path / "m.safetensors"), "--to", "official", "-o", str(tmp_path / "o.pth")]) == 0
+    assert str(tmp_path / "o.pth") in capsys.readouterr().out
+    raw = torch.load(tmp_path / "o.pth", weights_only=True)
+    assert all(torch.equal(raw["params"][k], v) for k, v in model.net.state_dict().items())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "checkpoint not found"),
+    ("folder", "it is a folder"),
+    ("arch", "unknown variant"),
+    ("garbage", "not a readable safetensors file"),
+])
+def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
+    _, path = _ours(tmp_path, "rfdn_tiny")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    (tmp_path / "dir").mkdir()
+    args = {"missing": [str(tmp_path / "nope.pth"), "-o", str(tmp_path / "x.safetensors")],
+            "folder": [str(path), "-o", str(tmp_path / "dir")],
+            "arch": [str(path), "-o", str(tmp_path / "x.safetensors"), "--arch", "dat_huge"],
+            "garbage": [str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.safetensors")]}[case]
+    assert main(["export", "--to", "safetensors", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("srmodels: error:") and message in err[0], err
+
+
+# ----------------------------------------------------------------------------------------------------------- ONNX
+
+# Tiny variants, narrowed further where it keeps every code path (shifted and plain windows, padding, both DAT
+# attentions): export time grows with the graph, not with the channels.
+_ONNX_MODELS = {
+    "dat_tiny": dict(embed_dim=32, num_heads=[2, 2]),  # narrower gives DAT's position-bias MLP zero width
+    "swinir_tiny": dict(embed_dim=12, num_heads=[2, 2]),
+    "rfdn_tiny": dict(nf=8),
+    "rrdbnet_tiny": dict(num_feat=8, num_block=1, num_grow_ch=4),
+}
+
+
+def _ort_run(path, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session, session.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+@needs_ort
+@pytest.mark.parametrize("variant", list(_ONNX_MODELS))
+def test_onnx_backbone_dynamic_size(tmp_path, variant):
+    import onnx
+
+    model, path = _ours(tmp_path, variant, **_ONNX_MODELS[variant])
+    check = export_onnx(path, tmp_path / "m.onnx")
+    print(check.summary())  # the measured differences, in the test log (-s)
+    assert check.opset >= 17 and len(check.sizes) == 2 and max(check.max_abs_diff) <= ONNX_ATOL
+    graph = onnx.load(str(check.path)).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[2].dim_param and dims[3].dim_param  # height and width symbolic, not the traced 20x28
+    # Independently of the export's own check: sizes that are odd on both sides, and multiples of every window
+    # (no padding at all: the traced graph padded), the smallest allowed among them.
+    for h, w in ((17, 45), (24, 32), (16, 16)):
+        x = torch.rand(1, 3, h, w)
+        _, (got,) = _ort_run(check.path, {"input": x})
+        with torch.no_grad():
+            want = model(x)
+        assert got.shape == (1, 3, 4 * h, 4 * w)
+        assert (torch.from_numpy(got) - want).abs().max() <= ONNX_ATOL, (h, w)
+
+
+@needs_ort
+def test_onnx_fusion_net(tmp_path):
+    net, path = _fusion(tmp_path)
+    check = export_onnx(path, tmp_path / "fusion.onnx")
+    print(check.summary())
+    assert check.inputs == ["candidates"] and check.outputs == ["fused", "weights"]
+    assert max(check.max_abs_diff) <= ONNX_ATOL
+    candidates = torch.rand(1, 9, 50, 70)
+    _, (fused, weights) = _ort_run(check.path, {"candidates": candidates})
+    with torch.no_grad():
+        want_w = net(candidates)
+        want = fuse(candidates, want_w)
+    assert (torch.from_numpy(weights) - want_w).abs().max() <= ONNX_ATOL
+    assert (torch.from_numpy(fused) - want).abs().max() <= ONNX_ATOL
+
+
+@needs_ort
+def test_onnx_cli_reports_the_difference(tmp_path, capsys):
+    _, path = _ours(tmp_path, "rfdn_tiny", nf=8)
+    assert main(["export", str(path), "--to", "onnx", "-o", str(tmp_path / "r.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime vs PyTorch max |diff|" in out and (tmp_path / "r.onnx").is_file()
+    assert main(["export", str(path), "--to", "onnx", "--opset", "13", "-o", str(tmp_path / "old.onnx")]) == 2
+    assert "opset >= 17" in capsys.readouterr().err and not (tmp_path / "old.onnx").exists()
+
+
+def test_accelerated_layers_step_aside_under_export():
+    """An accelerated model traces to the plain port's ops (no oneDNN kernels) and the same numbers."""
+    from torch.export import Dim
+
+    from srmodels.accelerate import accelerate
+
+    for variant, overrides in (("swinir_tiny", _ONNX_MODELS["swinir_tiny"]), ("rrdbnet_tiny", {})):
+        model = build_model(variant, overrides).eval()
+        fast = accelerate(build_model(variant, overrides).eval())
+        fast.load_state_dict(model.state_dict())
+        # Dim.DYNAMIC: with named Dims torch.export refuses guards it cannot prove for every size (the padding),
+        # which torch.onnx.export defers to run time
+        program = torch.export.export(fast, (torch.rand(1, 3, 20, 28),),
+                                      dynamic_shapes=({2: Dim.DYNAMIC, 3: Dim.DYNAMIC},))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert not any("mkldnn" in t for t in targets), sorted(t for t in targets if "mkldnn" in t)
+        x = torch.rand(1, 3, 23, 37)
+        with torch.no_grad():
+            assert (program.module()(x) - model(x)).abs().max() <= ONNX_ATOL
