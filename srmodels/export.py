@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, checkpoint_meta, load_into, read_checkpoint, save_safetensors,
-                         unwrap_state_dict)
+from .checkpoint import checkpoint_meta, load_into, read_checkpoint, save_safetensors, unwrap_state_dict
 from .errors import UserError
 from .fusion import FUSION_KINDS, fuse
 from .model import SRModel, load_model
@@ -306,11 +305,11 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
     graph.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    with _quiet_exporter():
-        torch.onnx.export(graph, example, str(tmp), dynamo=True, opset_version=opset, input_names=input_names,
-                          output_names=output_names, dynamic_shapes=_dynamic_shapes(loaded), external_data=False,
-                          verbose=False)
     try:
+        with _quiet_exporter():
+            torch.onnx.export(graph, example, str(tmp), dynamo=True, opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_shapes=_dynamic_shapes(loaded),
+                              external_data=False, verbose=False)
         model = onnx.load(str(tmp))
         onnx.checker.check_model(model)
         written = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

@@ -218,16 +218,18 @@ def test_onnx_backbone_dynamic_size(tmp_path, variant):
 
 
 @needs_ort
-def test_onnx_fusion_net(tmp_path):
-    net, path = _fusion(tmp_path)
+@pytest.mark.parametrize("kind", ["pixel", "image"])
+def test_onnx_fusion_net(tmp_path, kind):
+    net, path = _fusion(tmp_path, kind)
     check = export_onnx(path, tmp_path / "fusion.onnx")
     print(check.summary())
-    assert check.inputs == ["candidates"] and check.outputs == ["fused", "weights"]
-    assert max(check.max_abs_diff) <= ONNX_ATOL
-    candidates = torch.rand(1, 9, 50, 70)
-    _, (fused, weights) = _ort_run(check.path, {"candidates": candidates})
+    assert check.inputs == (["candidates"] if kind == "pixel" else ["candidates", "lr"])
+    assert check.outputs == ["fused", "weights"] and max(check.max_abs_diff) <= ONNX_ATOL
+    candidates, lr = torch.rand(1, 9, 68, 100), torch.rand(1, 3, 17, 25)
+    feeds = {"candidates": candidates} if kind == "pixel" else {"candidates": candidates, "lr": lr}
+    _, (fused, weights) = _ort_run(check.path, feeds)
     with torch.no_grad():
-        want_w = net(candidates)
+        want_w = net(candidates if kind == "pixel" else lr)
         want = fuse(candidates, want_w)
     assert (torch.from_numpy(weights) - want_w).abs().max() <= ONNX_ATOL
     assert (torch.from_numpy(fused) - want).abs().max() <= ONNX_ATOL
