@@ -100,11 +100,19 @@ def _load(weights: str | Path, variant: str | None) -> _Loaded:
     return _Loaded(model, "backbone", meta, dict(model.net.state_dict()))
 
 
-def _output(out: str | Path, suffix: str) -> Path:
+def _output(out: str | Path, suffix: str | None = None) -> Path:
+    """The file to write, its folder made; a folder in its place or a file in its path is a one-line error."""
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out}: -o names the file to write, but it is a folder")
-    if out.suffix.lower() != suffix:
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ExportError(f"{blocker}: is a file, so {out} cannot be written under it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"{out.parent}: cannot make the output folder ({err.strerror or err})") from None
+    if suffix is not None and out.suffix.lower() != suffix:
         log.warning("%s: written as %s despite its name", out, suffix)
     return out
 
@@ -168,10 +176,7 @@ def official_state(weights: str | Path, *, variant: str | None = None) -> dict[s
 def export_official(weights: str | Path, out: str | Path, *, variant: str | None = None) -> Path:
     """Write :func:`official_state` with ``torch.save`` (what the official test scripts ``torch.load``)."""
     state = official_state(weights, variant=variant)
-    out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"{out}: -o names the file to write, but it is a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _output(out)
     tmp = out.with_suffix(out.suffix + ".tmp")
     torch.save(state, tmp)
     tmp.replace(out)
@@ -303,7 +308,6 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
     out = _output(out, ".onnx")
     graph, example, input_names, output_names = _graph_and_inputs(loaded, _TRACE_SIZE, seed=0)
     graph.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     try:
         with _quiet_exporter():

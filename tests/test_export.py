@@ -161,6 +161,7 @@ def test_cli_export_round_trip(tmp_path, capsys):
     ("folder", "it is a folder"),
     ("arch", "unknown variant"),
     ("garbage", "not a readable safetensors file"),
+    ("under-a-file", "is a file, so"),
 ])
 def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
     _, path = _ours(tmp_path, "rfdn_tiny")
@@ -169,7 +170,8 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
     args = {"missing": [str(tmp_path / "nope.pth"), "-o", str(tmp_path / "x.safetensors")],
             "folder": [str(path), "-o", str(tmp_path / "dir")],
             "arch": [str(path), "-o", str(tmp_path / "x.safetensors"), "--arch", "dat_huge"],
-            "garbage": [str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.safetensors")]}[case]
+            "garbage": [str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.safetensors")],
+            "under-a-file": [str(path), "-o", str(path / "x.safetensors")]}[case]
     assert main(["export", "--to", "safetensors", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("srmodels: error:") and message in err[0], err
