@@ -266,9 +266,9 @@ def write_score_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[s
     summary, crop = metrics["sets"], metrics["protocol"]["crop_border"]
     key = f"psnr_{metrics['protocol']['primary']}"
     write_json(out_dir / layout.METRICS, metrics)
-    write_csv(out_dir / "per_image.csv", rows)
+    write_csv(out_dir / layout.PER_IMAGE, rows)
     table_rows = [{"set": s, "model": m, **v} for s, d in summary.items() for m, v in d.items() if isinstance(v, dict)]
-    (out_dir / "table.md").write_text(markdown_table(table_rows) + "\n" + comparison_table(metrics["comparisons"]))
+    (out_dir / layout.SCORE_TABLE).write_text(markdown_table(table_rows) + "\n" + comparison_table(metrics["comparisons"]))
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     scored = [s for s, v in summary.items() if v.get("scored", True)]
@@ -277,7 +277,7 @@ def write_score_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[s
         bar_chart_png(plots / "psnr_bar.png", {m: v[key] for m, v in summary[first].items() if isinstance(v, dict)},
                       title=f"{first}: {key.replace('_', '-').upper()} (crop {crop})")
     curves_png(plots / "curves.png", curves, ylabel="validation PSNR-Y (dB)", title="training curves")
-    return [out_dir / "table.md", out_dir / "per_image.csv", *sorted(plots.glob("*.png"))]
+    return [out_dir / layout.SCORE_TABLE, out_dir / layout.PER_IMAGE, *sorted(plots.glob("*.png"))]
 
 
 def training_curves(finetune_dir: Path, fusion_dir: Path, members: list[str]) -> dict[str, list[tuple[int, float]]]:

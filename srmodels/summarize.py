@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 # Not part of what a configuration is: the seed is what a sweep varies, tracking never changes a result.
 IGNORED_PARAMS = ("seed", "mlflow")
-PER_IMAGE = "per_image.csv"  # written by the score stage into paths.score
 SUMMARY_MD, SUMMARY_JSON, SUMMARY_PNG = "summary.md", "summary.json", "summary.png"
 
 
@@ -113,13 +112,13 @@ def dvc_runs(root: str | Path, names: Sequence[str] | None = None, *, all_commit
         params = dvc.api.params_show(repo=str(root), rev=rev)
         paths = params["paths"]
         try:
-            per_image = dvc.api.read(f"{paths['score']}/{PER_IMAGE}", repo=str(root), rev=rev)
+            per_image = dvc.api.read(f"{paths['score']}/{layout.PER_IMAGE}", repo=str(root), rev=rev)
             fusion = json.loads(dvc.api.read(f"{paths['fusion']}/{layout.METRICS}", repo=str(root), rev=rev))
         except Exception as err:  # noqa: BLE001 - DVC raises many kinds for an absent or uncached output
             raise UserError(f"{root}: experiment {name} ({rev}): its score or fusion outputs cannot be read "
                             f"({type(err).__name__}: {err})") from err
         runs.append(PipelineRun(name=name, params=flatten(params), source=f"dvc:{rev}",
-                                per_image=parse_per_image(per_image, f"{name}:{paths['score']}/{PER_IMAGE}"),
+                                per_image=parse_per_image(per_image, f"{name}:{paths['score']}/{layout.PER_IMAGE}"),
                                 member_val_psnr={k: float(v) for k, v in fusion["member_val_psnr"].items()},
                                 fusion_val_psnr=float(fusion["best_val_psnr"])))
     return sorted(runs, key=lambda r: (r.seed, r.name))

@@ -265,7 +265,8 @@ def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
     from mlflow.tracking import MlflowClient
 
     from .errors import UserError
-    from .summarize import PER_IMAGE, PipelineRun, parse_per_image
+    from .layout import METRICS, PER_IMAGE
+    from .summarize import PipelineRun, parse_per_image
 
     uri = tracking_uri(params, root) or ""
     experiment = params.get("mlflow", {}).get("experiment", "srmodels")
@@ -291,7 +292,7 @@ def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 table = Path(client.download_artifacts(stage["score"].info.run_id, PER_IMAGE, tmp)).read_text()
-                fusion = json.loads(Path(client.download_artifacts(stage["fusion"].info.run_id, "metrics.json",
+                fusion = json.loads(Path(client.download_artifacts(stage["fusion"].info.run_id, METRICS,
                                                                    tmp)).read_text())
         except Exception as err:  # noqa: BLE001 - MLflow raises its own kinds for a missing artifact
             log.info("MLflow run %s: %s or the fusion's metrics.json not logged (%s); skipped", name, PER_IMAGE,
