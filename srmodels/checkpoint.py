@@ -159,6 +159,8 @@ def _decode_metadata(path: Path, metadata: Mapping[str, str] | None) -> dict[str
 def read_safetensors(path: str | Path) -> dict[str, Any] | dict[str, torch.Tensor]:
     """A safetensors file as :func:`read_checkpoint` returns it: our wrapping when its metadata describes it,
     the bare tensor dict otherwise. Reads only JSON and raw tensor bytes (nothing executes)."""
+    # Imported here, as in save_safetensors: an environment installed before safetensors became a dependency
+    # still reads every .pth.
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load as load_bytes
 
