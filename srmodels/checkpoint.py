@@ -329,12 +329,15 @@ def params_hash(params: Mapping[str, Any]) -> str:
 
 def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *, arch: str, kwargs: dict[str, Any],
                     scale: int, input_range: float, variant: str | None = None, step: int = 0, epoch: int = 0,
-                    provenance: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+                    provenance: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    raw_weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write a checkpoint that can rebuild its model alone.
 
     A ``.safetensors`` path gets a safetensors file with the description in its metadata (one JSON-encoded
     string per field, see :func:`save_safetensors`); any other path a torch file loadable with
-    ``weights_only`` (tensors and plain types), the pipeline's format.
+    ``weights_only`` (tensors and plain types), the pipeline's format. ``raw_weights``, for an EMA run whose
+    ``state_dict`` is the average: the torch file also holds the average as ``params_ema`` (stored once) and
+    these as ``params``, BasicSR's keys (a safetensors file holds one set, the average).
     """
     meta = {"arch": arch, "variant": variant, "kwargs": kwargs, "scale": int(scale), "input_range": float(input_range),
             "step": int(step), "epoch": int(epoch), "provenance": provenance or {}}
@@ -346,8 +349,12 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, "meta": meta, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}},
-               tmp)
+    weights = {k: v.detach().cpu() for k, v in state_dict.items()}
+    checkpoint: dict[str, Any] = {"format": FORMAT, "meta": meta, "state_dict": weights}
+    if raw_weights is not None:
+        checkpoint["params_ema"] = weights  # the same dict: pickled once
+        checkpoint["params"] = {k: v.detach().cpu() for k, v in raw_weights.items()}
+    torch.save(checkpoint, tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint behind
 
 

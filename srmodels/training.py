@@ -231,19 +231,6 @@ def _holding(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator
         module.load_state_dict(own)
 
 
-def _add_raw_weights(path: Path, raw: Mapping[str, torch.Tensor]) -> None:
-    """Make the best.pth that ``save_checkpoint`` wrote with the EMA weights (its ``state_dict``) also hold them
-    as ``params_ema`` and the raw weights of the same step as ``params``: BasicSR's, KAIR's and traiNNer-redux's
-    keys, whose loaders and ours (``checkpoint.WRAPPER_KEYS``) take ``params_ema`` first, while spandrel, which
-    takes ``state_dict`` first, gets the EMA too. Both EMA keys name the same tensors, stored once."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint["params_ema"] = checkpoint["state_dict"]
-    checkpoint["params"] = {k: v.detach().cpu() for k, v in raw.items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)  # atomic, as save_checkpoint's own write
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def evaluate(predict: Predict, items: Sequence[Any], crop_border: int) -> tuple[float, dict[str, float]]:
@@ -466,9 +453,7 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
         if ema is not None:  # only when on: a run without EMA describes itself as before EMA existed
             extra["ema_decay"] = config.ema_decay
         save_checkpoint(best_path, best["weights"], **{**job.describe, "extra": extra}, step=step, epoch=epoch,
-                        provenance=provenance)
-        if ema is not None:
-            _add_raw_weights(best_path, best["raw"])
+                        provenance=provenance, raw_weights=best["raw"] if ema is not None else None)
 
     state = _load_resume(resume_path, identity, epochs) if resume_path is not None and info.main else None
     # Only rank 0 reads the resume state (nodes need not share a file system); the others receive it.
