@@ -114,3 +114,17 @@ def write_split(root: Path, images: dict[str, np.ndarray]) -> tuple[Path, Path]:
         write_image(root / "hr" / f"{stem}.png", hr)
         write_image(root / "lr" / f"{stem}.png", downscale(hr))
     return root / "hr", root / "lr"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``srmodels`` main() in-process: (exit code, stdout, stderr); SRMODELS_DEBUG unset so errors are one line."""
+    from srmodels.cli import main
+
+    monkeypatch.delenv("SRMODELS_DEBUG", raising=False)
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

@@ -232,18 +232,6 @@ def tiny(tmp_path):
     return tmp_path
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """main() in-process: (exit code, stdout, stderr); SRMODELS_DEBUG unset so errors are one line."""
-    monkeypatch.delenv("SRMODELS_DEBUG", raising=False)
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
-
-
 def _one_line_error(code, err, *needles):
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]

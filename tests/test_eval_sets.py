@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from srmodels.cli import main
 from srmodels.evaluation import (benchmark_set, check_benchmark_sets, image_scores, mean_scores,
                                  score_benchmark_sets)
 from srmodels.images import ImageError, read_image, write_image
@@ -63,18 +62,6 @@ def weights(tmp_path):
     model = build_model("rfdn_tiny")
     save_checkpoint(tmp_path / "w.pth", model.net.state_dict(), **model.describe())
     return tmp_path / "w.pth"
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """main() in-process: (exit code, stdout, stderr); SRMODELS_DEBUG unset so errors are one line."""
-    monkeypatch.delenv("SRMODELS_DEBUG", raising=False)
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def _bicubic(lr: np.ndarray, _entry) -> np.ndarray:
