@@ -38,8 +38,8 @@ def ddp_data(tmp_path_factory) -> Path:
 
 
 def run_worker(data: Path, out: Path, nprocs: int, epochs: int, variant: str = "rfdn_tiny", batch: int = 4,
-               schedule: str = "constant") -> None:
-    args = [str(data), str(out), variant, str(epochs), str(batch), schedule]
+               schedule: str = "constant", ema_decay: float = 0.0) -> None:
+    args = [str(data), str(out), variant, str(epochs), str(batch), schedule, str(ema_decay)]
     command = (distributed.torchrun_command(str(WORKER), args, nprocs) if nprocs > 1
                else [sys.executable, str(WORKER), *args])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -48,13 +48,14 @@ def run_worker(data: Path, out: Path, nprocs: int, epochs: int, variant: str = "
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.slow  # three torchrun launches, about a minute
-def test_two_gloo_processes_train_like_one_and_resume(ddp_data, tmp_path):
+@pytest.mark.slow  # three torchrun launches, about a minute each way
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_two_gloo_processes_train_like_one_and_resume(ddp_data, tmp_path, ema_decay):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_worker(ddp_data, one, 1, epochs=2)
+    run_worker(ddp_data, one, 1, epochs=2, ema_decay=ema_decay)
     # The 2-process run stops after epoch 1 and resumes (rank 0 reads resume.pth, the others receive it).
-    run_worker(ddp_data, two, 2, epochs=1)
-    run_worker(ddp_data, two, 2, epochs=2)
+    run_worker(ddp_data, two, 2, epochs=1, ema_decay=ema_decay)
+    run_worker(ddp_data, two, 2, epochs=2, ema_decay=ema_decay)
     single = torch.load(one / "final_rank0.pt", weights_only=True)
     ranks = [torch.load(two / f"final_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert single.keys() == ranks[0].keys() == ranks[1].keys()
@@ -76,6 +77,16 @@ def test_two_gloo_processes_train_like_one_and_resume(ddp_data, tmp_path):
     assert "best_val_psnr" not in m2[1]  # rank 1 neither validates nor reports
     for name in ("best.pth", "resume.pth", "curve.csv"):
         assert (two / name).is_file()
+    if ema_decay:
+        # The average (validated and saved by rank 0, restored on every rank by the resume) follows DDP too.
+        assert m1["ema_decay"] == m2[0]["ema_decay"] == ema_decay
+        best = [torch.load(run / "best.pth", weights_only=True) for run in (one, two)]
+        for key in ("params_ema", "params"):
+            for name, value in best[0][key].items():
+                torch.testing.assert_close(best[1][key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+        assert any(not torch.equal(best[0]["params_ema"][k], best[0]["params"][k]) for k in best[0]["params"])
+    else:
+        assert "ema_decay" not in m1
 
 
 def test_global_batch_must_divide_by_world_size(ddp_data, tmp_path, monkeypatch):
