@@ -29,6 +29,7 @@ from .bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, 
 from .checkpoint import CheckpointError
 from .errors import UserError
 from .evaluation import BenchmarkSet, benchmark_set, check_benchmark_sets, score_benchmark_sets
+from .export import FORMATS, ONNX_OPSET, export_official, export_onnx, export_safetensors
 from .images import ImageError, image_size, list_images, read_image, to_tensor, to_uint8, write_image
 from .imresize import downscale_uint8
 from .inference import upscale
@@ -409,8 +410,6 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_official, export_onnx, export_safetensors
-
     _check_arch(args.arch)
     # torch.export traces with autograd's ordinary tensors; main() runs commands under inference_mode.
     with torch.inference_mode(False):
@@ -551,10 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "pixels; team 27's fusion layout); or ONNX with dynamic height and width, checked against "
                     "PyTorch with onnxruntime on two sizes (needs the onnx extra).")
     p.add_argument("weights", help="checkpoint to export")
-    p.add_argument("--to", required=True, choices=["safetensors", "official", "onnx"], help="output format")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument("--arch", help="variant name for released weights (ours describe themselves)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (>= 17; default {ONNX_OPSET})")
     p.set_defaults(func=cmd_export)
     for p in sub.choices.values():  # also after the command: `srmodels eval --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

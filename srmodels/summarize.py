@@ -100,7 +100,7 @@ def dvc_runs(root: str | Path, names: Sequence[str] | None = None, *, all_commit
             raise UserError(f"{root}: no experiment named {', '.join(unknown)} (see `dvc exp show`)")
         chosen = [found[n] for n in names]
     else:
-        chosen = [r for r in found.values()]
+        chosen = list(found.values())
     runs = []
     for row in chosen:
         name, rev, state = row["Experiment"], row["rev"], row.get("State")
@@ -290,7 +290,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
                   f"| model | {set_name} PSNR-Y (dB) | min - max | {set_name} SSIM-Y | val PSNR-Y (dB) |",
                   "|---|---|---|---|---|"]
         for model, row in conf["models"].items():
-            val = conf["val"].get(model.removesuffix("+se") if model.endswith("+se") else model)
+            val = conf["val"].get(model.removesuffix("+se"))
             # Validation scores the cached outputs the fusion learns from: x8 ones when self-ensemble is on.
             show_val = val is not None and (model == "fusion" or model.endswith("+se")
                                             or f"{model}+se" not in conf["models"])
