@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import layout
 from .errors import DataError
-from .images import list_images, read_image, to_tensor
+from .images import image_size, list_images, read_image, to_tensor
 from .inference import upscale
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,10 @@ def load_output(path: Path, mmap: bool = False) -> np.ndarray:
 def cache_outputs(model: torch.nn.Module, prepared: Path, out_dir: Path, *, scale: int, self_ensemble: bool,
                   tile: int | None, tile_overlap: int, device: torch.device) -> dict[str, int]:
     """Upscale fusion_train, val and every eval set; returns how many images each output folder got."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # stale outputs of removed images must not survive
+    # Local: the fusion, test and score stages read caches through this module and must not depend on the
+    # backbones' code (dvc.yaml), which srmodels.model brings.
+    from .model import check_input_size, min_input_size
+
     # out_dir is one member's cache folder: the paths below are layout.cached_* with the member's folder as root.
     root, member = out_dir.parent, out_dir.name
     jobs: list[tuple[Path, Path, bool]] = [
@@ -121,13 +123,23 @@ def cache_outputs(model: torch.nn.Module, prepared: Path, out_dir: Path, *, scal
         for ensemble in (False, True) if self_ensemble else (False,):
             jobs.append((layout.eval_set(prepared, set_name).lr, layout.cached_eval(root, member, set_name, ensemble),
                          ensemble))
+    if min_input_size(model) > 1:
+        # Every input checked before the first forward: one too small near the end would otherwise fail the
+        # stage after all the work before it, with the architecture's traceback.
+        for lr_dir in dict.fromkeys(lr_dir for lr_dir, _, _ in jobs):
+            for path in list_images(lr_dir):
+                check_input_size(model, *image_size(path), path)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # stale outputs of removed images must not survive
     counts: dict[str, int] = {}
     model = model.to(device).eval()
     with torch.inference_mode():
         for lr_dir, dst, ensemble in jobs:
             files = list_images(lr_dir)
             for path in tqdm(files, desc=str(dst.relative_to(out_dir)), leave=False):
-                x = to_tensor(read_image(path)).to(device)
+                lr = read_image(path)
+                check_input_size(model, lr.shape[0], lr.shape[1], path)
+                x = to_tensor(lr).to(device)
                 sr = upscale(model, x, scale, self_ensemble=ensemble, tile=tile, tile_overlap=tile_overlap)
                 save_output(dst / f"{path.stem}.npy", sr)
             counts[str(dst.relative_to(out_dir))] = len(files)

@@ -354,8 +354,12 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
     if raw_weights is not None:
         checkpoint["params_ema"] = weights  # the same dict: pickled once
         checkpoint["params"] = {k: v.detach().cpu() for k, v in raw_weights.items()}
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint behind
+    try:
+        torch.save(checkpoint, tmp)
+        tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint behind
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def safetensors_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
@@ -386,5 +390,9 @@ def save_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], *
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # atomic, as save_checkpoint
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)  # atomic, as save_checkpoint
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -6,16 +6,21 @@ unknown ``--arch``, an unreadable or unsafe checkpoint, an output path that is a
 variable SRMODELS_DEBUG=1) shows the traceback instead.
 
 Inputs are all-or-nothing: eval, upscale and downscale first read and check every input image (one at a time,
-nothing kept), and stop at the first bad one, naming it, before any model is loaded or any output written.
+nothing kept), and stop at the first bad one, naming it, before any model is loaded or any output written. eval
+and upscale then check ``--tile`` and every input's size against the smallest input the model processes
+(``srmodels.model.min_input_size``) before its first forward, and check up front that their output folders can be
+written. Their outputs appear all at once when every image is done: a failure leaves nothing new behind.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +38,17 @@ from .export import FORMATS, ONNX_OPSET, export_official, export_onnx, export_sa
 from .images import ImageError, image_size, list_images, read_image, to_tensor, to_uint8, write_image
 from .imresize import downscale_uint8
 from .inference import upscale
-from .model import load_model
+from .model import check_input_size, load_model, min_input_size
+from .outputs import check_writable, remove, swap_in
 from .prepare import SET_NAME_RULE, plan_set, valid_set_name
 from .report import sets_table
 from .runtime import keep_freed_memory, resolve_device
 
 log = logging.getLogger("srmodels")
 
-INPUT_POLICY = ("Every input image is read and checked before any model work or output; the first bad one "
-                "stops the command with its name.")
+INPUT_POLICY = ("Every input image is read and checked before any model work or output, and against the model's "
+                "smallest input (and --tile) before its first forward; the first bad one stops the command with "
+                "its name, and nothing is written.")
 
 
 def _device(name: str) -> torch.device:
@@ -68,13 +75,58 @@ def _output_folder(path: str, what: str) -> Path:
     return out
 
 
-def _write_text(path: str, text: str, what: str) -> None:
-    target = Path(path)
+def _remove_made(folders: Iterable[Path]) -> None:
+    """Remove the folders a failed command made, deepest first, where they are still empty."""
+    for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _write_texts(texts: list[tuple[str, str, str]]) -> None:
+    """Write each (path, text, what), all or none: every text to a temporary file beside its path first, then
+    each renamed into place. On failure the temporary files and the folders made for them are removed."""
+    staged: list[tuple[Path, Path]] = []
+    made: list[Path] = []
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        for path, text, what in texts:
+            target = Path(path)
+            made += [p for p in target.parents if not p.exists()]
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staged.append((tmp, target))
+                tmp.write_text(text)
+            except OSError as err:
+                raise UserError(f"{target}: cannot write the {what} ({err.strerror or err})") from None
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        _remove_made(made)
+        raise
+
+
+@contextlib.contextmanager
+def _all_at_once(out: Path) -> Iterator[Path]:
+    """A staging folder inside ``out`` whose files appear in ``out`` only when the block succeeds, each replacing
+    the file of its name (renames only, rolled back if one fails: ``outputs.swap_in``). On failure nothing new is
+    left: the staging folder goes, and ``out`` too if this made it."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    tag = f".srmodels-{os.getpid()}"
+    staging = out / f"{tag}.new"
+    try:
+        staging.mkdir(parents=True)
     except OSError as err:
-        raise UserError(f"{target}: cannot write the {what} ({err.strerror or err})") from None
+        raise UserError(f"{out}: cannot make the output folder ({err.strerror or err})") from None
+    try:
+        yield staging
+        swap_in(staging, out, out / f"{tag}.old", sorted(os.listdir(staging)))
+    except BaseException:
+        remove(staging)
+        _remove_made(made)
+        raise
+    remove(staging)
 
 
 def _inputs(paths: list[str]) -> list[Path]:
@@ -107,6 +159,24 @@ def _check_model_args(args) -> None:
         raise UserError(f"--tile-overlap {args.tile_overlap}: must be >= 0")
 
 
+def _check_model_limits(model, args, inputs: Iterable[tuple[str | Path, int, int]]) -> None:
+    """``--tile`` and every LR input, as (name, height, width), against the smallest input ``model`` processes:
+    checked before the first forward, which would fail only at that input, after the work before it."""
+    smallest = min_input_size(model)
+    if smallest <= 1:
+        return
+    window = None if args.tile is None else args.tile + 2 * args.tile_overlap
+    # A tiled image is run in windows of tile + 2 x overlap (clipped to the image, which is checked below), so
+    # a window under the limit fails on every image large enough to be tiled at all.
+    if window is not None and window < smallest:
+        raise UserError(f"--tile {args.tile}: with --tile-overlap {args.tile_overlap} each tile's LR window is "
+                        f"{window}x{window} (tile + 2 x overlap), but {model.variant or model.arch} "
+                        f"needs at least {smallest} px on each side; use --tile {smallest - 2 * args.tile_overlap} "
+                        f"or more")
+    for name, h, w in inputs:
+        check_input_size(model, h, w, name)
+
+
 def _sr(model, lr: np.ndarray, args, device: torch.device, path: Path) -> np.ndarray:
     x = to_tensor(lr).to(device)
     try:
@@ -133,6 +203,7 @@ def _output_file(path: str | None, what: str) -> None:
     blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(f"{blocker}: is a file, so the {what} {target} cannot be written under it")
+    check_writable(target.parent, f"the {what} {target.name}")
 
 
 def _folder_set_name(hr_dir: Path) -> str:
@@ -167,6 +238,9 @@ def cmd_eval(args) -> int:
         raise UserError(f"--scale {scale} / --crop-border {crop_border}: need scale >= 1 and crop border >= 0")
     _output_file(args.json, "--json results")
     _output_file(args.table, "--table")
+    if args.json and args.table and Path(args.json).resolve() == Path(args.table).resolve():
+        raise UserError(f"--json {args.json} / --table {args.table}: the same file; the table would replace the "
+                        f"results")
     if args.hr is not None:  # today's one-folder form: one set
         hr_dir, lr_dir = Path(args.hr), None if args.lr is None else Path(args.lr)
         sets = [BenchmarkSet(_folder_set_name(hr_dir), hr_dir, lr_dir,
@@ -175,12 +249,16 @@ def cmd_eval(args) -> int:
         sets = [benchmark_set(name, Path(folder), scale, what=f"--set {name}={folder}")
                 for name, folder in _set_specs(args)]
     # The input policy: every image of every set decoded and checked before the model is built.
-    count = check_benchmark_sets(sets, scale=scale, crop_border=crop_border)
+    sizes: list = []
+    count = check_benchmark_sets(sets, scale=scale, crop_border=crop_border, sizes=sizes)
     log.info("checked %d image(s) in %d set(s)", count, len(sets))
     device = _device(args.device)
     model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
     if model.scale != scale:
         raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
+    # LR = mod-cropped HR / scale; one made from HR is named by its HR file
+    _check_model_limits(model, args, ((entry.lr_path or entry.origin, h // scale, w // scale)
+                                      for entry, (h, w) in sizes))
     label = args.label or f"{model.variant or model.arch}{'+se' if args.self_ensemble else ''}"
     scored = score_benchmark_sets(
         sets, lambda lr, entry: _sr(model, lr, args, device, entry.lr_path or Path(entry.origin)),
@@ -203,10 +281,8 @@ def cmd_eval(args) -> int:
         "sets": scored,
         "machine": isa.provenance(),  # the kernels' pin, CPU and library versions behind these numbers
     }
-    if args.json:
-        _write_text(args.json, json.dumps(result, indent=1) + "\n", "--json results")
-    if args.table:
-        _write_text(args.table, table + "\n" + caption, "--table")
+    _write_texts(([(args.json, json.dumps(result, indent=1) + "\n", "--json results")] if args.json else [])
+                 + ([(args.table, table + "\n" + caption, "--table")] if args.table else []))
     return 0
 
 
@@ -214,11 +290,13 @@ def cmd_upscale(args) -> int:
     _check_arch(args.arch)
     _check_model_args(args)
     out = _output_folder(args.output, "-o/--output")
+    check_writable(out, "the -o/--output images")
     files = _inputs(args.inputs)
-    for path in files:  # the input policy: all checked before the model is built
-        _checked_size(path)
+    # the input policy: all checked before the model is built
+    sizes = [(path, *_checked_size(path)) for path in files]
     device = _device(args.device)
     model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
+    _check_model_limits(model, args, sizes)
 
     def target(path: Path) -> Path:
         stem = path.stem
@@ -229,9 +307,10 @@ def cmd_upscale(args) -> int:
         if target(path) in seen:
             raise ImageError(f"{path}: its output {target(path)} is also {seen[target(path)]}'s; rename one")
         seen[target(path)] = path
-    for path in files:
-        write_image(target(path), _sr(model, read_image(path), args, device, path))
-        log.info("%s -> %s", path, target(path))
+    with _all_at_once(out) as staging:
+        for path in files:
+            write_image(staging / target(path).name, _sr(model, read_image(path), args, device, path))
+            log.info("%s -> %s", path, target(path))
     return 0
 
 
@@ -390,6 +469,16 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .params import check_params
+
+    path = args.params or os.environ.get("SRMODELS_PARAMS") or "params.yaml"  # the file the stages read
+    params = check_params(path)
+    print(f"{path}: ok ({len(params['backbones'])} backbones; trained: {', '.join(params['trained'])}; "
+          f"members: {', '.join(params['fusion']['members'])})")
+    return 0
+
+
 def cmd_summarize(args) -> int:
     from . import summarize
 
@@ -522,6 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true", help="write the profile into the params file instead")
     p.add_argument("--params", default="params.yaml", help="the params file it applies to (default params.yaml)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser(
+        "check", help="validate a params file whole: unknown keys anywhere, values, members, pretrained files",
+        description="Load and validate every key of the params file, whether or not a stage reads it (a typo in "
+                    "a key no stale stage depends on passes `dvc repro` silently), then cross-check: trained "
+                    "and fusion.members name backbones entries, members are trained, and each pretrained "
+                    "checkpoint that is set exists (paths relative to here, as the stages run). Prints one line; "
+                    "exit 0 when valid, 2 with the key at fault otherwise.")
+    p.add_argument("params", nargs="?", default=None,
+                   help="the params file (default: $SRMODELS_PARAMS, else params.yaml, as the stages read it)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
         "summarize", help="a seed sweep's finished runs: per model mean ± sd over seeds, the fusion's gain with a CI",

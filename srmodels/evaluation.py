@@ -172,9 +172,14 @@ def benchmark_set(name: str, folder: Path, scale: int, *, what: str) -> Benchmar
     return BenchmarkSet(name, hr_dir, lr_dir, plan_set(hr_dir, lr_dir, scale, what=what))
 
 
-def check_benchmark_sets(sets: Sequence[BenchmarkSet], *, scale: int, crop_border: int) -> int:
+def check_benchmark_sets(sets: Sequence[BenchmarkSet], *, scale: int, crop_border: int,
+                         sizes: list[tuple[Entry, tuple[int, int]]] | None = None) -> int:
     """Decode and check every image of every set (pairing, LR = HR / scale, big enough to score after the
-    border crop), keeping nothing; returns the number of images. The first bad file stops it, named."""
+    border crop), keeping nothing; returns the number of images. The first bad file stops it, named.
+
+    ``sizes``, if given, receives each entry with its mod-cropped HR (height, width), for checks that need the
+    model (its smallest input) without decoding every image again.
+    """
     count = 0
     for bench in sets:
         for entry in tqdm(bench.entries, desc=f"checking {bench.name}", unit="img", disable=None, leave=False):
@@ -183,6 +188,8 @@ def check_benchmark_sets(sets: Sequence[BenchmarkSet], *, scale: int, crop_borde
             if min(size) - 2 * crop_border < SSIM_WINDOW:
                 raise ImageError(f"{entry.origin}: {size[1]}x{size[0]} leaves less than {SSIM_WINDOW}x{SSIM_WINDOW} "
                                  f"pixels after the {crop_border}-pixel crop border (SSIM needs that many)")
+            if sizes is not None:
+                sizes.append((entry, size))
             count += 1
     return count
 

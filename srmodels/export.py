@@ -14,12 +14,16 @@ exported, and the fusion net's ``best.pth`` too.
   ``torch.export`` with symbolic height and width, opset >= 17, RGB in [0, 1] in and out whatever the weights'
   input range. The file is kept only after onnxruntime reproduced PyTorch on two input sizes within
   ``tolerance`` (max absolute difference, on the [0, 1] output scale).
+
+Every format checks its output path first (not a folder, no file in its way, a folder this process can write),
+before reading the checkpoint, and writes a temporary file renamed into place: a failure leaves no partial file.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ from .checkpoint import checkpoint_meta, load_into, read_checkpoint, save_safete
 from .errors import UserError
 from .fusion import FUSION_KINDS, fuse
 from .model import SRModel, load_model
+from .outputs import check_writable
 
 __all__ = ["FORMATS", "ExportError", "OnnxCheck", "export", "export_safetensors", "export_official", "export_onnx",
            "official_state", "ONNX_TOLERANCE", "ONNX_OPSET", "ONNX_MIN_SIDE"]
@@ -100,21 +105,45 @@ def _load(weights: str | Path, variant: str | None) -> _Loaded:
     return _Loaded(model, "backbone", meta, dict(model.net.state_dict()))
 
 
-def _output(out: str | Path, suffix: str | None = None) -> Path:
-    """The file to write, its folder made; a folder in its place or a file in its path is a one-line error."""
+def _check_output(out: str | Path, suffix: str | None = None) -> Path:
+    """The file to write, checked before any work: not a folder, no file in its path, and files can be made in
+    its folder (or the folder can be made); each a one-line error. Nothing is made yet (:func:`_written`)."""
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out}: -o names the file to write, but it is a folder")
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ExportError(f"{blocker}: is a file, so {out} cannot be written under it")
+    check_writable(out.parent, f"the export {out.name}", ExportError)
+    if suffix is not None and out.suffix.lower() != suffix:
+        log.warning("%s: written as %s despite its name", out, suffix)
+    return out
+
+
+@contextlib.contextmanager
+def _written(out: Path) -> Iterator[Path]:
+    """A temporary file beside ``out`` to write (its folder made), renamed to ``out`` when the block succeeds.
+
+    On failure the temporary file and the folders made for it are removed: nothing new is left, and an existing
+    ``out`` stays as it was.
+    """
+    made = [p for p in out.parents if not p.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ExportError(f"{out.parent}: cannot make the output folder ({err.strerror or err})") from None
-    if suffix is not None and out.suffix.lower() != suffix:
-        log.warning("%s: written as %s despite its name", out, suffix)
-    return out
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, OSError):  # the folder changed since the check, or the disk is full
+            raise ExportError(f"{out}: cannot write the export ({err.strerror or err})") from None
+        raise
 
 
 # --- safetensors -----------------------------------------------------------------------------------------------
@@ -122,9 +151,15 @@ def _output(out: str | Path, suffix: str | None = None) -> Path:
 
 def export_safetensors(weights: str | Path, out: str | Path, *, variant: str | None = None) -> Path:
     """``weights`` as safetensors with our description in its metadata; :func:`load_model` needs no variant."""
+    from safetensors import SafetensorError
+
+    out = _check_output(out, ".safetensors")
     loaded = _load(weights, variant)
-    out = _output(out, ".safetensors")
-    save_safetensors(out, loaded.state_dict, meta=loaded.meta)
+    with _written(out) as tmp:
+        try:
+            save_safetensors(tmp, loaded.state_dict, meta=loaded.meta)
+        except SafetensorError as err:  # what its writer raises for an I/O error
+            raise ExportError(f"{out}: cannot write the export ({' '.join(str(err).split())})") from None
     log.info("%s -> %s (%s, safetensors with its description)", weights, out, loaded.meta.get("variant")
              or loaded.meta["arch"])
     return out
@@ -175,11 +210,10 @@ def official_state(weights: str | Path, *, variant: str | None = None) -> dict[s
 
 def export_official(weights: str | Path, out: str | Path, *, variant: str | None = None) -> Path:
     """Write :func:`official_state` with ``torch.save`` (what the official test scripts ``torch.load``)."""
+    out = _check_output(out)
     state = official_state(weights, variant=variant)
-    out = _output(out)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    with _written(out) as tmp:
+        torch.save(state, tmp)
     log.info("%s -> %s (official layout: %s)", weights, out,
              "bare state dict, 0-255" if "params" not in state and "weight_net_state_dict" not in state
              else next(iter(state)))
@@ -303,13 +337,12 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
         raise ExportError(f"opset {opset}: the export needs opset >= {_MIN_OPSET}")
     if any(min(size) < ONNX_MIN_SIDE for size in check_sizes) or len(check_sizes) < 2:
         raise ExportError(f"check sizes {check_sizes}: need two or more, sides >= {ONNX_MIN_SIDE}")
+    out = _check_output(out, ".onnx")
     onnx, ort = _onnx_modules()
     loaded = _load(weights, variant)
-    out = _output(out, ".onnx")
     graph, example, input_names, output_names = _graph_and_inputs(loaded, _TRACE_SIZE, seed=0)
     graph.eval()
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    try:
+    with _written(out) as tmp:
         with _quiet_exporter():
             torch.onnx.export(graph, example, str(tmp), dynamo=True, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_shapes=_dynamic_shapes(loaded),
@@ -334,10 +367,6 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
             assert diff <= tolerance, (f"{out}: onnxruntime differs from PyTorch by {diff:.3g} at LR {size} "
                                        f"(tolerance {tolerance:g})")
         del session
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out)
     check = OnnxCheck(out, written, input_names, output_names, list(check_sizes), diffs, tolerance)
     log.debug("%s", check.summary())
     return check

@@ -16,8 +16,8 @@ from .accelerate import accelerate
 from .datasets import PairedPatches, read_pair
 from .images import to_tensor
 from .inference import upscale
-from .model import SRModel
-from .training import Job, Predict, TrainConfig, autocast, files_fingerprint, fit, memory_format
+from .model import SRModel, check_input_size, min_input_size
+from .training import ConfigError, Job, Predict, TrainConfig, autocast, files_fingerprint, fit, memory_format
 
 # Adam's betas for the backbones (BasicSR's SR recipes; torch's default second moment is 0.999).
 BETAS = (0.9, 0.99)
@@ -37,6 +37,7 @@ def backbone_predictor(model: SRModel, device: torch.device | str = "cpu", tile:
     def predict(item: tuple[Path, Path]) -> tuple[str, Any, torch.Tensor]:
         hr_path, lr_path = map(Path, item)
         hr, lr = read_pair(hr_path, lr_path, model.scale)
+        check_input_size(model, lr.shape[0], lr.shape[1], lr_path)  # one line, not the forward's traceback
         with autocast(device):
             sr = upscale(net, to_tensor(lr).to(device).contiguous(memory_format=fmt), model.scale, tile=tile)
         return hr_path.stem, hr, sr.float()
@@ -47,6 +48,10 @@ def backbone_predictor(model: SRModel, device: torch.device | str = "cpu", tile:
 def backbone_job(model: SRModel, train: PairedPatches, val_pairs: Sequence[tuple[Path, Path]],
                  val_tile: int | None = None) -> Job:
     """Fine-tuning of ``model`` on ``train``'s (lr, hr) patches, selected on the (hr_path, lr_path) pairs."""
+    smallest = min_input_size(model)
+    if train.lr_patch < smallest:  # the crops go through the network whole
+        raise ConfigError(f"lr_patch: {train.lr_patch} px crops are smaller than {model.variant or model.arch} "
+                          f"accepts (at least {smallest} px on each side)")
 
     def loss(forward: Any, batch: list[torch.Tensor]) -> torch.Tensor:
         lr, hr = (t.contiguous(memory_format=memory_format(t.device)) for t in batch)

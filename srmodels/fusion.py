@@ -5,10 +5,21 @@
 over the candidates. With ``num_candidates=3`` it has the team's 28,387 parameters and loads their checkpoint
 strictly. ``ImageWeightNet`` is their comparative variant: one weight per candidate per image, predicted from the LR
 input. Both only predict weights; ``fuse`` applies them, so the weights can be inspected and pictured.
+
+Each net ends in one of two heads (``head``), which turn its last layer's outputs (one logit per candidate) into
+weights:
+- ``softmax``: team 27's, convex weights. It can start at one candidate only by saturating odds
+  (``start_at_candidate``), which training must then move away from.
+- ``residual``: ``out = c_anchor + sum_i w_i * (c_i - c_anchor)`` with ``w_i = tanh(logit_i)`` for the other
+  candidates, i.e. weights ``w_i`` and ``1 - sum_i w_i`` for the anchor. With the last layer at zero
+  (``start_at_anchor``) the output is the anchor exactly, and every candidate's weight has the gradient
+  ``c_i - c_anchor`` from the first step. tanh bounds each pull to (-1, 1): an affine, not convex, combination,
+  able to reach any candidate and to extrapolate by at most as far again.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,14 +38,47 @@ def fuse(candidates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (candidates.view(b, n, 3, h, w) * weights.unsqueeze(2)).sum(dim=1)
 
 
-class AttentionWeightNet(nn.Module):
-    """Per-pixel softmax weights over ``num_candidates`` SR outputs (team 27's fusion net)."""
+HEADS = ("softmax", "residual")
 
-    def __init__(self, num_candidates: int = 3) -> None:
+
+def residual_weights(logits: torch.Tensor, anchor: int) -> torch.Tensor:
+    """The residual head's weights over the candidates: ``tanh(logit_i)`` for each candidate but the anchor,
+    ``1 - sum`` of those for the anchor (whose own logit is unused). (B, N, ...) -> (B, N, ...)."""
+    pull = torch.tanh(logits)
+    others = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+    others[anchor] = False
+    pull = pull * others.view(1, -1, *([1] * (logits.dim() - 2)))
+    weights = pull.clone()
+    weights[:, anchor] = 1.0 - pull.sum(dim=1)
+    return weights
+
+
+def _head_weights(logits: torch.Tensor, head: str, anchor: int) -> torch.Tensor:
+    if head == "softmax":
+        return torch.softmax(logits, dim=1)
+    return residual_weights(logits, anchor)
+
+
+def _check_head(num_candidates: int, head: str, anchor: int) -> None:
+    if num_candidates < 2:
+        raise ValueError(f"fusion needs at least 2 candidates, got {num_candidates}")
+    if head not in HEADS:
+        raise ValueError(f"unknown fusion head {head!r}; valid: {', '.join(HEADS)}")
+    if not 0 <= anchor < num_candidates:
+        raise ValueError(f"anchor {anchor} is not one of the {num_candidates} candidates")
+
+
+class AttentionWeightNet(nn.Module):
+    """Per-pixel weights over ``num_candidates`` SR outputs (team 27's fusion net; ``head='softmax'`` is theirs).
+
+    ``anchor``: the candidate the residual head starts from (unused by the softmax head). The head is kept as
+    ``head_kind``: ``ImageWeightNet.head`` is a layer, under its upstream name.
+    """
+
+    def __init__(self, num_candidates: int = 3, head: str = "softmax", anchor: int = 0) -> None:
         super().__init__()
-        if num_candidates < 2:
-            raise ValueError(f"fusion needs at least 2 candidates, got {num_candidates}")
-        self.num_candidates = num_candidates
+        _check_head(num_candidates, head, anchor)
+        self.num_candidates, self.head_kind, self.anchor = num_candidates, head, anchor
         self.conv1 = nn.Conv2d(3 * num_candidates, 64, 3, padding=1)
         self.conv2 = nn.Conv2d(64, 32, 3, padding=1)
         self.attention = nn.Sequential(
@@ -47,20 +91,25 @@ class AttentionWeightNet(nn.Module):
         """The conv whose outputs the softmax turns into weights."""
         return self.attention[-1]
 
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments: what a checkpoint records to rebuild the net."""
+        return {"num_candidates": self.num_candidates, "head": self.head_kind, "anchor": self.anchor}
+
     def forward(self, candidates: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(candidates))
         x = F.relu(self.conv2(x))
-        return torch.softmax(self.attention(x), dim=1)
+        return _head_weights(self.attention(x), self.head_kind, self.anchor)
 
 
 class ImageWeightNet(nn.Module):
-    """One softmax weight per candidate per image, predicted from the LR input (team 27's comparison)."""
+    """One weight per candidate per image, predicted from the LR input (team 27's comparison)."""
 
-    def __init__(self, num_candidates: int = 2, in_chans: int = 3, num_feat: int = 64) -> None:
+    def __init__(self, num_candidates: int = 2, in_chans: int = 3, num_feat: int = 64, head: str = "softmax",
+                 anchor: int = 0) -> None:
         super().__init__()
-        if num_candidates < 2:
-            raise ValueError(f"fusion needs at least 2 candidates, got {num_candidates}")
-        self.num_candidates = num_candidates
+        _check_head(num_candidates, head, anchor)
+        self.num_candidates, self.head_kind, self.anchor = num_candidates, head, anchor
+        self.in_chans, self.num_feat = in_chans, num_feat
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, num_feat, 3, padding=1),
             nn.ReLU(inplace=True),
@@ -77,9 +126,14 @@ class ImageWeightNet(nn.Module):
         """The conv whose outputs the softmax turns into weights."""
         return self.head[-1]
 
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments: what a checkpoint records to rebuild the net."""
+        return {"num_candidates": self.num_candidates, "in_chans": self.in_chans, "num_feat": self.num_feat,
+                "head": self.head_kind, "anchor": self.anchor}
+
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         pooled = self.features(lr).mean(dim=(2, 3), keepdim=True)
-        return torch.softmax(self.head(pooled), dim=1)
+        return _head_weights(self.head(pooled), self.head_kind, self.anchor)
 
 
 # kind -> class; the pipeline's ``fusion.kind`` param names one of these.
@@ -109,6 +163,18 @@ def start_at_candidate(net: nn.Module, index: int) -> None:
         layer.weight.zero_()
         layer.bias.zero_()
         layer.bias[index] = math.log(_SELECT_ODDS * (n - 1))
+
+
+def start_at_anchor(net: nn.Module, index: int) -> None:
+    """Make a residual-head ``net`` output candidate ``index`` exactly: it becomes the anchor and the last
+    layer starts at zero (weights and bias), so every pull is tanh(0) = 0 until the first step moves it."""
+    if net.head_kind != "residual":
+        raise ValueError(f"start_at_anchor needs the residual head, not {net.head_kind!r}")
+    _check_head(net.num_candidates, "residual", index)
+    net.anchor = index
+    with torch.no_grad():
+        net.output_layer().weight.zero_()
+        net.output_layer().bias.zero_()
 
 
 def fusion_inputs(kind: str, candidates: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:

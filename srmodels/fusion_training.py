@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .datasets import FusionCrops, FusionImage, load_fusion_image
-from .fusion import INITS, fuse, fusion_inputs, fusion_loss, start_at_candidate
+from .fusion import INITS, fuse, fusion_inputs, fusion_loss, start_at_anchor, start_at_candidate
 from .training import (Job, LogMetrics, Predict, TrainConfig, autocast, evaluate, files_fingerprint, fit,
                        memory_format)
 
@@ -63,11 +63,12 @@ def fusion_job(net: nn.Module, kind: str, train: FusionCrops, val: Sequence[Fusi
         return _candidates_predictor(lambda c, lr: fused(net, kind, c.to(device), lr.to(device)), scale)
 
     return Job(model=net, train=train, val=val, loss=loss, predictor=predictor,
-               describe={"arch": f"fusion_{kind}", "kwargs": {"num_candidates": n}, "scale": scale,
+               describe={"arch": f"fusion_{kind}", "kwargs": net.config(), "scale": scale,
                          "input_range": 1.0, "extra": {"members": members, "kind": kind, "init": init}},
                identity={"train": {"files": _files(train.images), "lr_patch": train.lr_patch,
                                    "crops_per_image": train.crops_per_image, "augment": train.augment},
-                         "val": _files(val), "l1_weight": l1_weight, "mse_weight": mse_weight, "init": init})
+                         "val": _files(val), "l1_weight": l1_weight, "mse_weight": mse_weight, "init": init,
+                         "net": net.config()})
 
 
 def _files(images: Sequence[FusionImage]) -> dict[str, Any]:
@@ -94,9 +95,11 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
     """
     if init not in INITS:
         raise ValueError(f"unknown fusion init {init!r}; valid: {', '.join(INITS)}")
-    job = fusion_job(net, kind, train, val, l1_weight=l1_weight, mse_weight=mse_weight, members=members, init=init)
+    if net.head_kind == "residual" and init != "best_member":
+        raise ValueError("the residual head starts at its anchor, the best validation member (init best_member)")
+    members = list(members) if members is not None else list(train.members)
+    n, scale = train.num_candidates, train.scale
     # References the net has to beat: each member alone and the plain average (pure functions of the caches).
-    members, n, scale = job.describe["extra"]["members"], train.num_candidates, train.scale
     member_psnr = {m: evaluate(_candidates_predictor(lambda c, _lr, i=i: c[:, 3 * i:3 * i + 3], scale), val,
                                config.crop_border)[0] for i, m in enumerate(members)}
     mean_psnr = evaluate(_candidates_predictor(lambda c, _lr: c.view(1, n, 3, *c.shape[-2:]).mean(1), scale),
@@ -104,8 +107,12 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
     best_member = max(member_psnr.values())
     if init == "best_member":
         start = members.index(max(member_psnr, key=member_psnr.__getitem__))  # the first of equals
-        start_at_candidate(net, start)
+        if net.head_kind == "residual":
+            start_at_anchor(net, start)
+        else:
+            start_at_candidate(net, start)
         log.info("fusion starts at its best validation member, %s (%.4f dB)", members[start], best_member)
+    job = fusion_job(net, kind, train, val, l1_weight=l1_weight, mse_weight=mse_weight, members=members, init=init)
     metrics = fit(job, config, out_dir, device=device, provenance=provenance, resume_path=resume_path,
                   log_metrics=log_metrics)
     log.info("val PSNR-Y: fusion %.4f dB; members %s; their average %.4f dB", metrics["best_val_psnr"],
@@ -113,7 +120,7 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
     if metrics["best_val_psnr"] <= best_member:
         log.warning("fusion (%.4f dB) does not beat its best member (%.4f dB) on val", metrics["best_val_psnr"],
                     best_member)
-    return {"init": init,
+    return {"init": init, "head": net.head_kind,
             **{k: metrics[k] for k in ("best_val_psnr", "best_epoch", "initial_val_psnr", "final_val_psnr")},
             "member_val_psnr": member_psnr, "mean_val_psnr": mean_psnr,
             "gain_over_best_member": metrics["best_val_psnr"] - best_member,

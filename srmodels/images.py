@@ -103,7 +103,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def write_image(path: str | Path, img: np.ndarray) -> None:
-    """Write an HxWx3 uint8 RGB array losslessly (PNG unless the suffix says otherwise)."""
+    """Write an HxWx3 uint8 RGB array losslessly (PNG unless the suffix says otherwise).
+
+    Atomic: the encoded bytes go to a temporary file beside ``path``, renamed into place, so a failure (a full
+    disk, Ctrl-C) never leaves a partial image, nor replaces an existing one with one.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +117,21 @@ def write_image(path: str | Path, img: np.ndarray) -> None:
             raise ImageError(f"{blocker}: is a file, not a folder; cannot write {path.name} under it") from None
         raise ImageError(f"{path.parent}: cannot create the output folder ({err.strerror or err})") from None
     try:
-        ok = cv2.imwrite(str(path), np.ascontiguousarray(img[:, :, ::-1]))
+        # imencode gives the bytes imwrite would write (same encoder, same defaults)
+        ok, data = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(img[:, :, ::-1]))
     except cv2.error as err:  # an unknown suffix raises instead of returning False
         raise ImageError(f"{path}: could not write image ({_cv_reason(err)})") from err
     if not ok:
         raise ImageError(f"{path}: could not write image")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data.tobytes())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise ImageError(f"{path}: could not write image ({err.strerror or err})") from None
+        raise
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

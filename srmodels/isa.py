@@ -65,6 +65,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``); '' where /proc/cpuinfo is absent."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def native_level(flags: set[str] | None = None) -> str:
     """The highest pinnable level this CPU has (what its kernels would pick, roughly)."""
     flags = cpu_flags() if flags is None else flags
@@ -150,7 +161,7 @@ def provenance() -> dict[str, Any]:
     config = torch.__config__.show()
     mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
     onednn = re.search(r"MKL-DNN (v[\w.]+)", config)
-    return {"cpu_isa": level, "aten_capability": aten, "cpu_model": cpu_model(),
+    return {"cpu_isa": level, "aten_capability": aten, "cpu_vendor": cpu_vendor(), "cpu_model": cpu_model(),
             "cpu_native_level": native_level(), "torch": torch.__version__,
             "onednn": onednn.group(1) if onednn else "none", "mkl": mkl.group(1) if mkl else "none",
             **{k: os.environ.get(k, "") for k in LEVELS["avx2"][0]}}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import archs
+from .archs.rfdn import MIN_INPUT_SIZE as RFDN_MIN_INPUT_SIZE
 from .checkpoint import CheckpointError, checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,48 @@ class SRModel(nn.Module):
         """What a checkpoint needs to rebuild this model."""
         return {"arch": self.arch, "variant": self.variant, "kwargs": self.kwargs, "scale": self.scale,
                 "input_range": self.input_range}
+
+
+def _smallest_side(arch: str, kwargs: dict[str, Any]) -> int:
+    if arch == "rfdn":  # ESA: an unpadded stride-2 conv, then a 7x7 max pool with stride 3
+        return RFDN_MIN_INPUT_SIZE
+    if arch == "swinir":  # reflect padding to a multiple of the window needs each side > the padding
+        return int(kwargs.get("window_size", 7)) // 2 + 1
+    return 1  # DAT pads with zero tokens, RRDBNet's convolutions are padded: any size
+
+
+def min_input_size(model: Any) -> int:
+    """The smallest LR height and width a backbone processes (1: any size).
+
+    ``model``: a variant name, an ``SRModel`` (also accelerated or wrapped by ``torch.compile``) or a raw
+    architecture module; anything else (a plain callable, the fusion net) gives 1. Under the x8 self-ensemble
+    and tiling the limit applies to each side of every forward: a (tile + 2 * overlap) window, or the image.
+    """
+    if isinstance(model, str):
+        arch, kwargs, _ = archs.variant_spec(model)
+        return _smallest_side(arch, kwargs)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(model, SRModel):
+        return _smallest_side(model.arch, model.kwargs)
+    if isinstance(model, archs.RFDN):
+        return RFDN_MIN_INPUT_SIZE
+    if isinstance(model, archs.SwinIR):
+        return _smallest_side("swinir", {"window_size": model.window_size})
+    return 1
+
+
+def check_input_size(model: Any, height: int, width: int, name: str | Path) -> None:
+    """An ``ImageError`` naming ``name`` (the image) and the limit when ``model`` cannot process an LR input of
+    ``height`` x ``width`` (``min_input_size``): raised before the forward, which would fail with a traceback."""
+    from .images import ImageError  # local: images imports cv2, which model users need not load
+
+    smallest = min_input_size(model)
+    if min(height, width) < smallest:
+        model = getattr(model, "_orig_mod", model)
+        label = model if isinstance(model, str) else (
+            (model.variant or model.arch) if isinstance(model, SRModel) else type(model).__name__)
+        raise ImageError(f"{name}: LR image {width}x{height} is too small for {label}, which needs at least "
+                         f"{smallest} px on each side")
 
 
 def build_model(variant: str, overrides: dict[str, Any] | None = None) -> SRModel:

@@ -3,16 +3,20 @@
 A stage writes everything into a staging folder and swaps it in by renames only when it succeeded, so a stage
 that fails (bad input, Ctrl-C, a crash half way) leaves the previous outputs exactly as they were. The stages use
 :func:`staged`; ``prepare`` calls :func:`swap_in` on its own sibling staging folder. The pipeline declares its
-outputs ``persist: true`` so that DVC does not delete them before the stage runs either.
+outputs ``persist: true`` so that DVC does not delete them before the stage runs either. The command line checks
+its output folders with :func:`check_writable` before any work.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from .errors import UserError
 
 
 def remove(path: Path) -> None:
@@ -21,6 +25,26 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def check_writable(folder: str | Path, what: str, error: type[UserError] = UserError) -> None:
+    """Raise ``error`` naming ``folder`` (or the file in its way) unless files can be made in it, or it can be made.
+
+    ``what`` names what will be written there, for the message. The check creates and deletes a file in ``folder``
+    or, when the folder is yet to be made, in its nearest existing parent: the permission bits do not tell (root
+    passes them, but not a read-only mount).
+    """
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # '.' or '/' at the latest
+    if not existing.is_dir():
+        raise error(f"{existing}: is a file, so the folder {folder} for {what} cannot be made under it")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".srmodels-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        wanted = f"{what} in this folder" if existing == folder else f"the folder {folder} for {what} in it"
+        raise error(f"{existing}: cannot write {wanted} ({err.strerror or err})") from None
 
 
 def swap_in(staging: Path, out_dir: Path, retired: Path, names: Sequence[str]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Sequence
 
 
 from .errors import UserError
@@ -84,10 +84,13 @@ SCHEMA: dict[str, Any] = {
     },
     "backbone_defaults": BACKBONE_DEFAULTS,
     "backbones": DictOf(PartialOf(BACKBONE, required=("variant",))),
+    # The backbones the pipeline fine-tunes and caches (dvc.yaml makes finetune@<b> and cache@<b> for each).
+    "trained": ListOf(str),
     "fusion": {
         "members": ListOf(str),
         "kind": OneOf("pixel", "image"),
         "init": OneOf("best_member", "random"),
+        "head": OneOf("softmax", "residual"),
         "epochs": int,
         "batch": int,
         "lr": float,
@@ -160,52 +163,159 @@ def _check(value: Any, spec: Any, key: str) -> Any:
     return value
 
 
+def _positive(key: str, value: float, hint: str = "") -> None:
+    if not value > 0:  # also refuses NaN
+        raise ParamsError(f"{key}: must be > 0 (got {value:g}){hint}")
+
+
+def _at_least(key: str, value: int, low: int, hint: str = "") -> None:
+    if value < low:
+        raise ParamsError(f"{key}: must be >= {low} (got {value}){hint}")
+
+
+def _backbone_entry_checks(key: str, entry: dict[str, Any], epochs_key: str) -> None:
+    """Checks of one complete backbone entry (or ``backbone_defaults``) that need nothing else."""
+    if not 0.0 <= entry["ema_decay"] < 1.0:  # 1 would never leave the initial weights
+        raise ParamsError(f"{key}.ema_decay: must be in [0, 1) (0 = off; KAIR's SwinIR recipe uses 0.999), "
+                          f"got {entry['ema_decay']}")
+    # lr 0 would "train" without moving: the way to keep released weights is epochs 0, which is said here.
+    _positive(f"{key}.lr", entry["lr"], f"; to use the pretrained weights unchanged set {epochs_key}: 0")
+    _positive(f"{key}.gamma", entry["gamma"])
+    for i, m in enumerate(entry["milestones"]):
+        _at_least(f"{key}.milestones[{i}]", m, 1, " (milestones are epochs)")
+
+
 def _semantic_checks(p: dict[str, Any]) -> None:
     from .archs import VARIANTS  # local: keeps `srmodels.params` importable without building models
+    from .model import min_input_size
 
-    entries = [("backbone_defaults", p["backbone_defaults"]),
-               *((f"backbones.{n}", bb) for n, bb in p["backbones"].items())]
-    for key, entry in entries:  # the defaults first, so that a bad default is named where it is written
-        if not 0.0 <= entry["ema_decay"] < 1.0:  # 1 would never leave the initial weights
-            raise ParamsError(f"{key}.ema_decay: must be in [0, 1) (0 = off; KAIR's SwinIR recipe uses 0.999), "
-                              f"got {entry['ema_decay']}")
+    # The defaults first, so that a bad default is named where it is written.
+    _backbone_entry_checks("backbone_defaults", p["backbone_defaults"], "backbones.<b>.epochs")
     for name, bb in p["backbones"].items():
+        _backbone_entry_checks(f"backbones.{name}", bb, f"backbones.{name}.epochs")
+    _at_least("seed", p["seed"], 0)
+    _at_least("threads", p["threads"], 1)
+    inference = p["inference"]
+    if inference["tile"] is not None:
+        _at_least("inference.tile", inference["tile"], 1, " (LR pixels; null = whole images)")
+    _at_least("inference.tile_overlap", inference["tile_overlap"], 0)
+    for name, bb in p["backbones"].items():
+        key = f"backbones.{name}"
         if bb["variant"] not in VARIANTS:
-            raise ParamsError(f"backbones.{name}.variant: unknown variant {bb['variant']!r}; "
+            raise ParamsError(f"{key}.variant: unknown variant {bb['variant']!r}; "
                               f"valid: {', '.join(sorted(VARIANTS))}")
-        for field in ("epochs", "batch", "lr_patch", "nprocs"):
-            if bb[field] < 1:
-                raise ParamsError(f"backbones.{name}.{field}: must be >= 1, got {bb[field]}")
+        # epochs 0: the pretrained weights as they are (validated, saved as best.pth and cached).
+        _at_least(f"{key}.epochs", bb["epochs"], 0, "; 0 uses the pretrained weights unchanged")
+        for field in ("batch", "lr_patch", "nprocs"):
+            _at_least(f"{key}.{field}", bb[field], 1)
+        if bb["epochs"] == 0 and bb["pretrained"] is None:
+            raise ParamsError(f"{key}.epochs: 0 uses the pretrained weights unchanged, but {key}.pretrained is "
+                              "null (random weights); name a checkpoint or train for epochs >= 1")
         folder = PurePosixPath(p["paths"]["pretrained"]) / name
         if bb["pretrained"] is not None and PurePosixPath(bb["pretrained"]).parent != folder:
             # finetune@<b> depends on that folder (dvc.yaml cannot name a per-backbone file), so the checkpoint
             # must be in it for DVC to see it change.
-            raise ParamsError(f"backbones.{name}.pretrained: {bb['pretrained']!r} must be a file in {folder}/ "
+            raise ParamsError(f"{key}.pretrained: {bb['pretrained']!r} must be a file in {folder}/ "
                               "(the folder finetune@" + name + " depends on; copy or symlink it there)")
         if bb["lr_patch"] * SCALE > p["data"]["patches"]["hr_size"]:  # the crops come from these sub-images
-            raise ParamsError(f"backbones.{name}.lr_patch: {bb['lr_patch']} needs HR crops of "
+            raise ParamsError(f"{key}.lr_patch: {bb['lr_patch']} needs HR crops of "
                               f"{bb['lr_patch'] * SCALE} px, larger than the {p['data']['patches']['hr_size']}"
                               f"-px training sub-images (data.patches.hr_size)")
+        smallest = min_input_size(bb["variant"])
+        if bb["lr_patch"] < smallest:  # training feeds the crops to the network whole
+            raise ParamsError(f"{key}.lr_patch: {bb['lr_patch']} px crops are smaller than {bb['variant']} "
+                              f"accepts (at least {smallest} px on each side)")
         if bb["batch"] % bb["nprocs"]:  # batch is the global batch, split evenly over the DDP processes
-            raise ParamsError(f"backbones.{name}.batch: {bb['batch']} does not divide by nprocs={bb['nprocs']}")
-    members = p["fusion"]["members"]
-    for i, m in enumerate(members):
-        if m not in p["backbones"]:
-            raise ParamsError(f"fusion.members[{i}]: {m!r} is not a key of backbones ({', '.join(p['backbones'])})")
-    if len(set(members)) != len(members) or len(members) < 2:
-        raise ParamsError(f"fusion.members: need at least two distinct backbones, got {members}")
+            raise ParamsError(f"{key}.batch: {bb['batch']} does not divide by nprocs={bb['nprocs']}")
+    check_members(p)
+    window = None if inference["tile"] is None else inference["tile"] + 2 * inference["tile_overlap"]
+    for name in p["trained"] if window is not None else ():  # what the cache stages run with these tiles
+        variant = p["backbones"][name]["variant"]
+        if window < min_input_size(variant):  # each forward sees a tile + 2 * overlap window (or the image)
+            raise ParamsError(f"inference.tile: {inference['tile']} with tile_overlap {inference['tile_overlap']} "
+                              f"gives {window}-px windows, smaller than backbones.{name} ({variant}) accepts "
+                              f"(at least {min_input_size(variant)} px on each side)")
+    fusion = p["fusion"]
     for field in ("epochs", "batch", "lr_patch", "crops_per_image"):
-        if p["fusion"][field] < 1:
-            raise ParamsError(f"fusion.{field}: must be >= 1, got {p['fusion'][field]}")
+        _at_least(f"fusion.{field}", fusion[field], 1)
+    _positive("fusion.lr", fusion["lr"])
+    for field in ("l1_weight", "mse_weight"):
+        if not fusion[field] >= 0:
+            raise ParamsError(f"fusion.{field}: must be >= 0 (got {fusion[field]:g})")
+    if not fusion["l1_weight"] + fusion["mse_weight"] > 0:
+        raise ParamsError(f"fusion.l1_weight: the loss is 0 (l1_weight and mse_weight are both 0); "
+                          "give one of them a positive weight")
+    _at_least("metrics.crop_border", p["metrics"]["crop_border"], 0)
     if p["metrics"]["bootstrap"]["resamples"] < 100:
         raise ParamsError(f"metrics.bootstrap.resamples: {p['metrics']['bootstrap']['resamples']} is too few "
                           "for a 95% interval (use 1000 or more)")
+    _at_least("metrics.bootstrap.seed", p["metrics"]["bootstrap"]["seed"], 0)
     for split in ("backbone_train", "fusion_train", "val"):
         r = p["data"]["div2k"][split]
         if len(r) != 2 or r[0] > r[1]:
             raise ParamsError(f"data.div2k.{split}: expected [first, last] image numbers, got {r}")
+    for field in ("hr_size", "step"):
+        _at_least(f"data.patches.{field}", p["data"]["patches"][field], 1)
     if p["data"]["patches"]["hr_size"] % SCALE:
         raise ParamsError(f"data.patches.hr_size: {p['data']['patches']['hr_size']} is not a multiple of {SCALE}")
+
+
+def check_members(p: dict[str, Any]) -> None:
+    """``trained`` names ``backbones`` entries, and ``fusion.members`` at least two distinct trained ones
+    (``validate`` runs it, so every stage refuses an unknown member in the same line)."""
+    backbones = ", ".join(p["backbones"]) or "none"
+    trained = p["trained"]
+    for i, b in enumerate(trained):
+        if b not in p["backbones"]:
+            raise ParamsError(f"trained[{i}]: {b!r} is not a backbone; trained names entries of backbones: "
+                              f"{backbones}")
+    if len(set(trained)) != len(trained):
+        raise ParamsError(f"trained: {trained} names a backbone twice")
+    members = p["fusion"]["members"]
+    for i, m in enumerate(members):
+        if m not in p["backbones"]:
+            raise ParamsError(f"fusion.members[{i}]: {m!r} is not a backbone; fusion.members names trained "
+                              f"entries of backbones: {backbones} (trained: {', '.join(trained) or 'none'})")
+        if m not in trained:
+            raise ParamsError(f"fusion.members[{i}]: {m!r} is not trained (trained: {', '.join(trained) or 'none'}); "
+                              f"add it to trained, which makes finetune@{m} and cache@{m}")
+    if len(set(members)) != len(members) or len(members) < 2:
+        raise ParamsError(f"fusion.members: need at least two distinct backbones, got {members} "
+                          f"(trained: {', '.join(trained) or 'none'})")
+    if p["fusion"]["head"] == "residual" and p["fusion"]["init"] != "best_member":
+        raise ParamsError(f"fusion.init: {p['fusion']['init']!r} applies to the softmax head; the residual head "
+                          "always starts at its anchor, the best validation member (set fusion.init: best_member)")
+
+
+def check_files(p: dict[str, Any], backbones: Sequence[str] | None = None, root: str | Path = ".") -> None:
+    """The files validated params name exist: each ``backbones.<b>.pretrained`` that is set (of ``backbones``;
+    None: every entry), relative to ``root`` (the stages' working directory, the repository root)."""
+    for name in p["backbones"] if backbones is None else backbones:
+        pretrained = p["backbones"][name]["pretrained"]
+        if pretrained is None:
+            continue
+        path = Path(root) / pretrained
+        if not path.is_file():
+            folder = path.parent
+            there = sorted(f.name for f in folder.iterdir() if not f.name.startswith(".")) if folder.is_dir() else []
+            found = (f"files there: {', '.join(there[:10])}{', ...' if len(there) > 10 else ''}" if there
+                     else "the folder is empty" if folder.is_dir() else "the folder does not exist")
+            raise ParamsError(f"backbones.{name}.pretrained: {pretrained} "
+                              f"{'is not a file' if path.exists() else 'does not exist'} ({found})")
+
+
+def check_params(path: str | Path = "params.yaml", root: str | Path = ".") -> dict[str, Any]:
+    """Everything about a params file that can be known without running a stage: the schema (unknown keys at
+    any depth, types, values), ``trained`` and ``fusion.members`` against ``backbones``, and the pretrained
+    files (relative to ``root``, where the stages run). Returns the validated params; the first problem is a
+    ``ParamsError`` naming the file and the key (``srmodels check``)."""
+    raw = read_yaml(path)  # its errors name the file already
+    try:
+        params = validate(raw)
+        check_files(params, root=root)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+    return params
 
 
 def validate(raw: Any) -> dict[str, Any]:

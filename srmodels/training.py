@@ -101,17 +101,23 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: unknown {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        if self.epochs < 0 or self.batch < 1:
-            raise ConfigError(f"epochs must be >= 0 and batch >= 1, got {self.epochs}, {self.batch}")
-        if not self.lr > 0 or not self.gamma > 0:
-            raise ConfigError(f"lr and gamma must be > 0, got {self.lr}, {self.gamma}")
+        # One setting per message, named: params.py names the params key before a stage gets here.
+        if self.epochs < 0:  # 0: validate and save the initial weights, train nothing
+            raise ConfigError(f"epochs: must be >= 0 (0 = keep the initial weights), got {self.epochs}")
+        if self.batch < 1:
+            raise ConfigError(f"batch: must be >= 1, got {self.batch}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr} (epochs 0 keeps the initial weights)")
+        if not self.gamma > 0:
+            raise ConfigError(f"gamma: must be > 0, got {self.gamma}")
         if any(m < 1 for m in self.milestones):
-            raise ConfigError(f"milestones are epochs, >= 1; got {list(self.milestones)}")
+            raise ConfigError(f"milestones: epochs, each >= 1; got {list(self.milestones)}")
         if not 0.0 <= self.ema_decay < 1.0:  # 1 would never move from the initial weights
-            raise ConfigError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
-        if self.crop_border < 0 or self.workers < 0 or (self.threads is not None and self.threads < 1):
-            raise ConfigError(f"crop_border and workers must be >= 0 and threads >= 1, got {self.crop_border}, "
-                              f"{self.workers}, {self.threads}")
+            raise ConfigError(f"ema_decay: must be in [0, 1) (0: off), got {self.ema_decay}")
+        for name, value, low in (("crop_border", self.crop_border, 0), ("workers", self.workers, 0),
+                                 ("threads", 1 if self.threads is None else self.threads, 1)):
+            if value < low:
+                raise ConfigError(f"{name}: must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -380,6 +386,9 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
             outside the stage's outputs: it is work in progress, not a result.
         log_metrics: called as ``log_metrics(metrics, epoch)`` after every epoch (epoch 0 included).
 
+    ``config.epochs`` 0 trains nothing: epoch 0 is validated and best.pth holds the initial weights bit for bit
+    (how released weights enter a fusion unchanged), curve.csv has that one row.
+
     With ``config.ema_decay`` > 0 every validation (epoch 0 included), the selection of the best epoch, curve.csv
     and the metrics returned are those of the weights' EMA (``WeightsEma``); best.pth holds the EMA weights as
     ``state_dict`` and ``params_ema`` and the raw ones as ``params``.
@@ -423,7 +432,8 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
     # Built after the move and the SyncBatchNorm conversion: the average lives beside the weights it follows.
     ema = WeightsEma(weights, config.ema_decay) if config.ema_decay else None
     initial_share = config.ema_decay ** (epochs * steps_per_epoch)
-    if ema is not None and info.main and initial_share > EMA_INITIAL_SHARE_WARNING:
+    # (No steps at all, epochs 0, keep the initial weights on purpose: nothing to warn about.)
+    if ema is not None and info.main and epochs > 0 and initial_share > EMA_INITIAL_SHARE_WARNING:
         # A short run with a long average: what is validated and saved is still largely the starting point.
         log.warning("ema_decay %g averages over about %d steps and this run has %d: the final average still "
                     "gives the initial weights %.0f%% of its weight", config.ema_decay,

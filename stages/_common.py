@@ -26,7 +26,9 @@ except UserError as _err:
 
 import logging  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+from typing import Any, Callable, Iterator, Sequence  # noqa: E402
+
+import srmodels  # noqa: E402
 
 from srmodels.checkpoint import git_commit, params_hash  # noqa: E402
 from srmodels.outputs import write_json  # noqa: E402
@@ -69,8 +71,29 @@ def run(stage: str, main: Callable[..., None], *args: Any) -> None:
         sys.exit(130)
 
 
-def provenance(params: dict[str, Any]) -> dict[str, Any]:
-    """Recorded in every checkpoint: where the weights came from."""
+def provenance(params: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """Recorded in every checkpoint: what determined its weights.
+
+    ``keys`` are the dotted params the stage's result depends on (those it lists in dvc.yaml, a backbone's
+    entry as resolved over backbone_defaults); their hash, the srmodels version and the kernels' pin describe
+    the work. What differs between two runs of the same work (git commit, dirty tree, experiment name, machine,
+    time, paths) goes to the run record and MLflow instead, so identical work writes identical bytes and DVC
+    sees that nothing downstream changed.
+    """
+    return {"params_hash": params_hash({key: pick(params, key) for key in keys}), "params_keys": list(keys),
+            "srmodels_version": srmodels.__version__, "cpu_isa": params["cpu_isa"]}
+
+
+def pick(params: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key (``backbones.dat``)."""
+    value: Any = params
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def run_provenance(params: dict[str, Any]) -> dict[str, Any]:
+    """Where a run came from (run records and MLflow only, never a DVC output)."""
     return {"git_commit": git_commit(ROOT), "params_hash": params_hash(params),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "cpu_isa": params["cpu_isa"]}
 
@@ -92,7 +115,7 @@ def record(params: dict[str, Any], stage: str, timing: dict[str, Any] | None = N
     """
     write_json(Path(params["paths"]["runs"]) / f"{stage}.json", {
         "stage": stage, "wall_seconds": round(time.time() - _started, 3), "timing": timing or {},
-        "machine": isa.provenance(), **provenance(params)})
+        "machine": isa.provenance(), **run_provenance(params)})
 
 
 def numeric(values: dict[str, Any]) -> dict[str, float]:

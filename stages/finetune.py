@@ -23,6 +23,7 @@ from srmodels.errors import UserError
 from srmodels.finetune import BETAS, finetune
 from srmodels.model import build_model
 from srmodels.outputs import staged, write_json
+from srmodels.params import check_files
 from srmodels.runtime import resolve_device, seed_everything, set_threads
 from srmodels.training import TrainConfig
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 def main(params: dict[str, Any], name: str) -> None:
     bb, paths = params["backbones"][name], params["paths"]
     stage = f"finetune@{name}"
+    check_files(params, [name])  # a missing pretrained checkpoint is named by its key, before any work
     prepared, out_dir = Path(paths["prepared"]), Path(paths["finetune"]) / name
     resume_path = Path(paths["work"]) / "resume" / f"{stage}.pth"
     device = resolve_device(params["device"])
@@ -64,13 +66,17 @@ def main(params: dict[str, Any], name: str) -> None:
                          crop_border=params["metrics"]["crop_border"], threads=params["threads"],
                          compile=bb["compile"], ema_decay=bb["ema_decay"])
 
+    # The params the weights depend on (dvc.yaml's list, with the backbone's entry resolved over the defaults).
+    made_of = ("seed", "device", "threads", "cpu_isa", f"backbones.{name}", "data.patches.hr_size",
+               "metrics.crop_border")
     with ExitStack() as stack:
         # Rank 0 alone writes; the outputs appear only when the whole stage succeeded.
         target = stack.enter_context(staged(out_dir, paths["work"])) if info.main else out_dir
         tracking = stack.enter_context(tracked(params, stage, enabled=info.main))
         tracking.log_params({f"backbones.{name}.{k}": v for k, v in bb.items()})
-        metrics = finetune(model, train, val_pairs, config, target, device=device, provenance=provenance(params),
-                           resume_path=resume_path, log_metrics=tracking.log_metrics)
+        metrics = finetune(model, train, val_pairs, config, target, device=device,
+                           provenance=provenance(params, made_of), resume_path=resume_path,
+                           log_metrics=tracking.log_metrics)
         if info.main:
             timing = metrics.pop("timing")
             metrics = {"backbone": name, "variant": bb["variant"], "cpu_isa": params["cpu_isa"], **metrics}

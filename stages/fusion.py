@@ -15,6 +15,9 @@ from srmodels.outputs import staged, write_json
 from srmodels.runtime import resolve_device, seed_everything, set_threads
 from srmodels.training import TrainConfig
 
+# The params the fusion net depends on (dvc.yaml lists the same).
+MADE_OF = ("seed", "device", "threads", "cpu_isa", "fusion", "inference.self_ensemble", "metrics.crop_border")
+
 
 def main(params: dict[str, Any]) -> None:
     fp, paths = params["fusion"], params["paths"]
@@ -25,7 +28,7 @@ def main(params: dict[str, Any]) -> None:
     set_threads(params["threads"])
     seed_everything(params["seed"], device)
 
-    net = FUSION_KINDS[fp["kind"]](num_candidates=len(members))
+    net = FUSION_KINDS[fp["kind"]](num_candidates=len(members), head=fp["head"])
     # Built before any training: a crop larger than an image or a cut cache file stops the stage here.
     fusion_train, val = layout.fusion_train(prepared), layout.val(prepared)
     train = FusionCrops([layout.cached_fusion_train(cache, m) for m in members], fusion_train.hr, fusion_train.lr,
@@ -42,7 +45,7 @@ def main(params: dict[str, Any]) -> None:
         tracking.log_params({f"fusion.{k}": v for k, v in fp.items()})
         metrics = train_fusion(net, train, val_images, config, target, kind=fp["kind"], l1_weight=fp["l1_weight"],
                                mse_weight=fp["mse_weight"], members=members, init=fp["init"], device=device,
-                               provenance=provenance(params), resume_path=resume_path,
+                               provenance=provenance(params, MADE_OF), resume_path=resume_path,
                                log_metrics=tracking.log_metrics)
         timing = metrics.pop("timing")
         write_json(target / layout.METRICS, {"cpu_isa": params["cpu_isa"], **metrics})

@@ -128,3 +128,26 @@ def cli(capsys, monkeypatch):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, monkeypatch):
+    """An empty folder in which no file can be made: mode 0o555. Root passes the permission bits, so when this
+    process could still write there, making a file in it (``os.open`` with O_CREAT, what ``tempfile`` calls) is
+    refused with EACCES, as the kernel refuses it to anyone else, or to root on a read-only mount."""
+    import errno
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        real_open = os.open
+
+        def refusing_open(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and Path(os.path.abspath(path)).is_relative_to(folder):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    yield folder
+    folder.chmod(0o755)

@@ -334,7 +334,8 @@ def test_good_inputs_still_run(tiny, cli):
 def test_input_too_small_for_the_model_is_one_line(tiny, cli):
     cv2.imwrite(str(tiny / "small.png"), np.zeros((8, 8, 3), np.uint8))  # RFDN needs sides >= 15
     code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "small.png", "-o", tiny / "sr", "--device", "cpu")
-    _one_line_error(code, err, "small.png", "cannot process this 8x8 input")
+    _one_line_error(code, err, "small.png", "LR image 8x8", "rfdn_tiny", "at least 15 px")
+    assert not (tiny / "sr").exists()
     code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--tile", "0")
     _one_line_error(code, err, "--tile 0")
 
@@ -344,6 +345,139 @@ def test_upscale_refuses_two_inputs_with_one_output_name(tiny, cli):
     code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--device", "cpu")
     _one_line_error(code, err, "a.png")
     assert not (tiny / "sr").exists()
+
+
+# ------------------------------------------------------- all or nothing: every check before the first forward or write
+
+
+def _tree(folder):
+    """Every entry under ``folder``, hidden ones included (so a leftover temporary file shows); None if absent."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else None
+
+
+def _no_forward(monkeypatch):
+    """Fail the test if the command runs the model on any image before every input was checked."""
+    def refuse(*_, **__):
+        raise AssertionError("the model ran before every input was checked")
+    monkeypatch.setattr("srmodels.cli._sr", refuse)
+
+
+def test_upscale_checks_every_size_before_writing_anything(tiny, cli, monkeypatch):
+    # A good 72x72 image used to be written before a 10x10 one stopped the command.
+    rng = np.random.default_rng(1)
+    (tiny / "mixed").mkdir()
+    cv2.imwrite(str(tiny / "mixed" / "a_good.png"), rng.integers(0, 256, (72, 72, 3), dtype=np.uint8))
+    cv2.imwrite(str(tiny / "mixed" / "b_small.png"), rng.integers(0, 256, (10, 10, 3), dtype=np.uint8))
+    _no_forward(monkeypatch)
+    code, out, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "mixed", "-o", tiny / "out", "--device", "cpu")
+    last = _one_line_error(code, err, "b_small.png", "LR image 10x10", "rfdn_tiny", "at least 15 px")
+    assert "a_good.png" not in last and out == "" and not (tiny / "out").exists()
+    (tiny / "kept").mkdir()
+    (tiny / "kept" / "a_good.png").write_bytes(b"the user's file")
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "mixed", "-o", tiny / "kept", "--device", "cpu")
+    _one_line_error(code, err, "b_small.png")
+    assert _tree(tiny / "kept") == ["a_good.png"] and (tiny / "kept" / "a_good.png").read_bytes() == b"the user's file"
+
+
+def test_eval_checks_every_size_before_any_forward(tiny, cli, monkeypatch):
+    cv2.imwrite(str(tiny / "hr" / "c.png"), np.zeros((40, 64, 3), np.uint8))  # its LR, 16x10, is under RFDN's 15
+    _no_forward(monkeypatch)
+    code, out, err = cli("eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--device", "cpu",
+                         "--json", tiny / "res" / "r.json")
+    _one_line_error(code, err, "c.png", "LR image 16x10", "rfdn_tiny", "at least 15 px")
+    assert out == "" and not (tiny / "res").exists()
+    cv2.imwrite(str(tiny / "lr" / "cx4.png"), np.zeros((10, 16, 3), np.uint8))  # a given LR is the file named
+    code, out, err = cli("eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--lr", tiny / "lr",
+                         "--device", "cpu", "--json", tiny / "res" / "r.json")
+    _one_line_error(code, err, "cx4.png", "LR image 16x10", "at least 15 px")
+    assert out == "" and not (tiny / "res").exists()
+
+
+def test_swinir_window_padding_limit_is_one_line(tmp_path, cli, monkeypatch):
+    # SwinIR reflect-pads each side to a multiple of its window (8), which a side of 4 or less cannot give: this
+    # was torch's traceback from F.pad.
+    from srmodels.checkpoint import save_checkpoint
+    from srmodels.model import build_model
+
+    model = build_model("swinir_tiny")
+    save_checkpoint(tmp_path / "w.pth", model.net.state_dict(), **model.describe())
+    cv2.imwrite(str(tmp_path / "thin.png"), np.zeros((4, 40, 3), np.uint8))
+    _no_forward(monkeypatch)
+    code, _, err = cli("upscale", "--weights", tmp_path / "w.pth", tmp_path / "thin.png", "-o", tmp_path / "out",
+                       "--device", "cpu")
+    _one_line_error(code, err, "thin.png", "LR image 40x4", "swinir_tiny", "at least 5 px")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "upscale"])
+def test_tile_under_the_model_limit_names_the_option(tiny, cli, monkeypatch, command):
+    _no_forward(monkeypatch)
+    args = {"eval": ["eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--lr", tiny / "lr",
+                     "--json", tiny / "out" / "r.json"],
+            "upscale": ["upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "out"]}[command]
+    code, out, err = cli(*args, "--device", "cpu", "--tile", "8", "--tile-overlap", "0")
+    last = _one_line_error(code, err, "--tile 8", "--tile-overlap 0", "8x8", "rfdn_tiny", "at least 15 px",
+                           "use --tile 15 or more")
+    assert ".png" not in last and out == "" and not (tiny / "out").exists()
+
+
+def test_tile_with_enough_overlap_runs(tiny, cli):
+    # Each tile runs with its overlap around it: --tile 8 and the default overlap 16 give RFDN 40-pixel windows.
+    cv2.imwrite(str(tiny / "big.png"), np.random.default_rng(2).integers(0, 256, (44, 40, 3), dtype=np.uint8))
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "big.png", "-o", tiny / "sr", "--tile", "8",
+                       "--device", "cpu")
+    assert code == 0, err
+    assert _tree(tiny / "sr") == ["big.png"] and cv2.imread(str(tiny / "sr" / "big.png")).shape == (176, 160, 3)
+
+
+@pytest.mark.parametrize("case", ["upscale", "upscale-new-folder", "eval-json", "eval-table"])
+def test_unwritable_output_is_one_line_before_any_work(tiny, cli, monkeypatch, read_only_folder, case):
+    ro = read_only_folder
+    _no_model(monkeypatch)
+    args = {"upscale": ["upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", ro],
+            "upscale-new-folder": ["upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", ro / "sr"],
+            "eval-json": ["eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--json", ro / "r.json"],
+            "eval-table": ["eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--json", tiny / "res" / "r.json",
+                           "--table", ro / "t.md"]}[case]
+    code, out, err = cli(*args, "--device", "cpu")
+    _one_line_error(code, err, f"{ro}: cannot write", "Permission denied")
+    assert out == "" and _tree(ro) == [] and not (tiny / "res").exists()
+
+
+def test_eval_json_and_table_on_one_file(tiny, cli, monkeypatch):
+    _no_model(monkeypatch)
+    code, _, err = cli("eval", "--weights", tiny / "w.pth", "--hr", tiny / "hr", "--json", tiny / "r.md",
+                       "--table", tiny / "r.md", "--device", "cpu")
+    _one_line_error(code, err, "--json", "--table", "the same file")
+
+
+def test_upscale_failing_midway_leaves_nothing_new(tiny, cli, monkeypatch):
+    """An unexpected failure after the first image (here a simulated one) leaves the output folder as it was."""
+    from srmodels import cli as cli_module
+
+    real_sr, calls = cli_module._sr, []
+
+    def second_fails(model, lr, args, device, path):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real_sr(model, lr, args, device, path)
+
+    monkeypatch.setattr("srmodels.cli._sr", second_fails)
+    (tiny / "sr").mkdir()
+    (tiny / "sr" / "a.png").write_bytes(b"the user's file")
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--device", "cpu")
+    assert calls == ["ax4.png", "bx4.png"]  # the first image was done when the second failed
+    assert _tree(tiny / "sr") == ["a.png"] and (tiny / "sr" / "a.png").read_bytes() == b"the user's file"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "new" / "sr", "--device", "cpu")
+    assert not (tiny / "new").exists()  # the folders it made are gone again
+    monkeypatch.setattr("srmodels.cli._sr", real_sr)
+    code, _, err = cli("upscale", "--weights", tiny / "w.pth", tiny / "lr", "-o", tiny / "sr", "--device", "cpu")
+    assert code == 0, err
+    assert _tree(tiny / "sr") == ["a.png", "b.png"] and cv2.imread(str(tiny / "sr" / "a.png")).shape == (64, 64, 3)
 
 
 def test_debug_shows_the_traceback(tiny, cli, monkeypatch):

@@ -127,7 +127,7 @@ def test_holding_swaps_weights_in_place_and_back_exactly():
 
 @pytest.mark.parametrize("decay", [1.0, -0.1, float("nan")])
 def test_decay_is_checked(decay):
-    with pytest.raises(ConfigError, match="ema_decay must be in") as err:
+    with pytest.raises(ConfigError, match="ema_decay: must be in") as err:
         replace(CONFIG, ema_decay=decay)
     assert isinstance(err.value, UserError) and "\n" not in str(err.value)
 
@@ -279,8 +279,10 @@ for key, tensor in ckpt["state_dict"].items():
 digest.update((root / "out" / "curve.csv").read_bytes())
 print(digest.hexdigest())
 """
-# What the probe gave with settings {} at the commit before EMA existed (b1f1722), under the avx2 pin.
-BEFORE_EMA_DIGEST = "802fd3b919d00a5c80c34344dddd6aeb80daf5c9e159e21845625bad74091c05"
+# What the probe gave with settings {} at the commit before EMA existed (b1f1722), under the avx2 pin, by CPU
+# vendor (the pin does not make AMD and Intel CPUs round alike: docs/reproducibility.md).
+BEFORE_EMA_DIGESTS = {"AuthenticAMD": "802fd3b919d00a5c80c34344dddd6aeb80daf5c9e159e21845625bad74091c05",
+                      "GenuineIntel": "271177a68b0fb15cd7014b14f8d2fad778da46897c6f1da386d1b910090fb843"}
 
 
 @pytest.mark.skipif("avx2" not in isa.cpu_flags() or "fma" not in isa.cpu_flags(),
@@ -290,4 +292,7 @@ def test_decay_0_gives_the_results_of_before_ema():
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, **isa.environment("native")})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == BEFORE_EMA_DIGEST
+    digest = out.stdout.split()[-1]
+    if isa.cpu_vendor() not in BEFORE_EMA_DIGESTS:
+        pytest.skip(f"no digest recorded for {isa.cpu_vendor()} CPUs ({isa.cpu_model()}): this one gives {digest}")
+    assert digest == BEFORE_EMA_DIGESTS[isa.cpu_vendor()]

@@ -12,7 +12,7 @@ import torch
 
 from srmodels.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint, unwrap_state_dict
 from srmodels.datasets import FusionCrops, fusion_images, load_fusion_image
-from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse, start_at_candidate
+from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse, start_at_anchor, start_at_candidate
 from srmodels.fusion_training import fusion_job, train_fusion
 from srmodels.images import write_image
 from srmodels.training import TrainConfig
@@ -125,7 +125,7 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
     # The best checkpoint describes itself and, reloaded, weights 'a' on the left and 'b' on the right.
     raw = read_checkpoint(tmp_path / "best.pth")
     meta = checkpoint_meta(raw)
-    assert meta["arch"] == "fusion_pixel" and meta["kwargs"] == {"num_candidates": 2}
+    assert meta["arch"] == "fusion_pixel" and meta["kwargs"] == {"num_candidates": 2, "head": "softmax", "anchor": 0}
     assert meta["members"] == ["a", "b"] and meta["kind"] == "pixel" and meta["scale"] == SCALE
     assert meta["val_psnr"] == metrics["best_val_psnr"]
     reloaded = AttentionWeightNet(2)
@@ -207,3 +207,83 @@ def test_fusion_members_must_match_candidates(fusion_data):
     train, val = fusion_sets(fusion_data)
     with pytest.raises(ValueError, match="3 member names for 2 candidates"):
         fusion_job(AttentionWeightNet(2), "pixel", train, val, members=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------------------------- the residual head
+
+def make_anchor_split(root: Path, split: str, stems: list[str], seed: int) -> None:
+    """Three members' caches where the best member is wrong in a known region: 'good' is HR with little noise but
+    0.1 too bright on the left quarter, 'fix' is HR with more noise everywhere (right on the left quarter),
+    'bad' is 0.3 too bright everywhere."""
+    rng = np.random.default_rng(seed)
+    for stem in stems:
+        hr = smooth_image(rng, 64, 64, lo=40, hi=150)
+        write_image(root / split / "hr" / f"{stem}.png", hr)
+        write_image(root / split / "lr" / f"{stem}.png", downscale(hr))
+        exact = hr.transpose(2, 0, 1).astype(np.float32) / 255.0
+        good = exact + rng.normal(0, 0.02, exact.shape).astype(np.float32)
+        good[..., :16] += 0.1
+        fix = exact + rng.normal(0, 0.1, exact.shape).astype(np.float32)
+        for member, cand in (("good", good), ("fix", fix), ("bad", exact + 0.3)):
+            (root / "cache" / member / split).mkdir(parents=True, exist_ok=True)
+            np.save(root / "cache" / member / split / f"{stem}.npy", cand.astype(np.float16))
+
+
+@pytest.fixture(scope="module")
+def anchor_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("anchor")
+    make_anchor_split(root, "fusion_train", [f"f{i}" for i in range(6)], seed=20)
+    make_anchor_split(root, "val", ["v0", "v1"], seed=21)
+    return root
+
+
+def test_residual_head_is_the_anchor_exactly_and_every_member_has_a_gradient():
+    torch.manual_seed(0)
+    for net, inputs in ((AttentionWeightNet(3, head="residual"), "cands"), (ImageWeightNet(3, head="residual"), "lr")):
+        start_at_anchor(net, 1)
+        cands, lr = torch.rand(2, 9, 16, 12), torch.rand(2, 3, 4, 3)
+        w = net(cands if inputs == "cands" else lr)
+        assert torch.equal(fuse(cands, w), cands[:, 3:6])  # the anchor, bit for bit
+        fuse(cands, w).sub(torch.rand(2, 3, 16, 12)).abs().mean().backward()
+        grad = net.output_layer().weight.grad.flatten(1).abs().sum(1)
+        assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0  # the anchor's own logit is unused
+    assert AttentionWeightNet(3, head="residual", anchor=2).config() == {"num_candidates": 3, "head": "residual",
+                                                                         "anchor": 2}
+    with pytest.raises(ValueError, match="unknown fusion head"):
+        AttentionWeightNet(3, head="linear")
+
+
+def test_residual_head_learns_where_the_best_member_is_wrong(anchor_data, tmp_path):
+    members = ("good", "fix", "bad")
+    train = FusionCrops([anchor_data / "cache" / m / "fusion_train" for m in members],
+                        anchor_data / "fusion_train" / "hr", anchor_data / "fusion_train" / "lr", lr_patch=8,
+                        scale=SCALE, crops_per_image=8, seed=0)
+    val = fusion_images([anchor_data / "cache" / m / "val" for m in members], anchor_data / "val" / "hr",
+                        anchor_data / "val" / "lr", SCALE)
+    torch.manual_seed(0)
+    net = AttentionWeightNet(3, head="residual")
+    metrics = train_fusion(net, train, val, replace(CONFIG, epochs=25, lr=5e-3), tmp_path, kind="pixel",
+                           init="best_member", members=list(members), provenance={"test": True})
+    best_member = max(metrics["member_val_psnr"].values())
+    assert metrics["member_val_psnr"]["good"] == best_member and metrics["head"] == "residual"
+    assert metrics["initial_val_psnr"] == best_member  # epoch 0 is the anchor, to the bit
+    assert metrics["best_val_psnr"] > best_member + 1.5, metrics  # the ideal is about +2.8 dB
+    meta = checkpoint_meta(read_checkpoint(tmp_path / "best.pth"))
+    assert meta["kwargs"] == {"num_candidates": 3, "head": "residual", "anchor": 0}
+    # It corrected the anchor where the anchor is wrong (the left quarter) and stayed near it elsewhere.
+    reloaded = AttentionWeightNet(**meta["kwargs"])
+    load_into(reloaded, unwrap_state_dict(read_checkpoint(tmp_path / "best.pth")))
+    for item in val:
+        cands, _, hr = load_fusion_image(item, SCALE)
+        hr = torch.from_numpy(hr).permute(2, 0, 1).float() / 255.0
+        with torch.no_grad():
+            w = reloaded.eval()(cands)[0]
+            out = fuse(cands, w[None])[0]
+        error = (out - hr).square().mean(0)
+        anchor_error = (cands[0, :3] - hr).square().mean(0)
+        assert error[:, 2:14].mean() < anchor_error[:, 2:14].mean() * 2 / 3  # wrong region: corrected
+        assert error[:, 24:].mean() < anchor_error[:, 24:].mean() * 1.2  # elsewhere: about the anchor
+        assert w[0, :, 24:].mean() > 0.7
+    with pytest.raises(ValueError, match="residual head starts at its anchor"):
+        train_fusion(AttentionWeightNet(3, head="residual"), train, val, CONFIG, tmp_path, kind="pixel",
+                     init="random", members=list(members))

@@ -169,3 +169,154 @@ def test_params_are_read_as_dvc_reads_them(tmp_path):
 def test_checks_that_need_no_data_run_before_any_work(raw, path, value, message):
     with pytest.raises(ParamsError, match=message):
         validate(_with(raw, path, value))
+
+
+# ------------------------------------------------------------------------- every error names its full key
+
+@pytest.mark.parametrize("path, value, message", [
+    # the fusion has no gamma: its own key, nothing else
+    (("fusion", "lr"), 0, "fusion.lr: must be > 0 (got 0)"),
+    (("fusion", "lr"), float("nan"), "fusion.lr: must be > 0 (got nan)"),
+    (("backbones", "dat", "lr"), 0, "backbones.dat.lr: must be > 0 (got 0); to use the pretrained weights "
+                                    "unchanged set backbones.dat.epochs: 0"),
+    (("backbone_defaults", "lr"), -1e-3, "backbone_defaults.lr: must be > 0 (got -0.001); to use the pretrained "
+                                         "weights unchanged set backbones.<b>.epochs: 0"),
+    (("backbones", "rfdn", "gamma"), 0, "backbones.rfdn.gamma: must be > 0 (got 0)"),
+    (("backbone_defaults", "gamma"), -0.5, "backbone_defaults.gamma: must be > 0 (got -0.5)"),
+    (("backbones", "swinir", "milestones"), [2, 0], "backbones.swinir.milestones[1]: must be >= 1 (got 0)"),
+    (("backbones", "dat", "epochs"), -1, "backbones.dat.epochs: must be >= 0 (got -1)"),
+    (("backbones", "dat", "epochs"), 0, "backbones.dat.epochs: 0 uses the pretrained weights unchanged, but "
+                                        "backbones.dat.pretrained is null"),
+    (("backbone_defaults", "epochs"), 0, "backbones.dat.epochs: 0 uses the pretrained weights unchanged"),
+    (("fusion", "epochs"), 0, "fusion.epochs: must be >= 1 (got 0)"),
+    (("fusion", "l1_weight"), -0.8, "fusion.l1_weight: must be >= 0 (got -0.8)"),
+    (("seed",), -1, "seed: must be >= 0 (got -1)"),
+    (("threads",), 0, "threads: must be >= 1 (got 0)"),
+    (("metrics", "crop_border"), -4, "metrics.crop_border: must be >= 0 (got -4)"),
+    (("inference", "tile"), 0, "inference.tile: must be >= 1 (got 0)"),
+    (("inference", "tile_overlap"), -1, "inference.tile_overlap: must be >= 0 (got -1)"),
+    (("data", "patches", "step"), 0, "data.patches.step: must be >= 1 (got 0)"),
+    # the architecture's smallest input (RFDN: 15 px) where a stage would feed it smaller pieces
+    (("backbones", "rfdn", "lr_patch"), 12, "backbones.rfdn.lr_patch: 12 px crops are smaller than rfdn_small "
+                                            "accepts (at least 15 px on each side)"),
+    # typos anywhere, including sections no stage hashes (mlflow) and the top level
+    (("sede",), 1, "sede: unknown key"),
+    (("mlflow", "experimnt"), "x", "mlflow.experimnt: unknown key (known here: tracking_uri, experiment)"),
+    (("paths", "pretraind"), "x", "paths.pretraind: unknown key"),
+    (("metrics", "bootstrap", "resample"), 10, "metrics.bootstrap.resample: unknown key"),
+    # members and trained against backbones: the key, the name and the names known
+    (("fusion", "members"), ["dat", "nosuch"], "fusion.members[1]: 'nosuch' is not a backbone; fusion.members "
+                                               "names trained entries of backbones: dat, swinir, rfdn, rrdbnet"),
+    (("fusion", "members"), ["dat", "rrdbnet"], "fusion.members[1]: 'rrdbnet' is not trained (trained: dat, "
+                                                "swinir, rfdn); add it to trained"),
+    (("trained",), ["dat", "edsr"], "trained[1]: 'edsr' is not a backbone; trained names entries of backbones: "
+                                    "dat, swinir, rfdn, rrdbnet"),
+    (("trained",), ["dat", "dat"], "trained: ['dat', 'dat'] names a backbone twice"),
+])
+def test_every_error_names_its_full_key(raw, path, value, message):
+    with pytest.raises(ParamsError, match=re.escape(message)) as err:
+        validate(_with(raw, path, value))
+    assert "\n" not in str(err.value) and str(err.value).startswith(message.split(":")[0] + ":")
+
+
+def test_tile_windows_are_checked_against_trained_backbones_only(raw):
+    # tile 6 + 2 * 4 = 14 px windows: too small for RFDN (15), fine for the others
+    small = _with(_with(raw, ("inference", "tile"), 6), ("inference", "tile_overlap"), 4)
+    with pytest.raises(ParamsError, match=re.escape("smaller than backbones.rfdn (rfdn_small) accepts")):
+        validate(small)
+    p = validate(_with(_with(small, ("trained",), ["dat", "swinir"]), ("fusion", "members"), ["dat", "swinir"]))
+    assert p["inference"]["tile"] == 6
+
+
+def _dict_sections(spec, prefix=""):
+    """Dotted keys of every fixed-key mapping of the schema (the top level is '')."""
+    from srmodels.params import DictOf, PartialOf
+
+    yield prefix
+    for key, sub in spec.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(sub, dict):
+            yield from _dict_sections(sub, dotted)
+        elif isinstance(sub, DictOf) and isinstance(sub.spec, PartialOf):
+            yield f"{dotted}.<each>"
+
+
+def test_unknown_keys_are_refused_in_every_section(raw):
+    from srmodels.params import SCHEMA
+
+    sections = list(_dict_sections(SCHEMA))
+    assert {"", "paths", "mlflow", "metrics.bootstrap", "backbone_defaults", "backbones.<each>"} <= set(sections)
+    for section in sections:
+        for name in (["dat", "rrdbnet"] if section == "backbones.<each>" else [None]):
+            where = section.replace("<each>", name) if name else section
+            node = copy.deepcopy(raw)
+            target = node
+            for part in filter(None, where.split(".")):
+                target = target[part]
+            target["typo_key"] = 1
+            key = f"{where}.typo_key" if where else "typo_key"
+            with pytest.raises(ParamsError, match=re.escape(f"{key}: unknown key")):
+                validate(node)
+
+
+def test_epochs_0_keeps_released_weights(raw):
+    p = validate(_with(raw, ("backbones", "dat"), {"variant": "dat_small", "epochs": 0,
+                                                   "pretrained": "inputs/pretrained/dat/DAT_small.pth"}))
+    assert p["backbones"]["dat"]["epochs"] == 0 and p["backbones"]["dat"]["lr"] > 0
+
+
+# ------------------------------------------------------------------------------------------ srmodels check
+
+def _params_file(tmp_path, raw, **changes) -> Path:
+    """A params file in tmp_path: the repository's, with ``changes`` (dotted key -> value)."""
+    from ruamel.yaml import YAML
+
+    changed = raw
+    for key, value in changes.items():
+        changed = _with(changed, tuple(key.split("__")), value)
+    path = tmp_path / "params.yaml"
+    with open(path, "w") as f:
+        YAML().dump(changed, f)
+    return path
+
+
+def test_check_accepts_the_committed_params(cli, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("SRMODELS_PARAMS", raising=False)
+    code, out, err = cli("check")
+    p = load_params(ROOT / "params.yaml")
+    assert code == 0 and err == ""
+    assert out == (f"params.yaml: ok ({len(p['backbones'])} backbones; trained: {', '.join(p['trained'])}; "
+                   f"members: {', '.join(p['fusion']['members'])})\n")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"sede": 1}, "sede: unknown key"),
+    ({"mlflow__experimnt": "srmodels"}, "mlflow.experimnt: unknown key"),
+    ({"fusion__lr": 0}, "fusion.lr: must be > 0 (got 0)"),
+    ({"fusion__members": ["dat", "nosuch"]}, "fusion.members[1]: 'nosuch' is not a backbone"),
+    ({"backbones__dat__pretrained": "inputs/pretrained/dat/DAT_S_x4.pth"},
+     "backbones.dat.pretrained: inputs/pretrained/dat/DAT_S_x4.pth does not exist (the folder does not exist)"),
+])
+def test_check_names_the_file_and_the_key_in_one_line(cli, raw, tmp_path, monkeypatch, changes, message):
+    monkeypatch.chdir(tmp_path)  # paths are relative to where the stages run
+    path = _params_file(tmp_path, raw, **changes)
+    code, out, err = cli("check", path)
+    assert code == 2 and out == ""
+    assert err.startswith(f"srmodels: error: {path}: {message}") and err.count("\n") == 1
+
+
+def test_check_finds_pretrained_files_and_honours_srmodels_params(cli, raw, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _params_file(tmp_path, raw, backbones__rfdn__pretrained="inputs/pretrained/rfdn/RFDN_AIM.pth")
+    monkeypatch.setenv("SRMODELS_PARAMS", str(path))
+    (tmp_path / "inputs" / "pretrained" / "rfdn").mkdir(parents=True)
+    (tmp_path / "inputs" / "pretrained" / "rfdn" / "other.pth").write_bytes(b"x")
+    code, _, err = cli("check")  # no argument: the file the stages read
+    assert code == 2 and f"{path}: backbones.rfdn.pretrained: inputs/pretrained/rfdn/RFDN_AIM.pth does not exist " \
+                         "(files there: other.pth)" in err
+    (tmp_path / "inputs" / "pretrained" / "rfdn" / "RFDN_AIM.pth").write_bytes(b"x")
+    code, out, _ = cli("check")
+    assert code == 0 and out.startswith(f"{path}: ok (4 backbones;")
+    code, _, err = cli("check", tmp_path / "missing.yaml")
+    assert code == 2 and "missing.yaml: cannot read" in err

@@ -11,11 +11,12 @@ One repository goes through the life a lab gives it, in order:
 """
 import hashlib
 import json
+import re
 import os
+import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ import pytest
 import yaml
 
 from srmodels.images import write_image
+
+from . import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
@@ -47,11 +50,8 @@ def _minimal_params() -> dict:
     return p
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if ok:
-        assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
-    return res
+def _run(cmd: list[str], cwd: Path, env: dict, ok: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    return procs.run(cmd, cwd=cwd, env=env, timeout=timeout, check=ok)
 
 
 def _out(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -68,6 +68,25 @@ def _digests(repo: Path) -> dict[str, str]:
              *sorted((repo / "data/test").rglob("*.png")), *sorted((repo / "data/score").rglob("*.png")),
              repo / "data/score/per_image.csv", repo / "data/score/table.md"]
     return {str(f.relative_to(repo)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _wait_for_queue(repo: Path, env: dict, names: list[str], timeout: float) -> None:
+    """Wait until DVC's queue has run ``names``, all successfully. On a timeout or a failure: the queue's status
+    and each task's log, then the workers are stopped (a hung worker must not outlive the test)."""
+    def status() -> str:
+        return _run([DVC, "queue", "status"], repo, env, timeout=60).stdout
+
+    def report() -> str:
+        logs = [f"--- dvc queue logs {name} ---\n" + _run([DVC, "queue", "logs", name], repo, env, ok=False,
+                                                          timeout=60).stdout[-3000:] for name in names]
+        _run([DVC, "queue", "stop", "--kill"], repo, env, ok=False, timeout=60)
+        return "--- dvc queue status ---\n" + status() + "\n".join(logs)
+
+    procs.wait_until(lambda: not any(word in status() for word in ("Queued", "Running")), timeout=timeout,
+                     what=f"dvc queue to run {', '.join(names)}", report=report, interval=3)
+    final = status()
+    if "Failed" in final or final.count("Success") < len(names):
+        pytest.fail(f"queued experiments did not all succeed\n{report()}", pytrace=False)
 
 
 def _status(repo: Path, env: dict) -> str:
@@ -89,7 +108,7 @@ def _parents(repo: Path) -> list:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("pipeline")
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tracked = procs.run(["git", "ls-files"], cwd=ROOT, timeout=60, check=True).stdout.split()
     for rel in tracked:
         if rel.startswith("data/") and not rel.endswith(".gitignore"):
             continue  # start without any committed outputs or lock
@@ -203,13 +222,7 @@ def test_experiments_rerun_only_the_fusion_and_the_workspace_comes_back_clean(re
     for name, setting in (("q1", "fusion.epochs=4"), ("q2", "fusion.lr=5.0e-4")):
         _run([DVC, "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
     _run([DVC, "queue", "start", "-j", "2"], repo, env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        queue = _out([DVC, "queue", "status"], repo, env)
-        if not any(word in queue for word in ("Queued", "Running")):
-            break
-        time.sleep(3)
-    assert "Success" in queue and "Failed" not in queue, queue
+    _wait_for_queue(repo, env, ["q1", "q2"], timeout=600)
     # What each experiment ran, from MLflow: every stage that runs is a child of the experiment's parent run.
     runs = {name: stages for name, _, stages in _parents(repo)}
     for name in ("ws", "tmp", "q1", "q2"):
@@ -230,9 +243,77 @@ def test_experiments_rerun_only_the_fusion_and_the_workspace_comes_back_clean(re
     assert not _run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout.strip()
 
 
-def test_forced_rerun_is_byte_identical(repo):
+def _readme_experiments() -> list[list[str]]:
+    """The `dvc exp run` lines of README's "Experiments" section, as argument lists."""
+    section = (ROOT / "README.md").read_text().split("### Experiments", 1)[1].split("\n#", 1)[0]
+    return [shlex.split(line.split("#", 1)[0]) for line in section.splitlines() if line.startswith("dvc exp run ")]
+
+
+def _backbone_outputs(repo: Path, names: list[str]) -> list[Path]:
+    """Every trained backbone's finetune and cache outputs (as DVC declares them) that exist."""
+    files = []
+    for b in names:
+        files += [repo / "data/finetune" / b / f for f in ("best.pth", "curve.csv", "metrics.json")]
+        files += sorted((repo / "data/cache" / b).rglob("*"))
+    return files
+
+
+def test_every_documented_experiment_keeps_every_backbone_and_going_back_is_clean(repo):
+    """Each README experiment in the workspace, then back to the baseline: no backbone's work is lost.
+
+    Epoch counts are capped at 2 (the keys matter here, not the budget). Going back is `git checkout` of the
+    experiment's edits and `dvc checkout`; it must leave nothing to re-run.
+    """
+    repo, env, _ = repo
+    trained = yaml.safe_load((repo / "params.yaml").read_text())["trained"]
+    before = _digests(repo)
+    backbone_files = _backbone_outputs(repo, trained)
+    assert len(backbone_files) > 9 * len(trained)
+    experiments = _readme_experiments()
+    assert len(experiments) >= 8 and any("fusion.members=" in " ".join(e) for e in experiments)
+    for command in experiments:
+        command = [re.sub(r"(epochs=)(\d+)", lambda m: m[1] + str(min(int(m[2]), 2)), arg) for arg in command]
+        res = _run([DVC, *command[1:]], repo, env, ok=False)
+        assert res.returncode == 0, f"{command}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        missing = [str(f.relative_to(repo)) for f in backbone_files if not f.is_file()]
+        assert not missing, (command, missing)
+        _run(["git", "checkout", "--", "."], repo, env)
+        _run([DVC, "checkout", "--force"], repo, env)
+        assert _status(repo, env) == UP_TO_DATE, command
+        assert _digests(repo) == before, command
+
+    # An unknown member: one line naming the key and the name, and nothing deleted or changed.
+    res = _run([DVC, "exp", "run", "-S", "fusion.members=[dat,nosuch]"], repo, env, ok=False)
+    assert res.returncode != 0 and "Traceback" not in res.stdout + res.stderr
+    [line] = [x for x in res.stderr.splitlines() if "fusion.members" in x and "'nosuch'" in x]
+    assert line.startswith("fusion: invalid params:"), line
+    assert all(f.is_file() for f in backbone_files)
+    _run(["git", "checkout", "--", "."], repo, env)
+    assert _status(repo, env) == UP_TO_DATE and _digests(repo) == before
+
+
+def test_a_code_change_that_changes_no_number_reruns_only_its_stage(repo):
+    """The checkpoints hold nothing of the git state, so a re-run that gives the same numbers gives the same
+    bytes, and DVC stops there: editing a module only finetune reads re-runs finetune and nothing after it."""
+    repo, env, _ = repo
+    before = _digests(repo)
+    module = repo / "srmodels/finetune.py"
+    original = module.read_text()
+    module.write_text(original + "\n# a comment changes no number\n")
+    _run(["git", "commit", "-qam", "a comment"], repo, env)
+    out = _out([DVC, "repro"], repo, env)
+    trained = yaml.safe_load((repo / "params.yaml").read_text())["trained"]
+    assert _ran(out) == {f"finetune@{b}" for b in trained}, out[-3000:]
+    assert _digests(repo) == before
+    _run(["git", "commit", "-qam", "lock"], repo, env)
+    assert _status(repo, env) == UP_TO_DATE
+
+
+def test_forced_rerun_is_byte_identical_and_leaves_git_clean(repo):
     repo, env, _ = repo
     before = _digests(repo)
     # Tracking off: it changes no output (checked above), and skipping it saves seconds per stage.
     _run([DVC, "repro", "--force"], repo, {**env, "MLFLOW_TRACKING_URI": "none"})
     assert _digests(repo) == before
+    # Every DVC output hashes as before, so dvc.lock is unchanged: what a fresh clone's `dvc repro` must give.
+    assert not _run(["git", "status", "--porcelain"], repo, env).stdout.strip()

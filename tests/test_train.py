@@ -5,7 +5,11 @@ Fusion training runs the same loop; its own checks are in test_fusion.py.
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,12 +20,14 @@ import pytest
 import torch
 
 from srmodels import finetune as finetune_module
-from srmodels.checkpoint import checkpoint_meta, read_checkpoint
+from srmodels.accelerate import accelerate
+from srmodels.cache import cache_outputs
+from srmodels.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint
 from srmodels.datasets import PairedPatches, list_pairs, read_pair
 from srmodels.errors import UserError
 from srmodels.finetune import BETAS, backbone_predictor, finetune
-from srmodels.images import to_tensor
-from srmodels.model import build_model, load_model
+from srmodels.images import ImageError, to_tensor
+from srmodels.model import build_model, load_model, min_input_size
 from srmodels.training import ConfigError, TrainConfig, evaluate
 
 from .conftest import ROOT, SCALE, smooth_image, write_split
@@ -173,11 +179,13 @@ def test_resume_with_other_config_starts_fresh(sr_data, tmp_path, caplog):
 
 @pytest.mark.parametrize("settings, message", [
     ({"schedule": "linear"}, "schedule: unknown 'linear'"),
-    ({"epochs": -1}, "epochs must be >= 0"),
-    ({"batch": 0}, "batch >= 1"),
-    ({"lr": 0.0}, "lr and gamma must be > 0"),
-    ({"milestones": [0, 3]}, "milestones are epochs"),
-    ({"threads": 0}, "threads >= 1"),
+    ({"epochs": -1}, "epochs: must be >= 0"),
+    ({"batch": 0}, "batch: must be >= 1, got 0"),
+    ({"lr": 0.0}, "lr: must be > 0, got 0.0"),
+    ({"gamma": 0.0}, "gamma: must be > 0, got 0.0"),
+    ({"milestones": [0, 3]}, "milestones: epochs, each >= 1"),
+    ({"threads": 0}, "threads: must be >= 1, got 0"),
+    ({"crop_border": -1}, "crop_border: must be >= 0, got -1"),
 ])
 def test_config_is_checked(settings, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -221,3 +229,161 @@ def test_backbone_training_does_not_import_fusion():
     code = "import sys, srmodels.finetune; print(sorted(m for m in sys.modules if m.startswith('srmodels.fusion')))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------- epochs 0: the pretrained weights, as they are
+
+def released_weights(path: Path) -> dict:
+    """A released-style rfdn_tiny checkpoint (a bare state dict, as RFDN_AIM.pth), unlike run_finetune's init."""
+    torch.manual_seed(1)
+    state = build_model("rfdn_tiny").net.state_dict()
+    torch.save(state, path)
+    return state
+
+
+@pytest.mark.parametrize("settings", [{}, {"schedule": "cosine"}, {"schedule": "multistep", "milestones": (1,)},
+                                      {"ema_decay": 0.999}])
+def test_epochs_0_saves_the_pretrained_weights_bit_for_bit(sr_data, tmp_path, caplog, settings):
+    released = released_weights(tmp_path / "released.pth")
+
+    def pretrained() -> torch.nn.Module:
+        model = build_model("rfdn_tiny")
+        load_into(model.net, load_state_dict(tmp_path / "released.pth"))  # as the stage loads `pretrained`
+        return model
+
+    train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
+    out, resume = tmp_path / "out", tmp_path / "resume.pth"
+    # A resume state left by a longer run from the same weights and settings is beyond epoch 0: not resumed.
+    finetune(pretrained(), train, sr_data["val"], replace(CONFIG, epochs=1, **settings), tmp_path / "x",
+             resume_path=resume)
+    assert resume.is_file()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+        metrics = finetune(pretrained(), train, sr_data["val"], replace(CONFIG, epochs=0, **settings), out,
+                           provenance={"test": True}, resume_path=resume)
+    saved = torch.load(out / "best.pth", weights_only=True)
+    for key in ("state_dict", *(("params", "params_ema") if settings.get("ema_decay") else ())):
+        assert saved[key].keys() == released.keys(), key
+        assert all(saved[key][k].dtype == v.dtype and torch.equal(saved[key][k], v) for k, v in released.items()), key
+    meta = checkpoint_meta(read_checkpoint(out / "best.pth"))  # describes itself as any best.pth
+    assert (meta["arch"], meta["variant"], meta["scale"], meta["epoch"], meta["step"]) == ("rfdn", "rfdn_tiny", 4, 0, 0)
+    rows = list(csv.DictReader((out / "curve.csv").open()))
+    assert [r["epoch"] for r in rows] == ["0"] and rows[0]["train_loss"] == ""
+    assert metrics["epochs"] == metrics["steps"] == metrics["best_epoch"] == 0 and not metrics["improved"]
+    assert metrics["final_train_loss"] is None and metrics["timing"]["train_seconds"] == 0
+    assert metrics["best_val_psnr"] == metrics["initial_val_psnr"] == metrics["final_val_psnr"]
+    assert metrics["best_val_psnr"] == float(rows[0]["val_psnr"])
+    psnr, _ = evaluate(backbone_predictor(load_model(out / "best.pth")), sr_data["val"], 4)
+    assert psnr == metrics["best_val_psnr"]
+    assert "resume.pth: " in caplog.text and "; starting fresh" in caplog.text  # (cosine: "epochs differ")
+    assert "ema_decay" not in caplog.text and "no epoch beat" not in caplog.text  # nothing trained, nothing to say
+
+
+def _stage(cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SRMODELS_PARAMS": str(cwd / "params.yaml"),
+           "MLFLOW_TRACKING_URI": "off"}
+    env.pop("SRMODELS_DEBUG", None)
+    try:
+        return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{' '.join(args)} still running after {timeout} s; its output so far: {err.stderr}")
+
+
+def test_finetune_stage_with_epochs_0(sr_data, tmp_path):
+    """finetune@<b> with epochs 0: validation (epoch 0), curve.csv with that row, metrics.json, and best.pth holding
+    the pretrained weights; a missing pretrained file is one line naming its key."""
+    from ruamel.yaml import YAML
+
+    from srmodels.params import read_yaml
+
+    prepared = tmp_path / "data" / "prepared"
+    for split, (hr, lr) in {"train_patches": sr_data["train"],
+                            "val": (sr_data["val"][0][0].parent, sr_data["val"][0][1].parent)}.items():
+        shutil.copytree(hr, prepared / split / "hr")
+        shutil.copytree(lr, prepared / split / "lr")
+    (tmp_path / "inputs" / "pretrained" / "b").mkdir(parents=True)
+    released = released_weights(tmp_path / "inputs" / "pretrained" / "b" / "released.pth")
+    params = read_yaml(ROOT / "params.yaml")
+    entry = {"variant": "rfdn_tiny", "epochs": 0, "pretrained": "inputs/pretrained/b/released.pth", "lr_patch": 16}
+    params.update(cpu_isa="native", device="cpu", threads=1, trained=["b", "c"],
+                  backbones={"b": entry, "c": {"variant": "rfdn_tiny"}})
+    params["fusion"]["members"] = ["b", "c"]
+    with open(tmp_path / "params.yaml", "w") as f:
+        YAML().dump(params, f)
+
+    done = _stage(tmp_path, "stages.finetune", "b")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "data" / "finetune" / "b"
+    assert {p.name for p in out.iterdir()} == {"best.pth", "curve.csv", "metrics.json"}
+    state = torch.load(out / "best.pth", weights_only=True)["state_dict"]
+    assert state.keys() == released.keys() and all(torch.equal(state[k], v) for k, v in released.items())
+    assert [r["epoch"] for r in csv.DictReader((out / "curve.csv").open())] == ["0"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == metrics["steps"] == metrics["best_epoch"] == 0 and metrics["variant"] == "rfdn_tiny"
+
+    (tmp_path / "inputs" / "pretrained" / "b" / "released.pth").unlink()
+    done = _stage(tmp_path, "stages.finetune", "b")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("finetune@b: error: backbones.b.pretrained: "
+                                                    "inputs/pretrained/b/released.pth does not exist (the folder is "
+                                                    "empty)")
+
+
+# ------------------------------------------------------- inputs smaller than the architecture: one line each
+
+@pytest.mark.parametrize("variant, smallest", [("rfdn_tiny", 15), ("swinir_tiny", 5), ("dat_tiny", 1),
+                                               ("rrdbnet_tiny", 1)])
+def test_min_input_size_is_what_the_architecture_accepts(variant, smallest):
+    model = build_model(variant).eval()
+    assert min_input_size(variant) == min_input_size(model) == min_input_size(model.net) == smallest
+    assert min_input_size(accelerate(model)) == min_input_size(torch.compile(model)) == smallest
+    with torch.no_grad():
+        model(torch.rand(1, 3, smallest, smallest + 3))
+        if smallest > 1:
+            with pytest.raises((ValueError, RuntimeError)):
+                model(torch.rand(1, 3, smallest - 1, smallest + 3))
+
+
+def small_val_pair(root: Path, lr_size: int = 12) -> list[tuple[Path, Path]]:
+    rng = np.random.default_rng(3)
+    hr, lr = write_split(root, {"tiny": smooth_image(rng, lr_size * SCALE, 20 * SCALE)})
+    return list_pairs(hr, lr, SCALE)
+
+
+def test_too_small_validation_image_is_one_line_before_the_forward(sr_data, tmp_path):
+    pairs = small_val_pair(tmp_path / "val")
+    with pytest.raises(ImageError) as err:  # the architecture's own error is a plain ValueError
+        backbone_predictor(build_model("rfdn_tiny"))(pairs[0])
+    assert str(err.value) == (f"{pairs[0][1]}: LR image 20x12 is too small for rfdn_tiny, which needs at least "
+                              "15 px on each side")
+    train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
+    with pytest.raises(ImageError, match=re.escape(f"{pairs[0][1]}: LR image 20x12 is too small")):
+        finetune(build_model("rfdn_tiny"), train, sr_data["val"] + pairs, replace(CONFIG, epochs=1), tmp_path / "o")
+    assert not (tmp_path / "o" / "best.pth").exists()
+    with pytest.raises(ConfigError, match=re.escape("lr_patch: 12 px crops are smaller than rfdn_tiny accepts "
+                                                    "(at least 15 px on each side)")):
+        finetune(build_model("rfdn_tiny"), PairedPatches(*sr_data["train"], lr_patch=12, scale=SCALE, seed=0),
+                 sr_data["val"], CONFIG, tmp_path / "p")
+
+
+def test_too_small_image_stops_the_cache_before_any_forward(sr_data, tmp_path):
+    prepared, cached = tmp_path / "prepared", tmp_path / "cache" / "rfdn"
+    shutil.copytree(sr_data["val"][0][0].parent, prepared / "fusion_train" / "hr")
+    shutil.copytree(sr_data["val"][0][1].parent, prepared / "fusion_train" / "lr")
+    shutil.copytree(sr_data["val"][0][0].parent, prepared / "val" / "hr")
+    shutil.copytree(sr_data["val"][0][1].parent, prepared / "val" / "lr")
+    small = small_val_pair(prepared / "eval" / "test")[0][1]  # last in the order the cache runs
+    calls = []
+    model = build_model("rfdn_tiny").eval()
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ImageError) as err:
+        cache_outputs(accelerate(model), prepared, cached, scale=SCALE, self_ensemble=True, tile=None,
+                      tile_overlap=16, device=torch.device("cpu"))
+    assert str(err.value) == (f"{small}: LR image 20x12 is too small for rfdn_tiny, which needs at least 15 px on "
+                              "each side")
+    assert calls == [] and not any(p.is_file() for p in tmp_path.joinpath("cache").rglob("*"))
+    small.unlink()
+    counts = cache_outputs(model, prepared, cached, scale=SCALE, self_ensemble=False, tile=None, tile_overlap=16,
+                           device=torch.device("cpu"))
+    assert counts == {"fusion_train": 2, "val": 2, "eval/test": 0} and calls
