@@ -180,7 +180,7 @@ class NormalEquations:
             self.b[i] += _tree_sum(flat[i] * hf)
         for i in range(n):
             for j in range(i):
-                pass
+                self.a[i][j] = self.a[j][i]
         self.hh += _tree_sum(hf * hf)
         self.num_values += hf.numel()
         self.num_images += 1
@@ -377,8 +377,7 @@ def _convex_chunk(c: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch
             better = d < best_d
             best_d = torch.where(better, d, best_d)
             in_face = dict(zip(face, w_face))
-            best_w = [torch.where(better, in_face[i], best_w[i]) if i in in_face else torch.where(better, zero, best_w[i])
-                      for i in range(n)]
+            best_w = [torch.where(better, in_face.get(i, zero), best_w[i]) for i in range(n)]
     # Rounding can leave a coordinate a hair below 0: clamp and renormalise, so the weights are a convex weighting.
     best_w = [w.clamp(min=0.0) for w in best_w]
     total = _sum(best_w)

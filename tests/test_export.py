@@ -1,6 +1,8 @@
 """`srmodels export`: self-describing safetensors, the official layouts (run the official way), ONNX checked with
 onnxruntime on sizes other than the traced one; the CLI's one-line errors."""
+import errno
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from srmodels import archs
 from srmodels.checkpoint import checkpoint_meta, load_state_dict, read_checkpoint, save_checkpoint
 from srmodels.cli import main
-from srmodels.export import ExportError, export_official, export_onnx, export_safetensors, official_state
+from srmodels.export import FORMATS, ExportError, export_official, export_onnx, export_safetensors, official_state
 from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse
 from srmodels.model import build_model, load_model
 
@@ -175,6 +177,78 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
     assert main(["export", "--to", "safetensors", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("srmodels: error:") and message in err[0], err
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("srmodels: error:"), err
+    return err[0]
+
+
+def _no_export_work(monkeypatch):
+    """Fail the test if the export reads the checkpoint (or loads the ONNX exporter) before checking its output."""
+    def refuse(*_, **__):
+        raise AssertionError("export work began before the output was checked")
+    monkeypatch.setattr("srmodels.export._load", refuse)
+    monkeypatch.setattr("srmodels.export._onnx_modules", refuse)
+
+
+@pytest.mark.parametrize("to", FORMATS)
+@pytest.mark.parametrize("where", ["in-it", "folder-to-make"])
+def test_cli_export_into_a_read_only_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                        read_only_folder, to, where):
+    """Was a traceback for every format (PermissionError, SafetensorError, RuntimeError), ONNX's after ~8 s."""
+    _, path = _ours(tmp_path, "rfdn_tiny", nf=8)
+    _no_export_work(monkeypatch)
+    out = read_only_folder / (f"m.{to}" if where == "in-it" else f"sub/m.{to}")
+    assert main(["export", str(path), "--to", to, "-o", str(out)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"srmodels: error: {read_only_folder}: cannot write") and "Permission denied" in line
+    assert f"m.{to}" in line and list(read_only_folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("to", FORMATS)
+def test_cli_export_under_a_file_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, to):
+    _, path = _ours(tmp_path, "rfdn_tiny", nf=8)
+    (tmp_path / "notes.txt").write_text("a file")
+    _no_export_work(monkeypatch)
+    assert main(["export", str(path), "--to", to, "-o", str(tmp_path / "notes.txt" / f"m.{to}")]) == 2
+    assert f"{tmp_path / 'notes.txt'}: is a file, so" in _one_line(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
+def _writer_fails_half_way(monkeypatch, to):
+    """The format's writer writes part of its file, then fails as on a full disk."""
+    def partial_then_full(path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        if to == "safetensors":  # what safetensors' writer raises for an I/O error
+            from safetensors import SafetensorError
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if to == "official":
+        monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: partial_then_full(f))
+    elif to == "safetensors":
+        monkeypatch.setattr("safetensors.torch.save_file",
+                            lambda tensors, filename, **kwargs: partial_then_full(filename))
+    else:
+        monkeypatch.setattr(torch.onnx, "export", lambda model, args, f, **kwargs: partial_then_full(f))
+
+
+@pytest.mark.parametrize("to", [t if t != "onnx" else pytest.param(t, marks=needs_ort) for t in FORMATS])
+def test_cli_export_failing_half_way_leaves_nothing(tmp_path, capsys, monkeypatch, to):
+    _, path = _ours(tmp_path, "rfdn_tiny", nf=8)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f"m.{to}").write_bytes(b"the user's file")
+    _writer_fails_half_way(monkeypatch, to)
+    assert main(["export", str(path), "--to", to, "-o", str(tmp_path / "out" / f"m.{to}")]) == 2
+    line = _one_line(capsys)
+    assert f"m.{to}: cannot write the export" in line and "No space left on device" in line
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"m.{to}"]  # no temporary file left
+    assert (tmp_path / "out" / f"m.{to}").read_bytes() == b"the user's file"  # and the old file kept
+    assert main(["export", str(path), "--to", to, "-o", str(tmp_path / "new" / "sub" / f"m.{to}")]) == 2
+    assert not (tmp_path / "new").exists()  # the folders made for it are gone again
 
 
 # ----------------------------------------------------------------------------------------------------------- ONNX

@@ -13,7 +13,7 @@ from srmodels.runtime import resolve_device
 def test_keep_freed_memory_is_accepted_by_glibc():
     # In a child process, since the setting is process-wide. True: mallopt took all three settings.
     code = "from srmodels.runtime import keep_freed_memory; print(keep_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.split() == ["True"]
 
 

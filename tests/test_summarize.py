@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pytest
 from srmodels import summarize as S
 from srmodels.errors import UserError
 from srmodels.statistics import crossed_bootstrap, paired_bootstrap
+
+from . import procs
 
 IMAGES = ("a", "b", "c", "d")
 MODELS = ("bicubic", "dat", "dat+se", "rfdn", "rfdn+se", "fusion")
@@ -171,7 +172,7 @@ json.dump({"member_val_psnr": {"dat": 31.0 + seed, "rfdn": 30.0}, "best_val_psnr
 
 
 def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+    procs.run(["git", *args], cwd=cwd, check=True, timeout=60)
 
 
 @pytest.mark.slow
@@ -190,11 +191,11 @@ def test_dvc_experiments_are_read_back_and_summarised_by_the_command(tmp_path, c
     dvc = [sys.executable, "-m", "dvc"]
     for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"], [*dvc, "config", "core.analytics", "false"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env)
+        procs.run(cmd, cwd=repo, check=True, env=env, timeout=120)
     for seed in (0, 1, 2):
         for init in ("best_member", "random"):
-            subprocess.run([*dvc, "exp", "run", "-q", "-n", f"s{seed}-{init}", "-S", f"seed={seed}", "-S",
-                            f"fusion.init={init}"], cwd=repo, check=True, capture_output=True, env=env)
+            procs.run([*dvc, "exp", "run", "-q", "-n", f"s{seed}-{init}", "-S", f"seed={seed}", "-S",
+                       f"fusion.init={init}"], cwd=repo, check=True, env=env, timeout=300)
     runs = S.dvc_runs(repo)
     assert sorted(r.name for r in runs) == sorted(f"s{s}-{i}" for s in range(3) for i in ("best_member", "random"))
     assert {r.seed for r in runs} == {0, 1, 2} and runs[0].member_val_psnr == {"dat": 31.0, "rfdn": 30.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -158,6 +159,17 @@ def git_repo(path: Path) -> str:
     return git("rev-parse", "HEAD")
 
 
+def _communicate(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+    """``proc.communicate`` bounded in time: on a timeout the child is killed and the test fails, saying what it
+    waited for and what the child printed."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s waiting for {what}\n{out[-2000:]}\n{err[-2000:]}", pytrace=False)
+
+
 def test_one_parent_per_dvc_invocation(env, store, client, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -171,7 +183,7 @@ def test_one_parent_per_dvc_invocation(env, store, client, tmp_path):
     runs = [subprocess.Popen([sys.executable, str(dvc), json.dumps(params), *steps], cwd=repo, env=proc_env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for steps in (["prepare", "dirty", "score"], ["prepare"])]
-    outs = [r.communicate(timeout=120) for r in runs]
+    outs = [_communicate(r, 120, "the fake `dvc repro`") for r in runs]
     for r, (out, err) in zip(runs, outs):
         assert r.returncode == 0, err
     (prepare, score), (other,) = [[json.loads(line) for line in out.splitlines()] for out, _ in outs]
@@ -237,11 +249,13 @@ def test_signals_mark_runs_killed(env, client):
                                    cwd=env, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for sig in sigs}
     for sig, proc in procs.items():
-        line = proc.stdout.readline()  # the stage is inside `with start_stage(...)` now
+        if not select.select([proc.stdout], [], [], 60)[0]:  # the stage is inside `with start_stage(...)` now
+            _communicate(proc, 1, "the stage to start its MLflow run")
+        line = proc.stdout.readline()
         assert line, proc.communicate()[1]
         ids = json.loads(line)
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        out, err = _communicate(proc, 60, f"the stage to stop on {sig.name}")
         assert proc.returncode == sigs[sig], err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and f"stopped by {sig.name}" in lines[0], err  # no traceback, one line

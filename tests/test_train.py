@@ -227,7 +227,8 @@ def test_compile_wraps_the_training_forward_only(sr_data, tmp_path, monkeypatch)
 def test_backbone_training_does_not_import_fusion():
     """finetune@<b> must not depend on the fusion net (dvc.yaml): editing it would re-train every backbone."""
     code = "import sys, srmodels.finetune; print(sorted(m for m in sys.modules if m.startswith('srmodels.fusion')))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                          timeout=300)
     assert done.stdout.strip() == "[]"
 
 
