@@ -33,6 +33,7 @@ SR = "sr"                         # paths.test/sr/<set>/: fused 8-bit outputs
 WEIGHTS = "weights"               # paths.test/weights/<set>/: who wins where
 PER_IMAGE = "per_image.csv"        # paths.score: every scored image's PSNR/SSIM per model (srmodels summarize reads it)
 SCORE_TABLE = "table.md"          # paths.score: the model table and the paired comparisons
+BASELINES = "baselines.json"      # paths.baselines: best validation member, least-squares weights, costs
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,8 @@ SCHEMA: dict[str, Any] = {
     "cpu_isa": OneOf("avx2", "avx512", "sse41", "native"),
     "device": OneOf("auto", "cpu", "cuda"),
     "threads": int,
-    "paths": {"prepared": str, "finetune": str, "cache": str, "fusion": str, "test": str, "score": str,
-              "pretrained": str, "runs": str, "work": str},
+    "paths": {"prepared": str, "finetune": str, "cache": str, "baselines": str, "fusion": str, "test": str,
+              "score": str, "pretrained": str, "runs": str, "work": str},
     "data": {
         "source": OneOf("samples", "div2k"),
         "fusion_split": OneOf("disjoint", "shared"),

@@ -52,6 +52,7 @@ class PipelineRun:
     member_val_psnr: Mapping[str, float]           # the fusion stage's validation PSNR of each member
     fusion_val_psnr: float                         # ... of the selected fusion checkpoint
     source: str = ""                               # where it was read from (an experiment's commit, a run id)
+    costs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # the score stage's cost per row
 
     @property
     def seed(self) -> int:
@@ -114,13 +115,15 @@ def dvc_runs(root: str | Path, names: Sequence[str] | None = None, *, all_commit
         try:
             per_image = dvc.api.read(f"{paths['score']}/{layout.PER_IMAGE}", repo=str(root), rev=rev)
             fusion = json.loads(dvc.api.read(f"{paths['fusion']}/{layout.METRICS}", repo=str(root), rev=rev))
+            score = json.loads(dvc.api.read(f"{paths['score']}/{layout.METRICS}", repo=str(root), rev=rev))
         except Exception as err:  # noqa: BLE001 - DVC raises many kinds for an absent or uncached output
             raise UserError(f"{root}: experiment {name} ({rev}): its score or fusion outputs cannot be read "
                             f"({type(err).__name__}: {err})") from err
         runs.append(PipelineRun(name=name, params=flatten(params), source=f"dvc:{rev}",
                                 per_image=parse_per_image(per_image, f"{name}:{paths['score']}/{layout.PER_IMAGE}"),
                                 member_val_psnr={k: float(v) for k, v in fusion["member_val_psnr"].items()},
-                                fusion_val_psnr=float(fusion["best_val_psnr"])))
+                                fusion_val_psnr=float(fusion["best_val_psnr"]),
+                                costs=score.get("headroom", {}).get("costs", {})))
     return sorted(runs, key=lambda r: (r.seed, r.name))
 
 
@@ -226,6 +229,34 @@ def summarize_configuration(runs: Sequence[PipelineRun], *, set_name: str, resam
             "per_seed": [round(float(x), 4) for x in diffs.mean(axis=1)],
             set_name: crossed_bootstrap(diffs, resamples=resamples, seed=seed),
             "val": _spread(r.fusion_val_psnr - max(r.member_val_psnr.values()) for r in runs)}
+        out["against_best_member"] = _against_best_member(runs, psnr, refs, resamples=resamples, seed=seed)
+    return out
+
+
+def _against_best_member(runs: Sequence[PipelineRun], psnr: Mapping[str, np.ndarray], refs: Sequence[str], *,
+                         resamples: int, seed: int) -> dict[str, Any]:
+    """Every fusion-like row (the learned fusion, the baselines, the oracles) minus the seed's best member, per
+    image and seed, with the crossed interval; the learned fusion's share of the convex oracle's headroom
+    (ratio of the mean gains, and per seed); each row's cost as the score stage recorded it."""
+    from . import headroom  # its row names; it loads torch, which the rest of this module does not need
+
+    out: dict[str, Any] = {}
+    for row in ("fusion", *headroom.BASELINES, *headroom.ORACLES):
+        if row not in psnr:
+            continue
+        diffs = np.stack([psnr[row][k] - psnr[ref][k] for k, ref in enumerate(refs)])
+        out[row] = {"per_seed": [round(float(x), 4) for x in diffs.mean(axis=1)],
+                    "gain": crossed_bootstrap(diffs, resamples=resamples, seed=seed),
+                    "cost": dict(runs[0].costs.get(row, {}))}
+    room = out.get(headroom.HEADROOM)
+    if "fusion" in out and room:
+        mean_room = float(np.mean(room["per_seed"]))
+        out["fusion"]["headroom_share"] = {
+            "of_means": round(out["fusion"]["gain"]["mean_diff"] / mean_room, 4) if mean_room > 0 else None,
+            "per_seed": [round(g / r, 4) if r > 0 else None
+                         for g, r in zip(out["fusion"]["per_seed"], room["per_seed"])]}
+    ref_cost = runs[0].costs.get(refs[0], {}) if len(set(refs)) == 1 else {}
+    out["reference"] = {"per_seed": list(refs), "cost": dict(ref_cost)}
     return out
 
 
@@ -311,6 +342,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
             if "warning" in g:
                 lines.append(f"Note: {g['warning']}.")
         lines.append("")
+    lines += _headroom_markdown(summary)
     between = summary["between_configurations"]
     if between:
         lines += ["### Between configurations", "",
@@ -320,6 +352,62 @@ def markdown(summary: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {_interval(c)} | {c['seed_wins']} / {c['seed_losses']} | {c['verdict']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _headroom_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """One table over every configuration: the best member, the baselines and oracles (shown once when every
+    configuration scored them alike, as runs that differ only in the fusion do), and each configuration's
+    learned fusion; gains over the best member with the crossed interval, the fusion's share of the headroom,
+    parameters and MACs per output pixel (members included)."""
+    from . import headroom
+
+    set_name, confs = summary["set"], summary["configurations"]
+    against = {label: c["against_best_member"] for label, c in confs.items() if "against_best_member" in c}
+    if not against:
+        return []
+    first = next(iter(against))
+    refs = sorted({r for a in against.values() for r in a["reference"]["per_seed"]})
+
+    def same(row: str) -> bool:
+        return all(a.get(row, {}).get("per_seed") == against[first].get(row, {}).get("per_seed")
+                   for a in against.values())
+
+    def line(label: str, conf: Mapping[str, Any], row: str, model: str) -> str:
+        a = conf["against_best_member"].get(row) if row != "reference" else None
+        psnr = conf["models"][model]["psnr_y"]
+        cost = (a or conf["against_best_member"]["reference"]).get("cost", {})
+        gain = "" if a is None else (f"{_interval(a['gain'])} | {a['gain']['seed_wins']} / "
+                                     f"{a['gain']['seed_losses']}")
+        share = a.get("headroom_share", {}).get("of_means") if a else None
+        params = "" if cost.get("params") is None else f"{cost['params']:,}"
+        macs = "" if cost.get("macs_per_pixel") is None else f"{cost['macs_per_pixel']:,.0f}"
+        return (f"| {label} | {_pm(psnr)} | {gain or ' | '} | {'' if share is None else f'{share:.1%}'} | "
+                f"{params} | {macs} |")
+
+    conf0 = confs[first]
+    lines = [f"### Fusions against the best member ({', '.join(refs)})", "",
+             f"Per seed, the member with the best validation PSNR-Y (x8 outputs where the fusion fuses them) is "
+             f"the reference; gains are {set_name} PSNR-Y differences per image and seed, 95% CI resampling "
+             f"both. Share of headroom: (row - best member) / ({headroom.HEADROOM} - best member), of the means. "
+             f"Cost: members included; oracles look at HR and have none.", "",
+             f"| row | {set_name} PSNR-Y | gain (dB) [95% CI] | seeds ahead / behind | share of headroom | "
+             "params | MACs / output px |", "|:---|---:|---:|---:|---:|---:|---:|"]
+    ref_model = conf0["against_best_member"]["reference"]["per_seed"][0]
+    lines.append(line(f"best member: {', '.join(refs)} (selection on validation)", conf0, "reference", ref_model))
+    for row in headroom.BASELINES:
+        if row in conf0["against_best_member"] and same(row):
+            lines.append(line(f"{row}: {headroom.LABELS[row]}", conf0, row, row))
+    for label, conf in confs.items():
+        if "fusion" in conf.get("against_best_member", {}):
+            lines.append(line(f"learned fusion ({label})", conf, "fusion", "fusion"))
+    for label, conf in confs.items():  # baselines that differ between configurations get a row each
+        for row in headroom.BASELINES:
+            if row in conf.get("against_best_member", {}) and not same(row):
+                lines.append(line(f"{row} ({label})", conf, row, row))
+    for row in headroom.ORACLES:
+        if row in conf0["against_best_member"]:
+            lines.append(line(f"{row}: {headroom.LABELS[row]}", conf0, row, row))
+    return lines + [""]
 
 
 def plot_png(path: str | Path, summary: Mapping[str, Any]) -> Path:

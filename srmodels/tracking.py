@@ -294,6 +294,11 @@ def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
                 table = Path(client.download_artifacts(stage["score"].info.run_id, PER_IMAGE, tmp)).read_text()
                 fusion = json.loads(Path(client.download_artifacts(stage["fusion"].info.run_id, METRICS,
                                                                    tmp)).read_text())
+                try:  # the score stage's metrics.json carries the rows' costs (runs before it have none)
+                    score = json.loads(Path(client.download_artifacts(stage["score"].info.run_id, METRICS,
+                                                                      tmp)).read_text())
+                except Exception:  # noqa: BLE001 - absent in older runs
+                    score = {}
         except Exception as err:  # noqa: BLE001 - MLflow raises its own kinds for a missing artifact
             log.info("MLflow run %s: %s or the fusion's metrics.json not logged (%s); skipped", name, PER_IMAGE,
                      type(err).__name__)
@@ -302,7 +307,8 @@ def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
         runs.append(PipelineRun(name=name, params=dict(parent.data.params), source=f"mlflow:{parent.info.run_id}",
                                 per_image=parse_per_image(table, f"MLflow run {name}: {PER_IMAGE}"),
                                 member_val_psnr={k: float(v) for k, v in fusion["member_val_psnr"].items()},
-                                fusion_val_psnr=float(fusion["best_val_psnr"])))
+                                fusion_val_psnr=float(fusion["best_val_psnr"]),
+                                costs=score.get("headroom", {}).get("costs", {})))
     missing = sorted(set(names or ()) - seen)
     if missing:
         raise UserError(f"{uri}: no finished pipeline run named {', '.join(missing)} in experiment '{experiment}'")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from srmodels import layout
+from srmodels.costs import fusion_macs_per_output_pixel, num_params
 from srmodels.datasets import FusionCrops, fusion_images
 from srmodels.fusion import FUSION_KINDS
 from srmodels.fusion_training import train_fusion
@@ -29,6 +30,8 @@ def main(params: dict[str, Any]) -> None:
     seed_everything(params["seed"], device)
 
     net = FUSION_KINDS[fp["kind"]](num_candidates=len(members), head=fp["head"])
+    # What the net adds to its members per output pixel (the score stage's cost column).
+    cost = {"params": num_params(net), "macs_per_pixel": fusion_macs_per_output_pixel(net, fp["kind"])}
     # Built before any training: a crop larger than an image or a cut cache file stops the stage here.
     fusion_train, val = layout.fusion_train(prepared), layout.val(prepared)
     train = FusionCrops([layout.cached_fusion_train(cache, m) for m in members], fusion_train.hr, fusion_train.lr,
@@ -48,6 +51,7 @@ def main(params: dict[str, Any]) -> None:
                                provenance=provenance(params, MADE_OF), resume_path=resume_path,
                                log_metrics=tracking.log_metrics)
         timing = metrics.pop("timing")
+        metrics["cost"] = cost
         write_json(target / layout.METRICS, {"cpu_isa": params["cpu_isa"], **metrics})
         tracking.log_metrics({**numeric(metrics), **numeric(timing)})
         tracking.log_artifact(target / layout.CURVE)

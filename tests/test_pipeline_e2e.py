@@ -32,7 +32,7 @@ DVC = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
 UP_TO_DATE = "Data and pipelines are up to date."
 DOWNSTREAM = ("fusion", "test", "score")
 UPSTREAM = ("prepare", "benchmark@mini", "finetune@dat", "finetune@swinir", "finetune@rfdn", "cache@dat",
-            "cache@swinir", "cache@rfdn")
+            "cache@swinir", "cache@rfdn", "baselines")
 
 pytestmark = pytest.mark.slow
 
@@ -254,7 +254,7 @@ def _backbone_outputs(repo: Path, names: list[str]) -> list[Path]:
     files = []
     for b in names:
         files += [repo / "data/finetune" / b / f for f in ("best.pth", "curve.csv", "metrics.json")]
-        files += sorted((repo / "data/cache" / b).rglob("*"))
+        files += sorted(p for p in (repo / "data/cache" / b).rglob("*") if p.is_file())
     return files
 
 

@@ -257,3 +257,34 @@ def test_mlflow_pipeline_runs_are_read_back(tmp_path):
     assert list(summary["configurations"]) == ["fusion.init=best_member", "fusion.init=random"]
     with pytest.raises(UserError, match="no finished pipeline run named half"):
         tracking.pipeline_runs(params, names=["half"])
+
+
+def test_baselines_heads_and_oracles_against_the_best_member_in_one_table():
+    def run(name: str, seed: int, head: str, fusion_gain: float) -> S.PipelineRun:
+        r = _run(name, seed, gain=fusion_gain)
+        base = np.array([30.0, 28.0, 35.0, 25.0]) + 0.01 * seed + 0.1  # dat+se
+        extra = {"mean": base - 0.2, "oracle:convex": base + 0.4, "oracle:pixel": base + 0.3}
+        params = {**r.params, "fusion.head": head}
+        costs = {"dat+se": {"params": 10, "macs_per_pixel": 824.0}, "fusion": {"params": 18, "macs_per_pixel": 9.0},
+                 "mean": {"params": 15, "macs_per_pixel": 8.0}, "oracle:convex": {"params": None,
+                                                                              "macs_per_pixel": None}}
+        return S.PipelineRun(name=name, params=params, per_image=[*r.per_image, *_table(extra)],
+                             member_val_psnr=r.member_val_psnr, fusion_val_psnr=r.fusion_val_psnr, costs=costs)
+
+    runs = [run(f"s{k}-{h}", k, h, g) for k in range(3) for h, g in (("softmax", 0.0), ("residual", 0.1))]
+    summary = S.summarize(runs, resamples=300)
+    residual = summary["configurations"]["fusion.head=residual"]["against_best_member"]
+    assert residual["fusion"]["gain"]["mean_diff"] == pytest.approx(0.1)
+    assert residual["fusion"]["headroom_share"]["of_means"] == pytest.approx(0.25)
+    assert residual["mean"]["gain"]["mean_diff"] == pytest.approx(-0.2) and "headroom_share" not in residual["mean"]
+    assert residual["oracle:convex"]["cost"] == {"params": None, "macs_per_pixel": None}
+    text = S.markdown(summary)
+    table = text.split("### Fusions against the best member (dat+se)")[1].split("###")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    heads = [f"| learned fusion ({label})" for label in summary["configurations"]]
+    # The best member, the mean once (both configurations scored it alike), each head, then the oracles.
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| best member: dat+se (selection on validation)", "| mean: uniform mean of the members", *heads,
+        "| oracle:pixel: oracle: best member per pixel", "| oracle:convex: oracle: best convex weights per pixel (RGB)"]
+    row = rows[2 + heads.index("| learned fusion (fusion.head=residual)")]
+    assert "25.0%" in row and "| 18 | 9 |" in row and "| 10 | 824 |" in rows[0]
