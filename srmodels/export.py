@@ -196,6 +196,9 @@ def official_state(weights: str | Path, *, variant: str | None = None) -> dict[s
         if loaded.meta["arch"] != "fusion_pixel":
             raise ExportError(f"{weights}: only the per-pixel fusion net has an official layout (team 27's); "
                               f"this is {loaded.meta['arch']}")
+        if loaded.meta["kwargs"].get("head", "softmax") != "softmax":
+            raise ExportError(f"{weights}: team 27's layout holds their softmax head only; this net has the "
+                              f"{loaded.meta['kwargs']['head']} head (export it --to safetensors or onnx)")
         return {"weight_net_state_dict": {k: v.detach().clone() for k, v in loaded.state_dict.items()}}
     model: SRModel = loaded.module
     if model.arch == "rfdn":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from srmodels.images import write_image
 from srmodels.model import build_model
 from srmodels.training import ConfigError, TrainConfig
 
+from . import procs
 from .conftest import SCALE, downscale, smooth_image
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -44,8 +44,7 @@ def run_worker(data: Path, out: Path, nprocs: int, epochs: int, variant: str = "
                else [sys.executable, str(WORKER), *args])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    procs.run(command, env=env, timeout=300, check=True, what=f"torchrun with {nprocs} process(es)")
 
 
 @pytest.mark.slow  # three torchrun launches, about a minute each way

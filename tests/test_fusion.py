@@ -287,3 +287,21 @@ def test_residual_head_learns_where_the_best_member_is_wrong(anchor_data, tmp_pa
     with pytest.raises(ValueError, match="residual head starts at its anchor"):
         train_fusion(AttentionWeightNet(3, head="residual"), train, val, CONFIG, tmp_path, kind="pixel",
                      init="random", members=list(members))
+
+
+def test_residual_head_under_bf16_autocast_and_a_batch_of_72():
+    """The NTIRE profile's path (bf16 autocast, batch 72) on CPU: the anchor still comes out exactly at the start,
+    and a training step moves the head."""
+    torch.manual_seed(0)
+    net = AttentionWeightNet(3, head="residual")
+    start_at_anchor(net, 2)
+    cands, hr = torch.rand(72, 9, 16, 16), torch.rand(72, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = net(cands).float()
+    assert torch.equal(fuse(cands, weights), cands[:, 6:9])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = net(cands).float()
+    (fuse(cands, weights) - hr).abs().mean().backward()
+    opt.step()
+    assert net.output_layer().weight.abs().max() > 0
