@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,11 @@ def load_output(path: Path, mmap: bool = False) -> np.ndarray:
 
 
 def cache_outputs(model: torch.nn.Module, prepared: Path, out_dir: Path, *, scale: int, self_ensemble: bool,
-                  tile: int | None, tile_overlap: int, device: torch.device) -> dict[str, int]:
-    """Upscale fusion_train, val and every eval set; returns how many images each output folder got."""
+                  tile: int | None, tile_overlap: int, device: torch.device,
+                  seconds: dict[str, list[float]] | None = None) -> dict[str, int]:
+    """Upscale fusion_train, val and every eval set; returns how many images each output folder got.
+
+    ``seconds``, when given, collects each image's forward time under 'plain' or 'x8' (for the run record)."""
     # Local: the fusion, test and score stages read caches through this module and must not depend on the
     # backbones' code (dvc.yaml), which srmodels.model brings.
     from .model import check_input_size, min_input_size
@@ -140,7 +144,10 @@ def cache_outputs(model: torch.nn.Module, prepared: Path, out_dir: Path, *, scal
                 lr = read_image(path)
                 check_input_size(model, lr.shape[0], lr.shape[1], path)
                 x = to_tensor(lr).to(device)
+                start = time.perf_counter()
                 sr = upscale(model, x, scale, self_ensemble=ensemble, tile=tile, tile_overlap=tile_overlap)
+                if seconds is not None:
+                    seconds.setdefault("x8" if ensemble else "plain", []).append(time.perf_counter() - start)
                 save_output(dst / f"{path.stem}.npy", sr)
             counts[str(dst.relative_to(out_dir))] = len(files)
             log.info("%s: %d images", dst, len(files))

@@ -22,15 +22,18 @@ def main(params: dict[str, Any], name: str) -> None:
     model = accelerate(load_model(Path(paths["finetune"]) / name / layout.BEST))
     if inf["compile"] and device.type == "cuda":
         model = torch.compile(model)
+    seconds: dict[str, list[float]] = {}
     with staged(Path(paths["cache"]) / name, paths["work"], whole=True) as out_dir:
         counts = cache_outputs(model, Path(paths["prepared"]), out_dir, scale=layout.SCALE,
                                self_ensemble=inf["self_ensemble"], tile=inf["tile"],
-                               tile_overlap=inf["tile_overlap"], device=device)
+                               tile_overlap=inf["tile_overlap"], device=device, seconds=seconds)
         write_json(out_dir / layout.COUNTS, counts)
+        per_image = {f"seconds_per_image.{k}": sum(v) / len(v) for k, v in seconds.items()}
         with tracked(params, f"cache@{name}") as tracking:
             tracking.log_params({f"inference.{k}": v for k, v in inf.items()})
             tracking.log_metrics({f"num_images.{k}": v for k, v in counts.items()})
-    record(params, f"cache@{name}")
+            tracking.log_metrics(per_image)
+    record(params, f"cache@{name}", per_image)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stage `test`: fuse the cached outputs of every scored set; write SR PNGs and per-pixel weight pictures."""
 from stages._common import record, run, tracked  # first: pins the CPU kernels before torch loads
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,20 @@ def main(params: dict[str, Any]) -> None:
     load_into(net, unwrap_state_dict(raw), source=str(ckpt_path))
     set_threads(params["threads"])
     with staged(Path(paths["test"]), paths["work"], whole=True) as out_dir:
+        start = time.perf_counter()
         counts = fuse_eval_sets(net, kind, members, Path(paths["cache"]), Path(paths["prepared"]), out_dir,
                                 self_ensemble=params["inference"]["self_ensemble"],
                                 device=resolve_device(params["device"]))
+        # Reading the cached members, the weight net, the fused sum and writing the PNGs, per image.
+        timing = {"seconds_per_image.fusion": (time.perf_counter() - start) / max(sum(counts.values()), 1)}
         write_json(out_dir / layout.COUNTS, counts)
         with tracked(params, "test") as tracking:
             tracking.log_metrics({f"num_images.{k}": v for k, v in counts.items()})
+            tracking.log_metrics(timing)
             for set_name in counts:
                 for picture in sorted((out_dir / layout.WEIGHTS / set_name).glob("*.png"))[:8]:
                     tracking.log_artifact(picture, f"weights/{set_name}")
-    record(params, "test")
+    record(params, "test", timing)
 
 
 if __name__ == "__main__":

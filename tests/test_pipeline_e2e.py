@@ -279,6 +279,9 @@ def test_every_documented_experiment_keeps_every_backbone_and_going_back_is_clea
         command = [re.sub(r"(epochs=)(\d+)", lambda m: m[1] + str(min(int(m[2]), 2)), arg) for arg in command]
         res = _run([DVC, *command[1:]], repo, env, ok=False)
         assert res.returncode == 0, f"{command}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        keys = [arg.lstrip("+").split("=")[0] for arg in command if "=" in arg]
+        if all(k.startswith("fusion.") and k != "fusion.members" for k in keys):
+            assert _ran(res.stdout + res.stderr) == set(DOWNSTREAM), (command, _ran(res.stdout + res.stderr))
         # Every backbone's outputs are there (an experiment on the data re-makes the caches' contents).
         missing = [str(f.relative_to(repo)) for f in backbone_files
                    if not f.is_file() and not ("data/cache" in str(f) and command_changes_data(command))]
