@@ -43,37 +43,30 @@ _ATEN_NAME = {"sse41": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
 ENV_VAR = "SRMODELS_CPU_ISA"  # records the level this process pinned (children inherit it)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux); an empty set where /proc/cpuinfo is absent."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (Linux), or None where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); an empty set where /proc/cpuinfo is absent."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_vendor() -> str:
     """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``); '' where /proc/cpuinfo is absent."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo("vendor_id") or ""
 
 
 def native_level(flags: set[str] | None = None) -> str:

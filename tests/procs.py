@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -29,21 +30,33 @@ def run(cmd: Sequence[str], *, timeout: float, cwd: str | Path | None = None,
     process group is killed and the test fails naming ``what`` (default: the command) and the output so far.
     ``check``: a non-zero exit fails the test with the command's output."""
     what = what or " ".join(map(str, cmd))
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=None if env is None else dict(env), text=True,
-                            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(input=input, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout:.0f} s waiting for: {what}\n--- stdout ---\n{_tail(out)}\n"
-                    f"--- stderr ---\n{_tail(err)}", pytrace=False)
+    # Output goes to files, not pipes: a daemon the command leaves behind (`dvc queue start`'s workers) would
+    # hold a pipe open, and waiting for its end would wait for the daemon, not for the command.
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=None if env is None else dict(env), text=True,
+                                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                stdout=out_file, stderr=err_file, start_new_session=True)
+        if input is not None:
+            proc.stdin.write(input)
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            proc.wait()
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for: {what}\n--- stdout ---\n"
+                        f"{_tail(_read(out_file))}\n--- stderr ---\n{_tail(_read(err_file))}", pytrace=False)
+        out, err = _read(out_file), _read(err_file)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and done.returncode != 0:
         pytest.fail(f"{what} failed (exit {done.returncode}):\n--- stdout ---\n{_tail(out)}\n"
                     f"--- stderr ---\n{_tail(err)}", pytrace=False)
     return done
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -87,6 +87,7 @@ def _wait_for_queue(repo: Path, env: dict, names: list[str], timeout: float) -> 
     final = status()
     if "Failed" in final or final.count("Success") < len(names):
         pytest.fail(f"queued experiments did not all succeed\n{report()}", pytrace=False)
+    _run([DVC, "queue", "stop"], repo, env, ok=False, timeout=60)  # an idle worker must not outlive the test
 
 
 def _status(repo: Path, env: dict) -> str:

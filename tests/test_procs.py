@@ -2,6 +2,7 @@
 process behind (its grandchildren included)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -50,3 +51,20 @@ def test_check_shows_the_output_of_a_failed_command():
 def test_wait_until_reports_what_it_waited_for():
     with pytest.raises(pytest.fail.Exception, match="waiting for: a flag\nstatus: stuck"):
         procs.wait_until(lambda: False, timeout=0.2, what="a flag", report=lambda: "status: stuck", interval=0.05)
+
+
+# Leaves a daemon behind (its own session, our output inherited) and exits at once, as `dvc queue start` does.
+DAEMON = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+print(child.pid, flush=True)
+"""
+
+
+def test_a_daemon_left_behind_does_not_hold_the_wait():
+    start = time.monotonic()
+    done = procs.run([sys.executable, "-c", DAEMON], timeout=20, check=True)
+    try:
+        assert time.monotonic() - start < 10  # the command's end, not the daemon's
+    finally:
+        os.kill(int(done.stdout.split()[0]), 9)
