@@ -115,7 +115,6 @@ def dvc_runs(root: str | Path, names: Sequence[str] | None = None, *, all_commit
         try:
             per_image = dvc.api.read(f"{paths['score']}/{layout.PER_IMAGE}", repo=str(root), rev=rev)
             fusion = json.loads(dvc.api.read(f"{paths['fusion']}/{layout.METRICS}", repo=str(root), rev=rev))
-            score = json.loads(dvc.api.read(f"{paths['score']}/{layout.METRICS}", repo=str(root), rev=rev))
         except Exception as err:  # noqa: BLE001 - DVC raises many kinds for an absent or uncached output
             raise UserError(f"{root}: experiment {name} ({rev}): its score or fusion outputs cannot be read "
                             f"({type(err).__name__}: {err})") from err
@@ -123,8 +122,19 @@ def dvc_runs(root: str | Path, names: Sequence[str] | None = None, *, all_commit
                                 per_image=parse_per_image(per_image, f"{name}:{paths['score']}/{layout.PER_IMAGE}"),
                                 member_val_psnr={k: float(v) for k, v in fusion["member_val_psnr"].items()},
                                 fusion_val_psnr=float(fusion["best_val_psnr"]),
-                                costs=score.get("headroom", {}).get("costs", {})))
+                                costs=_score_costs(root, paths, rev)))
     return sorted(runs, key=lambda r: (r.seed, r.name))
+
+
+def _score_costs(root: Path, paths: Mapping[str, str], rev: str) -> dict[str, Any]:
+    """The rows' costs from the score stage's metrics.json at ``rev``; none where it has none (older runs)."""
+    import dvc.api
+
+    try:
+        score = json.loads(dvc.api.read(f"{paths['score']}/{layout.METRICS}", repo=str(root), rev=rev))
+    except Exception:  # noqa: BLE001 - absent in runs made before the score stage recorded costs
+        return {}
+    return score.get("headroom", {}).get("costs", {})
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -196,13 +196,21 @@ def test_winograd_error_on_wide_layers_is_within_its_float32_budget():
 
 
 def test_winograd_chunks_give_the_unchunked_result(monkeypatch):
+    """Chunking the tile rows changes only the GEMMs' sizes. MKL does not promise the same bits for another
+    size (on an Intel Xeon the last bit moves, on an AMD EPYC it does not), so both are held to the float64
+    reference by the same absolute bound as every Winograd result here."""
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 7, 3, 1, 1)
     x = torch.randn(1, 6, 21, 18)
     with torch.inference_mode():
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        unit = U * F.conv2d(x.double().abs(), conv.weight.double().abs(), padding=1).max().item()
         whole = winograd_conv3x3(x, conv.weight, conv.bias)
         monkeypatch.setattr(acc, "_WINOGRAD_CHUNK_BYTES", 1)  # one tile row per chunk
-        assert torch.equal(winograd_conv3x3(x, conv.weight, conv.bias), whole)
+        chunked = winograd_conv3x3(x, conv.weight, conv.bias)
+    assert chunked.shape == whole.shape
+    for out in (whole, chunked):
+        assert (out.double() - ref).abs().max().item() < 20 * unit
 
 
 def test_winograd_kernel_transform_is_cached_and_follows_weight_updates(monkeypatch):

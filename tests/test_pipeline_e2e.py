@@ -276,24 +276,27 @@ def test_every_documented_experiment_keeps_every_backbone_and_going_back_is_clea
     assert len(backbone_files) > 9 * len(trained)
     experiments = _readme_experiments()
     assert len(experiments) >= 8 and any("fusion.members=" in " ".join(e) for e in experiments)
-    for command in experiments:
-        command = [re.sub(r"(epochs=)(\d+)", lambda m: m[1] + str(min(int(m[2]), 2)), arg) for arg in command]
-        res = _run([DVC, *command[1:]], repo, env, ok=False)
-        assert res.returncode == 0, f"{command}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-        keys = [arg.lstrip("+").split("=")[0] for arg in command if "=" in arg]
-        if all(k.startswith("fusion.") and k != "fusion.members" for k in keys):
-            assert _ran(res.stdout + res.stderr) == set(DOWNSTREAM), (command, _ran(res.stdout + res.stderr))
-        # Every backbone's outputs are there (an experiment on the data re-makes the caches' contents).
-        missing = [str(f.relative_to(repo)) for f in backbone_files
-                   if not f.is_file() and not ("data/cache" in str(f) and command_changes_data(command))]
-        missing += [b for b in trained if not (repo / "data/cache" / b / "counts.json").is_file()]
-        assert not missing, (command, missing)
-        _run(["git", "checkout", "--", "."], repo, env)
-        _run([DVC, "checkout", "--force"], repo, env)
-        assert _status(repo, env) == UP_TO_DATE, command
-        assert _digests(repo) == before, command
-        assert all(f.is_file() for f in backbone_files), command
-
+    try:
+        for command in experiments:
+            command = [re.sub(r"(epochs=)(\d+)", lambda m: m[1] + str(min(int(m[2]), 2)), arg) for arg in command]
+            res = _run([DVC, *command[1:]], repo, env, ok=False)
+            assert res.returncode == 0, f"{command}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            keys = [arg.lstrip("+").split("=")[0] for arg in command if "=" in arg]
+            if all(k.startswith("fusion.") and k != "fusion.members" for k in keys):
+                assert _ran(res.stdout + res.stderr) == set(DOWNSTREAM), (command, _ran(res.stdout + res.stderr))
+            # Every backbone's outputs are there (an experiment on the data re-makes the caches' contents).
+            missing = [str(f.relative_to(repo)) for f in backbone_files
+                       if not f.is_file() and not ("data/cache" in str(f) and command_changes_data(command))]
+            missing += [b for b in trained if not (repo / "data/cache" / b / "counts.json").is_file()]
+            assert not missing, (command, missing)
+            _run(["git", "checkout", "--", "."], repo, env)
+            _run([DVC, "checkout", "--force"], repo, env)
+            assert _status(repo, env) == UP_TO_DATE, command
+            assert _digests(repo) == before, command
+            assert all(f.is_file() for f in backbone_files), command
+    finally:  # a failure here must not leave the next tests an experiment's params
+        _run(["git", "checkout", "--", "."], repo, env, ok=False)
+        _run([DVC, "checkout", "--force"], repo, env, ok=False)
     # An unknown member: one line naming the key and the name, and nothing deleted or changed.
     res = _run([DVC, "exp", "run", "-S", "fusion.members=[dat,nosuch]"], repo, env, ok=False)
     assert res.returncode != 0 and "Traceback" not in res.stdout + res.stderr
