@@ -43,6 +43,9 @@ def _minimal_params() -> dict:
                             "val": ["coins"], "test": ["clock"]}
     p["data"]["patches"] = {"hr_size": 96, "step": 96}
     p["data"]["benchmarks"] = {"mini": "bench"}
+    # One intra-op thread: on a 2-vCPU Intel Xeon, 2 threads give other bits in about 1 process in 8
+    # (docs/reproducibility.md), and these tests compare outputs of separate processes bit for bit.
+    p["threads"] = 1
     # Through the defaults: the backbones' entries stay as committed, so README's `-S` lines meet them as users do.
     p["backbone_defaults"].update(epochs=1, batch=4, lr_patch=16)
     p["backbones"]["dat"]["variant"] = "dat_small"
