@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,11 +37,13 @@ def _split(items: list, members: list[str]) -> Any:
 
 
 def member_val_psnr(items: list, members: list[str], crop_border: int) -> dict[str, float]:
-    """Each member's mean validation PSNR-Y (8-bit outputs, as the fusion stage validates)."""
+    """Each member's mean validation PSNR-Y (8-bit outputs, contiguous as ``training.evaluate`` scores them: the
+    metric rounds differently on a strided view), so the best member is the one the fusion stage chooses."""
     scores: dict[str, list[float]] = {m: [] for m in members}
     for _, cands, hr in _split(items, members):
         for i, m in enumerate(members):
-            scores[m].append(calculate_psnr(to_uint8(cands[i]), hr, crop_border=crop_border, y_channel=True))
+            sr = np.ascontiguousarray(to_uint8(cands[i]))
+            scores[m].append(calculate_psnr(sr, hr, crop_border=crop_border, y_channel=True))
     return {m: sum(v) / len(v) for m, v in scores.items()}
 
 
