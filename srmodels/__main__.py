@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from . import isa
-from .errors import UserError
+from srmodels.core import isa
+from srmodels.core.errors import UserError
 
 
 def _cpu_isa(argv: list[str]) -> str:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as err:
             print(f"srmodels: error: {err}", file=sys.stderr)
             return 2
-    from .cli import main as cli_main
+    from srmodels.cli import main as cli_main
 
     return cli_main(argv)
 

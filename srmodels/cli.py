@@ -27,22 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import archs, isa
-from .accelerate import accelerate
-from .bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, bench_one, format_table,
+from srmodels import archs
+from srmodels.core import isa
+from srmodels.models.accelerate import accelerate
+from srmodels.interop.bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, bench_one, format_table,
                     format_train_table)
-from .checkpoint import CheckpointError
-from .errors import UserError
-from .evaluation import BenchmarkSet, benchmark_set, check_benchmark_sets, score_benchmark_sets
-from .export import FORMATS, ONNX_OPSET, export_official, export_onnx, export_safetensors
-from .images import ImageError, image_size, list_images, read_image, to_tensor, to_uint8, write_image
-from .imresize import downscale_uint8
-from .inference import upscale
-from .model import check_input_size, load_model, min_input_size
-from .outputs import check_writable, remove, swap_in
-from .prepare import SET_NAME_RULE, plan_set, valid_set_name
-from .report import sets_table
-from .runtime import keep_freed_memory, resolve_device
+from srmodels.models.checkpoint import CheckpointError
+from srmodels.core.errors import UserError
+from srmodels.evaluation.evaluation import BenchmarkSet, benchmark_set, check_benchmark_sets, score_benchmark_sets
+from srmodels.interop.export import FORMATS, ONNX_OPSET, export_official, export_onnx, export_safetensors
+from srmodels.data.images import ImageError, image_size, list_images, read_image, to_tensor, to_uint8, write_image
+from srmodels.data.imresize import downscale_uint8
+from srmodels.models.inference import upscale
+from srmodels.models.model import check_input_size, load_model, min_input_size
+from srmodels.core.files import check_writable, remove, swap_in
+from srmodels.data.prepare import SET_NAME_RULE, plan_set, valid_set_name
+from srmodels.evaluation.report import sets_table
+from srmodels.core.runtime import keep_freed_memory, resolve_device
 
 log = logging.getLogger("srmodels")
 
@@ -60,8 +61,8 @@ def _device(name: str) -> torch.device:
 
 def _check_arch(arch: str | None) -> None:
     # Checked here because archs.variant_spec raises a KeyError, which is a traceback by the one-line rule.
-    if arch is not None and arch not in archs.VARIANTS:
-        raise UserError(f"--arch {arch}: unknown variant; valid: {', '.join(sorted(archs.VARIANTS))}")
+    if arch is not None and arch not in archs.variants():
+        raise UserError(f"--arch {arch}: unknown variant; valid: {', '.join(sorted(archs.variants()))}")
 
 
 def _output_folder(path: str, what: str) -> Path:
@@ -331,9 +332,9 @@ def cmd_downscale(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    unknown = [m for m in args.models if m != "fusion" and m not in archs.VARIANTS]
+    unknown = [m for m in args.models if m != "fusion" and m not in archs.variants()]
     if unknown:
-        raise UserError(f"--models {' '.join(unknown)}: unknown; valid: fusion, {', '.join(sorted(archs.VARIANTS))}")
+        raise UserError(f"--models {' '.join(unknown)}: unknown; valid: fusion, {', '.join(sorted(archs.variants()))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() and not args.cpu_only else [])
@@ -457,7 +458,7 @@ def cmd_compare_metrics(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .params import apply_profile, merged, profile_overrides, read_profile, read_yaml, validate
+    from srmodels.core.params import apply_profile, merged, profile_overrides, read_profile, read_yaml, validate
 
     profile = read_profile(args.name)
     if args.apply:
@@ -470,7 +471,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .params import check_params
+    from srmodels.core.params import check_params
 
     path = args.params or os.environ.get("SRMODELS_PARAMS") or "params.yaml"  # the file the stages read
     params = check_params(path)
@@ -480,15 +481,15 @@ def cmd_check(args) -> int:
 
 
 def cmd_summarize(args) -> int:
-    from . import summarize
+    from srmodels.evaluation import summarize
 
     if args.source == "mlflow":
-        from .params import read_yaml
-        from .tracking import pipeline_runs
+        from srmodels.core.params import read_yaml
+        from srmodels.tracking import finished_pipelines
 
         params_file = Path(args.repo) / "params.yaml"
-        runs = pipeline_runs(read_yaml(params_file) if params_file.is_file() else {}, names=args.exp,
-                             root=Path(args.repo).resolve())
+        runs = summarize.mlflow_runs(finished_pipelines(read_yaml(params_file) if params_file.is_file() else {},
+                                                        names=args.exp, root=Path(args.repo).resolve()))
     else:
         runs = summarize.dvc_runs(args.repo, args.exp, all_commits=args.all_commits)
     result = summarize.summarize(runs, set_name=args.set, resamples=args.resamples, seed=args.seed)
@@ -523,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--weights", required=True, help="checkpoint (ours, or released weights)")
         p.add_argument("--arch", help="variant name for released weights (ours describe themselves); one of "
-                   + ", ".join(sorted(archs.VARIANTS)))
+                   + ", ".join(sorted(archs.variants())))
         p.add_argument("--self-ensemble", action="store_true", help="x8 flips/rotations, averaged")
         p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (bounds memory)")
         p.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in LR pixels")

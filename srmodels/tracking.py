@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .checkpoint import git_commit, params_hash
-from .params import flatten
+from srmodels.core.provenance import git_commit, params_hash
+from srmodels.core.params import flatten
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,11 @@ class StageRun:
 start_stage = StageRun
 
 
-def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
-                  root: Path | None = None) -> list[Any]:
-    """Finished pipeline runs of the MLflow store, as :class:`srmodels.summarize.PipelineRun` (newest per name).
+def finished_pipelines(params: Mapping[str, Any], names: list[str] | None = None,
+                       root: Path | None = None) -> list[dict[str, Any]]:
+    """Finished pipeline runs of the MLflow store, newest per name: each its name, params, source, the score
+    stage's per-image table (text) and the fusion and score stages' metrics (``srmodels.evaluation.summarize``
+    turns them into ``PipelineRun``s).
 
     A pipeline run counts when its ``fusion`` and ``score`` stages both finished in it: MLflow only knows what
     ran, so an experiment that DVC restored entirely from its cache has no run here (``--from dvc`` has it).
@@ -264,9 +266,8 @@ def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
 
     from mlflow.tracking import MlflowClient
 
-    from .errors import UserError
-    from .layout import METRICS, PER_IMAGE
-    from .summarize import PipelineRun, parse_per_image
+    from srmodels.core.errors import UserError
+    from srmodels.core.layout import METRICS, PER_IMAGE
 
     uri = tracking_uri(params, root) or ""
     experiment = params.get("mlflow", {}).get("experiment", "srmodels")
@@ -304,12 +305,9 @@ def pipeline_runs(params: Mapping[str, Any], names: list[str] | None = None,
                      type(err).__name__)
             continue
         seen.add(name)
-        runs.append(PipelineRun(name=name, params=dict(parent.data.params), source=f"mlflow:{parent.info.run_id}",
-                                per_image=parse_per_image(table, f"MLflow run {name}: {PER_IMAGE}"),
-                                member_val_psnr={k: float(v) for k, v in fusion["member_val_psnr"].items()},
-                                fusion_val_psnr=float(fusion["best_val_psnr"]),
-                                costs=score.get("headroom", {}).get("costs", {})))
+        runs.append({"name": name, "params": dict(parent.data.params), "source": f"mlflow:{parent.info.run_id}",
+                     "per_image": table, "fusion_metrics": fusion, "score_metrics": score})
     missing = sorted(set(names or ()) - seen)
     if missing:
         raise UserError(f"{uri}: no finished pipeline run named {', '.join(missing)} in experiment '{experiment}'")
-    return sorted(runs, key=lambda r: (r.seed, r.name))
+    return runs

@@ -1,7 +1,7 @@
 """What every stage script does first: pin the CPU kernels, then logging, params, provenance, one-line errors.
 
 Import this module before anything that imports torch: importing it pins the CPU instruction set named by
-``cpu_isa`` in params.yaml (``srmodels.isa``), which torch reads once when it loads.
+``cpu_isa`` in params.yaml (``srmodels.core.isa``), which torch reads once when it loads.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from srmodels import isa  # no torch inside
-from srmodels.errors import UserError
+from srmodels.core import isa  # no torch inside
+from srmodels.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator, Sequence  # noqa: E402
 
 import srmodels  # noqa: E402
 
-from srmodels.checkpoint import git_commit, params_hash  # noqa: E402
-from srmodels.outputs import write_json  # noqa: E402
-from srmodels.params import ParamsError, load_params  # noqa: E402
-from srmodels.runtime import keep_freed_memory  # noqa: E402
+from srmodels.core.provenance import git_commit, params_hash  # noqa: E402
+from srmodels.core.files import write_json  # noqa: E402
+from srmodels.core.params import ParamsError, load_params  # noqa: E402
+from srmodels.core.runtime import keep_freed_memory  # noqa: E402
 
 _started = time.time()
 

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from srmodels import layout
-from srmodels.costs import macs_per_output_pixel, num_params
-from srmodels.datasets import fusion_images, load_fusion_image
-from srmodels.ensembles import NormalEquations
-from srmodels.images import to_uint8
-from srmodels.metrics import calculate_psnr
-from srmodels.model import build_model
-from srmodels.outputs import staged, write_json
-from srmodels.runtime import set_threads
+from srmodels.core import layout
+from srmodels.models.costs import macs_per_output_pixel, num_params
+from srmodels.data.datasets import fusion_images, load_fusion_image
+from srmodels.evaluation.ensembles import NormalEquations
+from srmodels.data.images import to_uint8
+from srmodels.metrics.psnr_ssim import calculate_psnr
+from srmodels.models.model import build_model
+from srmodels.core.files import staged, write_json
+from srmodels.core.runtime import set_threads
 
 log = logging.getLogger(__name__)
 

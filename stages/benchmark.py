@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from srmodels.layout import SCALE, eval_set
-from srmodels.outputs import staged
-from srmodels.prepare import prepare_benchmark
+from srmodels.core.layout import SCALE, eval_set
+from srmodels.core.files import staged
+from srmodels.data.prepare import prepare_benchmark
 
 
 def main(params: dict[str, Any], name: str) -> None:

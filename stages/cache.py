@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from srmodels import layout
-from srmodels.accelerate import accelerate
-from srmodels.cache import cache_outputs
-from srmodels.model import load_model
-from srmodels.outputs import staged, write_json
-from srmodels.runtime import resolve_device, set_threads
+from srmodels.core import layout
+from srmodels.models.accelerate import accelerate
+from srmodels.models.caching import cache_outputs
+from srmodels.models.model import load_model
+from srmodels.core.files import staged, write_json
+from srmodels.core.runtime import resolve_device, set_threads
 
 
 def main(params: dict[str, Any], name: str) -> None:

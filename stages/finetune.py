@@ -16,16 +16,17 @@ from typing import Any
 
 import torch
 
-from srmodels import distributed, layout
-from srmodels.checkpoint import load_into, load_state_dict
-from srmodels.datasets import PairedPatches, list_pairs
-from srmodels.errors import UserError
-from srmodels.finetune import BETAS, finetune
-from srmodels.model import build_model
-from srmodels.outputs import staged, write_json
-from srmodels.params import check_files
-from srmodels.runtime import resolve_device, seed_everything, set_threads
-from srmodels.training import TrainConfig
+from srmodels.training import distributed
+from srmodels.core import layout
+from srmodels.models.checkpoint import load_into, load_state_dict
+from srmodels.data.datasets import PairedPatches, list_pairs
+from srmodels.core.errors import UserError
+from srmodels.training.finetune import BETAS, finetune
+from srmodels.models.model import build_model
+from srmodels.core.files import staged, write_json
+from srmodels.core.params import check_files
+from srmodels.core.runtime import resolve_device, seed_everything, set_threads
+from srmodels.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
 

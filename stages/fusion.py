@@ -7,14 +7,14 @@ from stages._common import numeric, provenance, record, run, tracked  # first: p
 from pathlib import Path
 from typing import Any
 
-from srmodels import layout
-from srmodels.costs import fusion_macs_per_output_pixel, num_params
-from srmodels.datasets import FusionCrops, fusion_images
-from srmodels.fusion import FUSION_KINDS
-from srmodels.fusion_training import train_fusion
-from srmodels.outputs import staged, write_json
-from srmodels.runtime import resolve_device, seed_everything, set_threads
-from srmodels.training import TrainConfig
+from srmodels.core import layout
+from srmodels.models.costs import fusion_macs_per_output_pixel, num_params
+from srmodels.data.datasets import FusionCrops, fusion_images
+from srmodels.models.fusion import FUSION_KINDS
+from srmodels.training.fusion import train_fusion
+from srmodels.core.files import staged, write_json
+from srmodels.core.runtime import resolve_device, seed_everything, set_threads
+from srmodels.training.loop import TrainConfig
 
 # The params the fusion net depends on (dvc.yaml lists the same).
 MADE_OF = ("seed", "device", "threads", "cpu_isa", "fusion", "inference.self_ensemble", "metrics.crop_border")

@@ -4,8 +4,8 @@ from stages._common import record, run, tracked  # first: pins the CPU kernels b
 from pathlib import Path
 from typing import Any
 
-from srmodels.layout import SCALE
-from srmodels.prepare import prepare
+from srmodels.core.layout import SCALE
+from srmodels.data.prepare import prepare
 
 
 def main(params: dict[str, Any]) -> None:

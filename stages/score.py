@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from srmodels import headroom, layout
-from srmodels.evaluation import (flat_scores, image_scores, mean_scores, score_eval_sets, score_metrics,
+from srmodels.evaluation import headroom
+from srmodels.core import layout
+from srmodels.evaluation.evaluation import (flat_scores, image_scores, mean_scores, score_eval_sets, score_metrics,
                                  set_comparisons, training_curves, write_panels, write_score_report)
-from srmodels.layout import SCALE
-from srmodels.outputs import staged
+from srmodels.core.layout import SCALE
+from srmodels.core.files import staged
 
 
 def main(params: dict[str, Any]) -> None:

@@ -5,13 +5,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from srmodels import layout
-from srmodels.checkpoint import checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
-from srmodels.errors import UserError
-from srmodels.evaluation import fuse_eval_sets
-from srmodels.fusion import FUSION_KINDS
-from srmodels.outputs import staged, write_json
-from srmodels.runtime import resolve_device, set_threads
+from srmodels.core import layout
+from srmodels.models.checkpoint import checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
+from srmodels.core.errors import UserError
+from srmodels.evaluation.evaluation import fuse_eval_sets
+from srmodels.models.fusion import FUSION_KINDS
+from srmodels.core.files import staged, write_json
+from srmodels.core.runtime import resolve_device, set_threads
 
 
 def main(params: dict[str, Any]) -> None:

@@ -93,8 +93,8 @@ def assert_matches_manifest(model: torch.nn.Module, spec: dict) -> None:
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from srmodels.images import write_image  # noqa: E402
-from srmodels.layout import SCALE  # noqa: E402
+from srmodels.data.images import write_image  # noqa: E402
+from srmodels.core.layout import SCALE  # noqa: E402
 
 
 def smooth_image(rng: np.random.Generator, h: int, w: int, lo: int = 0, hi: int = 255) -> np.ndarray:

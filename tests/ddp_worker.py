@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from srmodels import distributed
-from srmodels.datasets import PairedPatches, list_pairs
-from srmodels.finetune import BETAS, finetune
-from srmodels.model import build_model
-from srmodels.training import TrainConfig
+from srmodels.training import distributed
+from srmodels.data.datasets import PairedPatches, list_pairs
+from srmodels.training.finetune import BETAS, finetune
+from srmodels.models.model import build_model
+from srmodels.training.loop import TrainConfig
 
 data, out, variant, epochs, batch, schedule = (Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
                                                int(sys.argv[5]), sys.argv[6])

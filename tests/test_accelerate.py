@@ -1,4 +1,4 @@
-"""srmodels.accelerate: the CPU inference kernels give what the plain layers give, and applying them is safe.
+"""srmodels.models.accelerate: the CPU inference kernels give what the plain layers give, and applying them is safe.
 
 Tolerances are absolute, against float64 references or fixed budgets, never relative to the CPU's own kernel
 error: CI runs AVX-512, AVX2 (also pinned: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2,STRICT)
@@ -16,12 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srmodels import accelerate as acc
-from srmodels.accelerate import (DirectConv2d, PackedLinear, PackedLinearGELU, WinogradConv2d, accelerate,
+from srmodels.models import accelerate as acc
+from srmodels.models.accelerate import (DirectConv2d, PackedLinear, PackedLinearGELU, WinogradConv2d, accelerate,
                                  toom_cook_matrices, winograd_conv3x3)
-from srmodels.archs import DAT, RRDBNet, SwinIR, VARIANTS
-from srmodels.fusion import AttentionWeightNet
-from srmodels.model import build_model
+from srmodels.archs import arch_of
+from srmodels.archs.dat import DAT
+from srmodels.archs.rrdbnet import RRDBNet
+from srmodels.archs.swinir import SwinIR
+from srmodels.models.fusion import AttentionWeightNet
+from srmodels.models.model import build_model
 
 from .conftest import assert_matches_manifest, manifest
 
@@ -276,10 +279,10 @@ def test_plan_follows_the_documented_rules():
                                        ("swinir", "manifest_full.json"), ("rrdbnet", "manifest_full.json"),
                                        ("rfdn", "manifest_full.json")])
 def test_state_dict_is_unchanged_by_accelerate(arch, name):
-    from srmodels.archs import ARCHS
+    from srmodels.archs import arch_class
     spec = manifest(arch, name)
     with torch.device("meta"):
-        model = ARCHS[arch](**spec["constructor_kwargs"])
+        model = arch_class(arch)(**spec["constructor_kwargs"])
     before = list(model.state_dict())
     accelerate(model)
     assert list(model.state_dict()) == before
@@ -310,7 +313,7 @@ def test_accelerated_model_matches_plain_port(variant):
     torch.manual_seed(0)
     plain = build_model(variant).eval()
     fast = accelerate(copy.deepcopy(plain))
-    atol = MODEL_ATOL[VARIANTS[variant][0]]
+    atol = MODEL_ATOL[arch_of(variant)]
     for h, w in [(17, 23), (32, 32)]:
         x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
         with torch.no_grad():
@@ -380,7 +383,7 @@ def test_missing_ops_step_aside_with_one_log_line(monkeypatch, caplog):
     monkeypatch.setattr(acc, "_REORDER_CONV_WEIGHT", None)
     monkeypatch.setattr(acc, "_STEPPED_ASIDE", set())
     torch.manual_seed(0)
-    with caplog.at_level(logging.WARNING, logger="srmodels.accelerate"):
+    with caplog.at_level(logging.WARNING, logger="srmodels.models.accelerate"):
         swin = accelerate(build_model("swinir_tiny").eval())
         accelerate(build_model("swinir_tiny").eval())  # reported once per process
     kinds = {type(m) for m in swin.modules()}

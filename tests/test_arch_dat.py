@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from srmodels.accelerate import accelerate
+from srmodels.models.accelerate import accelerate
 from srmodels.archs._layers import shift_window_mask, window_token_order
 from srmodels.archs.dat import DAT
 

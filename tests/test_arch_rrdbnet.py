@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from srmodels.accelerate import accelerate
+from srmodels.models.accelerate import accelerate
 from srmodels.archs.rrdbnet import RRDBNet
 
 from .conftest import assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srmodels.accelerate import accelerate
+from srmodels.models.accelerate import accelerate
 from srmodels.archs._layers import shift_window_mask
 from srmodels.archs.swinir import SwinIR, window_partition, window_reverse
 

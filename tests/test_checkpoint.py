@@ -1,14 +1,13 @@
 """Checkpoint loading: every wrapping, safety, strict reports, self-describing round trip."""
-import io
 import json
-import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from srmodels import checkpoint as ckpt
-from srmodels.checkpoint import CheckpointError, load_into, load_state_dict, save_checkpoint, unwrap_state_dict
+from srmodels.core.provenance import git_commit, params_hash
+from srmodels.models import checkpoint as ckpt
+from srmodels.models.checkpoint import CheckpointError, load_into, load_state_dict, save_checkpoint, unwrap_state_dict
 
 from .conftest import reference_path
 
@@ -93,12 +92,12 @@ def test_strict_report_names_keys():
 
 
 def test_self_describing_round_trip(tmp_path):
-    from srmodels.model import build_model, load_model
+    from srmodels.models.model import build_model, load_model
 
     model = build_model("rfdn_tiny")
     path = tmp_path / "ours.pth"
     save_checkpoint(path, model.net.state_dict(), **model.describe(), step=7, epoch=2,
-                    provenance={"git_commit": ckpt.git_commit(), "params_hash": ckpt.params_hash({"a": 1})})
+                    provenance={"git_commit": git_commit(), "params_hash": params_hash({"a": 1})})
     raw = torch.load(path, weights_only=True)
     meta = ckpt.checkpoint_meta(raw)
     assert meta["arch"] == "rfdn" and meta["scale"] == 4 and meta["step"] == 7 and meta["input_range"] == 1.0
@@ -109,7 +108,7 @@ def test_self_describing_round_trip(tmp_path):
 
 
 def test_released_rfdn_recognised_and_scaled(tmp_path):
-    from srmodels.model import load_model
+    from srmodels.models.model import load_model
 
     path = reference_path("weights", "RFDN_AIM.pth")
     model = load_model(path)  # recognised from its keys and shapes
@@ -123,7 +122,7 @@ def test_released_rfdn_recognised_and_scaled(tmp_path):
 
 
 def test_wrong_architecture_names_keys(tmp_path):
-    from srmodels.model import load_model
+    from srmodels.models.model import load_model
 
     path = reference_path("weights", "RFDN_AIM.pth")
     with pytest.raises(CheckpointError, match="missing .*conv_first"):
@@ -232,7 +231,7 @@ def test_safetensors_esrgan_names_and_released_variant(tmp_path):
     """An ESRGAN-named RRDBNet written by another toolkit loads by its keys and shapes alone."""
     from safetensors.torch import save_file
 
-    from srmodels.model import build_model, load_model
+    from srmodels.models.model import build_model, load_model
 
     model = build_model("rrdbnet_tiny")
     renames = {"conv_body.": "trunk_conv.", "conv_up1.": "upconv1.", "conv_up2.": "upconv2.", "conv_hr.": "HRconv."}
@@ -258,10 +257,10 @@ def test_safetensors_esrgan_names_and_released_variant(tmp_path):
 @pytest.mark.parametrize("variant", ["rfdn_tiny", "swinir_tiny"])
 def test_safetensors_self_describing_round_trip(tmp_path, variant):
     """The same description through .pth and .safetensors; the safetensors file needs no variant."""
-    from srmodels.model import build_model, load_model
+    from srmodels.models.model import build_model, load_model
 
     model = build_model(variant)
-    fields = dict(step=7, epoch=2, provenance={"git_commit": "abc+dirty", "params_hash": ckpt.params_hash({"a": 1})},
+    fields = dict(step=7, epoch=2, provenance={"git_commit": "abc+dirty", "params_hash": params_hash({"a": 1})},
                   extra={"val_psnr": 31.25, "members": ["dat", "rfdn"]})
     save_checkpoint(tmp_path / "ours.pth", model.net.state_dict(), **model.describe(), **fields)
     save_checkpoint(tmp_path / "ours.safetensors", model.net.state_dict(), **model.describe(), **fields)
@@ -282,7 +281,7 @@ def test_safetensors_self_describing_round_trip(tmp_path, variant):
 
 
 def test_safetensors_keeps_input_range(tmp_path):
-    from srmodels.model import build_model, load_model
+    from srmodels.models.model import build_model, load_model
 
     model = build_model("rfdn_tiny")
     model.input_range = 255.0
@@ -291,7 +290,7 @@ def test_safetensors_keeps_input_range(tmp_path):
 
 
 def test_renamed_files_load_by_content(tmp_path):
-    from srmodels.model import build_model
+    from srmodels.models.model import build_model
 
     model = build_model("rfdn_tiny")
     save_checkpoint(tmp_path / "st.safetensors", model.net.state_dict(), **model.describe())

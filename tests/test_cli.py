@@ -218,8 +218,8 @@ def _huge_png(path, width=40000, height=40000):
 @pytest.fixture
 def tiny(tmp_path):
     """A self-describing rfdn_tiny checkpoint, two 64x64 HR images and their 16x16 LR images."""
-    from srmodels.checkpoint import save_checkpoint
-    from srmodels.model import build_model
+    from srmodels.models.checkpoint import save_checkpoint
+    from srmodels.models.model import build_model
 
     model = build_model("rfdn_tiny")
     save_checkpoint(tmp_path / "w.pth", model.net.state_dict(), **model.describe())
@@ -396,8 +396,8 @@ def test_eval_checks_every_size_before_any_forward(tiny, cli, monkeypatch):
 def test_swinir_window_padding_limit_is_one_line(tmp_path, cli, monkeypatch):
     # SwinIR reflect-pads each side to a multiple of its window (8), which a side of 4 or less cannot give: this
     # was torch's traceback from F.pad.
-    from srmodels.checkpoint import save_checkpoint
-    from srmodels.model import build_model
+    from srmodels.models.checkpoint import save_checkpoint
+    from srmodels.models.model import build_model
 
     model = build_model("swinir_tiny")
     save_checkpoint(tmp_path / "w.pth", model.net.state_dict(), **model.describe())
@@ -481,7 +481,7 @@ def test_upscale_failing_midway_leaves_nothing_new(tiny, cli, monkeypatch):
 
 
 def test_debug_shows_the_traceback(tiny, cli, monkeypatch):
-    from srmodels.images import ImageError
+    from srmodels.data.images import ImageError
 
     (tiny / "hr" / "zz.png").write_bytes(b"garbage")
     args = ["downscale", tiny / "hr", tiny / "out"]

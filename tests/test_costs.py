@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from srmodels.costs import count_macs, fusion_macs_per_output_pixel, macs_per_output_pixel, num_params
-from srmodels.fusion import AttentionWeightNet, ImageWeightNet
-from srmodels.model import build_model
+from srmodels.models.costs import count_macs, fusion_macs_per_output_pixel, macs_per_output_pixel, num_params
+from srmodels.models.fusion import AttentionWeightNet, ImageWeightNet
+from srmodels.models.model import build_model
 
 
 class TwoConv(nn.Module):

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from srmodels.datasets import FusionCrops, PairedPatches, dihedral
-from srmodels.images import write_image
+from srmodels.data.datasets import FusionCrops, PairedPatches, dihedral
+from srmodels.data.images import write_image
 
 from .conftest import SCALE, smooth_image, write_split
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from srmodels import distributed
-from srmodels.datasets import PairedPatches
-from srmodels.finetune import finetune
-from srmodels.images import write_image
-from srmodels.model import build_model
-from srmodels.training import ConfigError, TrainConfig
+from srmodels.training import distributed
+from srmodels.data.datasets import PairedPatches
+from srmodels.training.finetune import finetune
+from srmodels.data.images import write_image
+from srmodels.models.model import build_model
+from srmodels.training.loop import ConfigError, TrainConfig
 
 from . import procs
 from .conftest import SCALE, downscale, smooth_image

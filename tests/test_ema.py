@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-from srmodels import isa
-from srmodels import training as training_module
-from srmodels.checkpoint import checkpoint_meta, read_checkpoint
-from srmodels.datasets import PairedPatches, list_pairs
-from srmodels.errors import UserError
-from srmodels.finetune import BETAS, backbone_predictor, finetune
-from srmodels.model import build_model, load_model
-from srmodels.training import ConfigError, TrainConfig, WeightsEma, _holding, evaluate
+from srmodels.core import isa
+from srmodels.training import loop as training_module
+from srmodels.models.checkpoint import checkpoint_meta, read_checkpoint
+from srmodels.data.datasets import PairedPatches, list_pairs
+from srmodels.core.errors import UserError
+from srmodels.training.finetune import BETAS, backbone_predictor, finetune
+from srmodels.models.model import build_model, load_model
+from srmodels.training.loop import ConfigError, TrainConfig, WeightsEma, _holding, evaluate
 
 from .conftest import ROOT, SCALE, smooth_image, write_split
 
@@ -212,23 +212,23 @@ def test_resume_into_a_fresh_folder_restores_both_weight_sets(sr_data, ema_run, 
 
 
 def test_short_run_with_a_long_average_warns(sr_data, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+    with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
         run(sr_data, tmp_path / "long", epochs=1, ema_decay=0.999)
     assert "ema_decay 0.999 averages over about 1000 steps and this run has 2: the final average still gives " \
            "the initial weights 100% of its weight" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+    with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
         run(sr_data, tmp_path / "short", epochs=1, ema_decay=0.1)  # 0.1 ** 2 = 1%: the start is forgotten
     assert "ema_decay" not in caplog.text
 
 
 def test_resume_state_of_another_decay_is_not_used(sr_data, tmp_path, caplog):
     run(sr_data, tmp_path / "out", epochs=1)  # no EMA
-    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+    with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
         metrics, _ = run(sr_data, tmp_path / "out", epochs=1, ema_decay=DECAY)
     assert metrics["timing"]["resumed_from_epoch"] == 0 and "another configuration (ema_decay differ)" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+    with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
         metrics, _ = run(sr_data, tmp_path / "out", epochs=1, ema_decay=0.5)
     assert metrics["timing"]["resumed_from_epoch"] == 0 and "ema_decay differ" in caplog.text
 
@@ -249,16 +249,16 @@ def test_decay_0_adds_nothing(sr_data, tmp_path):
 PROBE = r"""
 import sys
 sys.path.insert(0, {root!r})
-from srmodels import isa
+from srmodels.core import isa
 isa.pin("avx2")
 import hashlib, json, tempfile
 from pathlib import Path
 import numpy as np
 import torch
-from srmodels.datasets import PairedPatches, list_pairs
-from srmodels.finetune import BETAS, finetune
-from srmodels.model import build_model
-from srmodels.training import TrainConfig
+from srmodels.data.datasets import PairedPatches, list_pairs
+from srmodels.training.finetune import BETAS, finetune
+from srmodels.models.model import build_model
+from srmodels.training.loop import TrainConfig
 from tests.conftest import SCALE, smooth_image, write_split
 
 settings = json.loads(sys.argv[1])

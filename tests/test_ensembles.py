@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from srmodels import ensembles as E
-from srmodels.ensembles import (NormalEquations, least_squares_weights, oracle_convex, oracle_convex_luma,
+from srmodels.evaluation import ensembles as E
+from srmodels.evaluation.ensembles import (NormalEquations, least_squares_weights, oracle_convex, oracle_convex_luma,
                                 oracle_pixel_best, per_image_best_index, uniform_mean, weighted)
 
 

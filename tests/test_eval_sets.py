@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from srmodels.evaluation import (benchmark_set, check_benchmark_sets, image_scores, mean_scores,
+from srmodels.evaluation.evaluation import (benchmark_set, check_benchmark_sets, image_scores, mean_scores,
                                  score_benchmark_sets)
-from srmodels.images import ImageError, read_image, write_image
-from srmodels.imresize import downscale_uint8, imresize_uint8
-from srmodels.metrics import calculate_psnr, calculate_ssim
-from srmodels.prepare import plan_set, prepare_benchmark, set_folders
-from srmodels.report import sets_table
+from srmodels.data.images import ImageError, read_image, write_image
+from srmodels.data.imresize import downscale_uint8, imresize_uint8
+from srmodels.metrics.psnr_ssim import calculate_psnr, calculate_ssim
+from srmodels.data.prepare import plan_set, prepare_benchmark, set_folders
+from srmodels.evaluation.report import sets_table
 
 from .conftest import reference_path
 
@@ -55,8 +55,8 @@ def weights(tmp_path):
     """A self-describing rfdn_tiny checkpoint (random weights: the numbers, not their quality, are tested)."""
     import torch
 
-    from srmodels.checkpoint import save_checkpoint
-    from srmodels.model import build_model
+    from srmodels.models.checkpoint import save_checkpoint
+    from srmodels.models.model import build_model
 
     torch.manual_seed(0)
     model = build_model("rfdn_tiny")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from srmodels import archs
-from srmodels.checkpoint import checkpoint_meta, load_state_dict, read_checkpoint, save_checkpoint
+from srmodels.models.checkpoint import checkpoint_meta, load_state_dict, read_checkpoint, save_checkpoint
 from srmodels.cli import main
-from srmodels.export import FORMATS, ExportError, export_official, export_onnx, export_safetensors, official_state
-from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse
-from srmodels.model import build_model, load_model
+from srmodels.interop.export import FORMATS, ExportError, export_official, export_onnx, export_safetensors, official_state
+from srmodels.models.fusion import AttentionWeightNet, ImageWeightNet, fuse
+from srmodels.models.model import build_model, load_model
 
 HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnx/onnxruntime/onnxscript not installed (pip install -e '.[onnx]')")
@@ -105,7 +105,7 @@ def test_official_rfdn_folds_the_input_range(tmp_path):
     assert model.input_range == 1.0
     state = official_state(path)
     assert "params" not in state and "fea_conv.weight" in state  # RFDN's bare dict
-    official = archs.RFDN(**model.kwargs).eval()
+    official = archs.arch_class("rfdn")(**model.kwargs).eval()
     official.load_state_dict(state, strict=True)
     x = torch.rand(1, 3, 19, 23)
     with torch.no_grad():
@@ -189,8 +189,8 @@ def _no_export_work(monkeypatch):
     """Fail the test if the export reads the checkpoint (or loads the ONNX exporter) before checking its output."""
     def refuse(*_, **__):
         raise AssertionError("export work began before the output was checked")
-    monkeypatch.setattr("srmodels.export._load", refuse)
-    monkeypatch.setattr("srmodels.export._onnx_modules", refuse)
+    monkeypatch.setattr("srmodels.interop.export._load", refuse)
+    monkeypatch.setattr("srmodels.interop.export._onnx_modules", refuse)
 
 
 @pytest.mark.parametrize("to", FORMATS)
@@ -325,7 +325,7 @@ def test_accelerated_layers_step_aside_under_export():
     """An accelerated model traces to the plain port's ops (no oneDNN kernels) and the same numbers."""
     from torch.export import Dim
 
-    from srmodels.accelerate import accelerate
+    from srmodels.models.accelerate import accelerate
 
     for variant, overrides in (("swinir_tiny", _ONNX_MODELS["swinir_tiny"]), ("rrdbnet_tiny", {})):
         model = build_model(variant, overrides).eval()

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from srmodels.cache import check_output, load_output, rerun_hint, save_output
-from srmodels.errors import DataError
-from srmodels.evaluation import fuse_eval_sets, load_candidates, score_eval_sets
-from srmodels.images import write_image
+from srmodels.data.member_outputs import check_output, load_output, rerun_hint, save_output
+from srmodels.core.errors import DataError
+from srmodels.evaluation.evaluation import fuse_eval_sets, load_candidates, score_eval_sets
+from srmodels.data.images import write_image
 
 
 def _save(path: Path, h: int = 16, w: int = 24, value: float = 0.5) -> bytes:

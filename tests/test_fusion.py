@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from srmodels.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint, unwrap_state_dict
-from srmodels.datasets import FusionCrops, fusion_images, load_fusion_image
-from srmodels.fusion import AttentionWeightNet, ImageWeightNet, fuse, start_at_anchor, start_at_candidate
-from srmodels.fusion_training import fusion_job, train_fusion
-from srmodels.images import write_image
-from srmodels.training import TrainConfig
+from srmodels.models.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint, unwrap_state_dict
+from srmodels.data.datasets import FusionCrops, fusion_images, load_fusion_image
+from srmodels.models.fusion import AttentionWeightNet, ImageWeightNet, fuse, start_at_anchor, start_at_candidate
+from srmodels.training.fusion import fusion_job, train_fusion
+from srmodels.data.images import write_image
+from srmodels.training.loop import TrainConfig
 
 from .conftest import SCALE, downscale, load_pt, reference_path, smooth_image
 

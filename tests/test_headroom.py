@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from srmodels import headroom
-from srmodels.evaluation import image_scores
-from srmodels.images import to_uint8
+from srmodels.evaluation import headroom
+from srmodels.evaluation.evaluation import image_scores
+from srmodels.data.images import to_uint8
 
 
 def _image(seed: int) -> tuple[torch.Tensor, np.ndarray]:

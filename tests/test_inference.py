@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from srmodels.inference import (
+from srmodels.models.inference import (
     TRANSFORMS,
     apply_transform,
     invert_transform,

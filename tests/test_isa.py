@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from srmodels import isa
-from srmodels.errors import UserError
+from srmodels.core import isa
+from srmodels.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,13 +26,13 @@ needs_avx2 = pytest.mark.skipif("avx2" not in isa.cpu_flags() or "fma" not in is
 PROBE = r"""
 import sys
 sys.path.insert(0, {root!r})  # this checkout's srmodels, whatever is installed
-from srmodels import isa
+from srmodels.core import isa
 isa.pin(sys.argv[1])
 import hashlib
 import torch
-from srmodels.accelerate import accelerate, winograd_conv3x3
-from srmodels.model import build_model
-from srmodels.runtime import seed_everything, set_threads
+from srmodels.models.accelerate import accelerate, winograd_conv3x3
+from srmodels.models.model import build_model
+from srmodels.core.runtime import seed_everything, set_threads
 
 set_threads(2)
 seed_everything(0)
@@ -121,7 +121,7 @@ def test_the_pin_is_what_changes_the_kernels():
 
 
 def test_provenance_names_the_pin_the_kernels_and_the_versions():
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from srmodels import isa; isa.pin('native'); "
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from srmodels.core import isa; isa.pin('native'); "
               "import json; print(json.dumps(isa.provenance()))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -137,9 +137,9 @@ def test_the_command_line_pins_before_torch_loads(tmp_path):
     import numpy as np
     import torch
 
-    from srmodels.checkpoint import save_checkpoint
-    from srmodels.images import write_image
-    from srmodels.model import build_model
+    from srmodels.models.checkpoint import save_checkpoint
+    from srmodels.data.images import write_image
+    from srmodels.models.model import build_model
 
     torch.manual_seed(0)
     model = build_model("rfdn_tiny")

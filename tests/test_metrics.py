@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from srmodels.metrics import calculate_psnr, calculate_ssim, gaussian_window, rgb_to_y
+from srmodels.metrics.psnr_ssim import calculate_psnr, calculate_ssim, gaussian_window, rgb_to_y
 
 
 def _rand_rgb(seed: int, shape=(40, 36, 3)) -> np.ndarray:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from srmodels.outputs import staged, write_json
+from srmodels.core.files import staged, write_json
 
 
 def test_success_replaces_entries_and_keeps_others(tmp_path):

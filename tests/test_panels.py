@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from srmodels import evaluation
-from srmodels.cache import save_output
-from srmodels.evaluation import _best_window, write_panels
-from srmodels.images import read_image, write_image
-from srmodels.imresize import downscale_uint8
-from srmodels.report import weight_map_image
+from srmodels.evaluation import evaluation
+from srmodels.data.member_outputs import save_output
+from srmodels.evaluation.evaluation import _best_window, write_panels
+from srmodels.data.images import read_image, write_image
+from srmodels.data.imresize import downscale_uint8
+from srmodels.evaluation.report import weight_map_image
 
 
 def test_best_window_finds_the_peak_and_avoids_the_excluded_one():

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-from srmodels.params import (ParamsError, apply_profile, flatten, load_params, merged, profile_overrides, read_profile,
+from srmodels.core.params import (ParamsError, apply_profile, flatten, load_params, merged, profile_overrides, read_profile,
                              read_yaml, validate)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ def test_tile_windows_are_checked_against_trained_backbones_only(raw):
 
 def _dict_sections(spec, prefix=""):
     """Dotted keys of every fixed-key mapping of the schema (the top level is '')."""
-    from srmodels.params import DictOf, PartialOf
+    from srmodels.core.params import DictOf, PartialOf
 
     yield prefix
     for key, sub in spec.items():
@@ -242,7 +242,7 @@ def _dict_sections(spec, prefix=""):
 
 
 def test_unknown_keys_are_refused_in_every_section(raw):
-    from srmodels.params import SCHEMA
+    from srmodels.core.params import SCHEMA
 
     sections = list(_dict_sections(SCHEMA))
     assert {"", "paths", "mlflow", "metrics.bootstrap", "backbone_defaults", "backbones.<each>"} <= set(sections)

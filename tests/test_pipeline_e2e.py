@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from srmodels.images import write_image
+from srmodels.data.images import write_image
 
 from . import procs
 
@@ -316,7 +316,7 @@ def test_a_code_change_that_changes_no_number_reruns_only_its_stage(repo):
     bytes, and DVC stops there: editing a module only finetune reads re-runs finetune and nothing after it."""
     repo, env, _ = repo
     before = _digests(repo)
-    module = repo / "srmodels/finetune.py"
+    module = repo / "srmodels/training/finetune.py"
     original = module.read_text()
     module.write_text(original + "\n# a comment changes no number\n")
     _run(["git", "commit", "-qam", "a comment"], repo, env)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from srmodels.prepare import SAMPLE_LOADERS, extract_patches, mod_crop, patch_positions, prepare
-from srmodels.images import ImageError, read_image, write_image
-from srmodels.imresize import downscale_uint8
-from srmodels.params import ParamsError, load_params
+from srmodels.data.prepare import SAMPLE_LOADERS, extract_patches, mod_crop, patch_positions, prepare
+from srmodels.data.images import ImageError, read_image, write_image
+from srmodels.data.imresize import downscale_uint8
+from srmodels.core.params import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 4
@@ -350,7 +350,7 @@ def no_writes(monkeypatch):
     """Fail on any image write: what must stop before the first output."""
     def refuse(path, img):
         raise AssertionError(f"wrote {path} before every input was checked")
-    monkeypatch.setattr("srmodels.prepare.write_image", refuse)
+    monkeypatch.setattr("srmodels.data.prepare.write_image", refuse)
 
 
 def test_corrupt_image_found_before_anything_is_written(prepared, div2k, tmp_path, no_writes):
@@ -393,7 +393,7 @@ def test_missing_benchmark_hr_folder_is_named(prepared, bench):
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_failure_half_way_keeps_the_previous_outputs(prepared, monkeypatch, failure):
     out, before, data = prepared
-    from srmodels import prepare as prepare_module
+    from srmodels.data import prepare as prepare_module
 
     real, calls = prepare_module.write_image, []
 
@@ -403,7 +403,7 @@ def test_failure_half_way_keeps_the_previous_outputs(prepared, monkeypatch, fail
             raise failure
         real(path, img)
 
-    monkeypatch.setattr("srmodels.prepare.write_image", flaky)
+    monkeypatch.setattr("srmodels.data.prepare.write_image", flaky)
     with pytest.raises(type(failure)):
         prepare(data, SCALE, out)
     assert len(calls) == 20 and _files(out) == before and _siblings(out) == []
@@ -439,7 +439,7 @@ def test_output_folder_behind_a_symlink(base_data, div2k, tmp_path):
 
 
 def test_a_benchmark_stage_writes_one_set_and_checks_it_first(bench, tmp_path):
-    from srmodels.prepare import prepare_benchmark
+    from srmodels.data.prepare import prepare_benchmark
 
     out = tmp_path / "set2"
     assert prepare_benchmark("Set2", str(bench), SCALE, out) == 2

@@ -1,4 +1,4 @@
-"""srmodels.report: weight maps, the comparison table, CSV and deterministic PNG plots."""
+"""srmodels.evaluation.report: weight maps, the comparison table, CSV and deterministic PNG plots."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from srmodels.report import (KNOWN_COLOURS, bar_chart_png, colours_for, curves_png, markdown_table,
+from srmodels.evaluation.report import (KNOWN_COLOURS, bar_chart_png, colours_for, curves_png, markdown_table,
                              weight_map_image, write_csv)
 
 NAMES = ["dat", "swinir", "rfdn"]

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from srmodels.evaluation import flat_scores
-from srmodels.report import comparison_table
-from srmodels.statistics import model_comparisons, paired_bootstrap
+from srmodels.evaluation.evaluation import flat_scores
+from srmodels.evaluation.report import comparison_table
+from srmodels.metrics.statistics import model_comparisons, paired_bootstrap
 
 
 def test_a_constant_gain_is_better_with_a_zero_width_interval():

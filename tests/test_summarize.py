@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from srmodels import summarize as S
-from srmodels.errors import UserError
-from srmodels.statistics import crossed_bootstrap, paired_bootstrap
+from srmodels.evaluation import summarize as S
+from srmodels.core.errors import UserError
+from srmodels.metrics.statistics import crossed_bootstrap, paired_bootstrap
 
 from . import procs
 
@@ -250,13 +250,13 @@ def test_mlflow_pipeline_runs_are_read_back(tmp_path):
     # A pipeline whose score stage never finished does not count.
     client.create_run(exp_id, run_name="half", tags={tracking.TAG_ROLE: "pipeline"})
     params = {"mlflow": {"tracking_uri": uri, "experiment": "sweep"}}
-    runs = tracking.pipeline_runs(params)
+    runs = S.mlflow_runs(tracking.finished_pipelines(params))
     assert [r.name for r in runs] == ["b0", "r0", "b1"]
     assert runs[0].member_val_psnr == {"dat": 30.0, "rfdn": 29.0}
     summary = S.summarize(runs, resamples=200, seed=0)
     assert list(summary["configurations"]) == ["fusion.init=best_member", "fusion.init=random"]
     with pytest.raises(UserError, match="no finished pipeline run named half"):
-        tracking.pipeline_runs(params, names=["half"])
+        tracking.finished_pipelines(params, names=["half"])
 
 
 def test_baselines_heads_and_oracles_against_the_best_member_in_one_table():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from srmodels import tracking
-from srmodels.checkpoint import git_commit as code_version, params_hash
+from srmodels.core.provenance import git_commit as code_version, params_hash
 from srmodels.tracking import (TAG_COMMIT, TAG_KEY, artifact_location, pipeline_key, pipeline_params, start_stage,
                                tracking_uri)
 

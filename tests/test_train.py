@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from srmodels import finetune as finetune_module
-from srmodels.accelerate import accelerate
-from srmodels.cache import cache_outputs
-from srmodels.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint
-from srmodels.datasets import PairedPatches, list_pairs, read_pair
-from srmodels.errors import UserError
-from srmodels.finetune import BETAS, backbone_predictor, finetune
-from srmodels.images import ImageError, to_tensor
-from srmodels.model import build_model, load_model, min_input_size
-from srmodels.training import ConfigError, TrainConfig, evaluate
+from srmodels.training import finetune as finetune_module
+from srmodels.models.accelerate import accelerate
+from srmodels.models.caching import cache_outputs
+from srmodels.models.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint
+from srmodels.data.datasets import PairedPatches, list_pairs, read_pair
+from srmodels.core.errors import UserError
+from srmodels.training.finetune import BETAS, backbone_predictor, finetune
+from srmodels.data.images import ImageError, to_tensor
+from srmodels.models.model import build_model, load_model, min_input_size
+from srmodels.training.loop import ConfigError, TrainConfig, evaluate
 
 from .conftest import ROOT, SCALE, smooth_image, write_split
 
@@ -171,7 +171,7 @@ def test_resume_after_interruption_matches_straight_run(sr_data, tmp_path, sched
 
 def test_resume_with_other_config_starts_fresh(sr_data, tmp_path, caplog):
     run_finetune(sr_data, tmp_path, epochs=1)
-    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+    with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
         metrics, _ = run_finetune(sr_data, tmp_path, epochs=1, lr=5e-4)
     assert metrics["timing"]["resumed_from_epoch"] == 0
     assert "another configuration (lr differ)" in caplog.text
@@ -226,7 +226,7 @@ def test_compile_wraps_the_training_forward_only(sr_data, tmp_path, monkeypatch)
 
 def test_backbone_training_does_not_import_fusion():
     """finetune@<b> must not depend on the fusion net (dvc.yaml): editing it would re-train every backbone."""
-    code = "import sys, srmodels.finetune; print(sorted(m for m in sys.modules if m.startswith('srmodels.fusion')))"
+    code = "import sys, srmodels.training.finetune; print(sorted(m for m in sys.modules if m.startswith('srmodels.models.fusion')))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                           timeout=300)
     assert done.stdout.strip() == "[]"
@@ -259,7 +259,7 @@ def test_epochs_0_saves_the_pretrained_weights_bit_for_bit(sr_data, tmp_path, ca
              resume_path=resume)
     assert resume.is_file()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="srmodels.training"):
+    with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
         metrics = finetune(pretrained(), train, sr_data["val"], replace(CONFIG, epochs=0, **settings), out,
                            provenance={"test": True}, resume_path=resume)
     saved = torch.load(out / "best.pth", weights_only=True)
@@ -296,26 +296,26 @@ def test_finetune_stage_with_epochs_0(sr_data, tmp_path):
     the pretrained weights; a missing pretrained file is one line naming its key."""
     from ruamel.yaml import YAML
 
-    from srmodels.params import read_yaml
+    from srmodels.core.params import read_yaml
 
     prepared = tmp_path / "data" / "prepared"
     for split, (hr, lr) in {"train_patches": sr_data["train"],
                             "val": (sr_data["val"][0][0].parent, sr_data["val"][0][1].parent)}.items():
         shutil.copytree(hr, prepared / split / "hr")
         shutil.copytree(lr, prepared / split / "lr")
-    (tmp_path / "inputs" / "pretrained" / "b").mkdir(parents=True)
-    released = released_weights(tmp_path / "inputs" / "pretrained" / "b" / "released.pth")
+    (tmp_path / "inputs" / "pretrained" / "rfdn").mkdir(parents=True)
+    released = released_weights(tmp_path / "inputs" / "pretrained" / "rfdn" / "released.pth")
     params = read_yaml(ROOT / "params.yaml")
-    entry = {"variant": "rfdn_tiny", "epochs": 0, "pretrained": "inputs/pretrained/b/released.pth", "lr_patch": 16}
-    params.update(cpu_isa="native", device="cpu", threads=1, trained=["b", "c"],
-                  backbones={"b": entry, "c": {"variant": "rfdn_tiny"}})
-    params["fusion"]["members"] = ["b", "c"]
+    entry = {"variant": "rfdn_tiny", "epochs": 0, "pretrained": "inputs/pretrained/rfdn/released.pth", "lr_patch": 16}
+    params.update(cpu_isa="native", device="cpu", threads=1, trained=["rfdn", "dat"],
+                  backbones={"rfdn": entry, "dat": {"variant": "dat_tiny"}})
+    params["fusion"]["members"] = ["rfdn", "dat"]
     with open(tmp_path / "params.yaml", "w") as f:
         YAML().dump(params, f)
 
-    done = _stage(tmp_path, "stages.finetune", "b")
+    done = _stage(tmp_path, "stages.finetune", "rfdn")
     assert done.returncode == 0, done.stderr
-    out = tmp_path / "data" / "finetune" / "b"
+    out = tmp_path / "data" / "finetune" / "rfdn"
     assert {p.name for p in out.iterdir()} == {"best.pth", "curve.csv", "metrics.json"}
     state = torch.load(out / "best.pth", weights_only=True)["state_dict"]
     assert state.keys() == released.keys() and all(torch.equal(state[k], v) for k, v in released.items())
@@ -323,11 +323,11 @@ def test_finetune_stage_with_epochs_0(sr_data, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == metrics["steps"] == metrics["best_epoch"] == 0 and metrics["variant"] == "rfdn_tiny"
 
-    (tmp_path / "inputs" / "pretrained" / "b" / "released.pth").unlink()
-    done = _stage(tmp_path, "stages.finetune", "b")
+    (tmp_path / "inputs" / "pretrained" / "rfdn" / "released.pth").unlink()
+    done = _stage(tmp_path, "stages.finetune", "rfdn")
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == ("finetune@b: error: backbones.b.pretrained: "
-                                                    "inputs/pretrained/b/released.pth does not exist (the folder is "
+    assert done.stderr.strip().splitlines()[-1] == ("finetune@rfdn: error: backbones.rfdn.pretrained: "
+                                                    "inputs/pretrained/rfdn/released.pth does not exist (the folder is "
                                                     "empty)")
 
 

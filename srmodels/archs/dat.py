@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils import checkpoint
 
-from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, pad_always, residual_conv, shift_window_mask,
+from srmodels.archs._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, pad_always, residual_conv, shift_window_mask,
                       to_2tuple, trunc_normal_)
 
 __all__ = ["DAT"]
@@ -570,3 +570,25 @@ class DAT(nn.Module):
         else:
             x = self.upsample(x)
         return (x / self.img_range + mean).contiguous()
+
+
+# --- Variants: name -> (constructor kwargs, the pixel range the released weights compute in) ---------------------
+# The released sizes follow options/Test/test_DAT*_x4.yml; small and tiny are this project's CPU and test sizes
+# (the lightweight releases' pixelshuffledirect upsampler: a 64-channel x4 upsampler would cost 5x the body).
+
+_BASE = dict(upscale=4, in_chans=3, img_size=64, img_range=1.0, embed_dim=180, num_heads=[6] * 6, depth=[6] * 6,
+             expansion_factor=4, resi_connection="1conv", split_size=[8, 32])
+
+VARIANTS: dict[str, tuple[dict, float]] = {
+    "dat": (_BASE, 1.0),
+    "dat_s": ({**_BASE, "split_size": [8, 16], "expansion_factor": 2}, 1.0),
+    "dat_2": ({**_BASE, "split_size": [8, 32], "expansion_factor": 2}, 1.0),
+    "dat_light": (dict(upscale=4, in_chans=3, img_size=64, img_range=1.0, depth=[18], embed_dim=60, num_heads=[6],
+                       expansion_factor=2, resi_connection="3conv", split_size=[8, 32],
+                       upsampler="pixelshuffledirect"), 1.0),
+    "dat_small": (dict(upscale=4, in_chans=3, img_size=32, img_range=1.0, split_size=[4, 8], depth=[2, 2],
+                       embed_dim=32, num_heads=[2, 2], expansion_factor=2, resi_connection="1conv",
+                       upsampler="pixelshuffledirect"), 1.0),
+    "dat_tiny": (dict(upscale=4, in_chans=3, img_size=16, img_range=1.0, split_size=[4, 8], depth=[2, 2],
+                      embed_dim=64, num_heads=[4, 4], expansion_factor=2, resi_connection="1conv"), 1.0),
+}

@@ -150,3 +150,19 @@ class RFDN(nn.Module):
         b4 = self.B4(b3)
         out = self.LR_conv(self.c(torch.cat((b1, b2, b3, b4), dim=1))) + fea
         return self.upsampler(out).contiguous()
+
+
+def min_input_size(**_: object) -> int:
+    """The smallest LR side: ESA's unpadded stride-2 conv, then a 7x7 max pool with stride 3."""
+    return MIN_INPUT_SIZE
+
+
+# --- Variants: name -> (constructor kwargs, the pixel range the released weights compute in) ---------------------
+# RFDN_AIM.pth (the AIM 2020 winner) was trained on 0-255 inputs; small and tiny are this project's CPU and test
+# sizes.
+
+VARIANTS: dict[str, tuple[dict, float]] = {
+    "rfdn": (dict(in_nc=3, nf=50, num_modules=4, out_nc=3, upscale=4), 255.0),
+    "rfdn_small": (dict(in_nc=3, nf=16, num_modules=4, out_nc=3, upscale=4), 1.0),
+    "rfdn_tiny": (dict(in_nc=3, nf=16, num_modules=4, out_nc=3, upscale=4), 1.0),
+}

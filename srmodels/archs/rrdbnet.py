@@ -137,3 +137,13 @@ class RRDBNet(nn.Module):
         feat = lrelu_(self.conv_up1(F.interpolate(feat, scale_factor=2.0, mode="nearest")))
         feat = lrelu_(self.conv_up2(F.interpolate(feat, scale_factor=2.0, mode="nearest")))
         return self.conv_last(lrelu_(self.conv_hr(feat))).contiguous()
+
+
+# --- Variants: name -> (constructor kwargs, the pixel range the released weights compute in) ---------------------
+# The ESRGAN / Real-ESRGAN generator; small and tiny are this project's CPU and test sizes.
+
+VARIANTS: dict[str, tuple[dict, float]] = {
+    "rrdbnet": (dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=64, num_block=23, num_grow_ch=32), 1.0),
+    "rrdbnet_small": (dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=16, num_block=2, num_grow_ch=8), 1.0),
+    "rrdbnet_tiny": (dict(num_in_ch=3, num_out_ch=3, scale=4, num_feat=16, num_block=2, num_grow_ch=8), 1.0),
+}

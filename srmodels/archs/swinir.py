@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from torch import nn
 
-from ._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, pad_always, residual_conv, shift_window_mask,
+from srmodels.archs._layers import (DropPath, Upsample, UpsampleOneStep, WindowPlan, pad_always, residual_conv, shift_window_mask,
                       size_value, to_2tuple, trunc_normal_)
 
 __all__ = ["SwinIR", "RSTB", "BasicLayer", "SwinTransformerBlock", "WindowAttention", "window_partition",
@@ -510,3 +510,27 @@ class SwinIR(nn.Module):
 
         x = x / self.img_range + mean
         return x[:, :, :h * self.upscale, :w * self.upscale].contiguous()
+
+
+def min_input_size(window_size: int = 7, **_: object) -> int:
+    """The smallest LR side: reflect padding to a multiple of the window needs each side > the padding."""
+    return int(window_size) // 2 + 1
+
+
+# --- Variants: name -> (constructor kwargs, the pixel range the released weights compute in) ---------------------
+# Classical x4 SwinIR-M: the DF2K s64w8 and DIV2K s48w8 releases (team 27 used img_size 48); small and tiny are
+# this project's CPU and test sizes.
+
+_M = dict(upscale=4, in_chans=3, img_size=64, window_size=8, img_range=1.0, depths=[6] * 6, embed_dim=180,
+          num_heads=[6] * 6, mlp_ratio=2, upsampler="pixelshuffle", resi_connection="1conv")
+
+VARIANTS: dict[str, tuple[dict, float]] = {
+    "swinir_m": (_M, 1.0),
+    "swinir_m_s48": ({**_M, "img_size": 48}, 1.0),
+    "swinir_small": (dict(upscale=4, in_chans=3, img_size=32, window_size=8, img_range=1.0, depths=[2, 2],
+                          embed_dim=32, num_heads=[2, 2], mlp_ratio=2, upsampler="pixelshuffledirect",
+                          resi_connection="1conv"), 1.0),
+    "swinir_tiny": (dict(upscale=4, in_chans=3, img_size=16, window_size=8, img_range=1.0, depths=[2, 2],
+                         embed_dim=60, num_heads=[6, 6], mlp_ratio=2, upsampler="pixelshuffle",
+                         resi_connection="1conv"), 1.0),
+}

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import archs
-from .archs.rfdn import MIN_INPUT_SIZE as RFDN_MIN_INPUT_SIZE
-from .checkpoint import CheckpointError, checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
+from srmodels import archs
+from srmodels.models.checkpoint import CheckpointError, checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +50,10 @@ class SRModel(nn.Module):
                 "input_range": self.input_range}
 
 
-def _smallest_side(arch: str, kwargs: dict[str, Any]) -> int:
-    if arch == "rfdn":  # ESA: an unpadded stride-2 conv, then a 7x7 max pool with stride 3
-        return RFDN_MIN_INPUT_SIZE
-    if arch == "swinir":  # reflect padding to a multiple of the window needs each side > the padding
-        return int(kwargs.get("window_size", 7)) // 2 + 1
-    return 1  # DAT pads with zero tokens, RRDBNet's convolutions are padded: any size
+def _raw_arch(net: nn.Module) -> str | None:
+    """The ``ARCHS`` name of a raw architecture module, or None for anything else."""
+    module, _, name = type(net).__module__.rpartition(".")
+    return name if module == archs.__name__ and archs.ARCHS.get(name) == type(net).__name__ else None
 
 
 def min_input_size(model: Any) -> int:
@@ -68,21 +65,20 @@ def min_input_size(model: Any) -> int:
     """
     if isinstance(model, str):
         arch, kwargs, _ = archs.variant_spec(model)
-        return _smallest_side(arch, kwargs)
+        return archs.min_input_size(arch, kwargs)
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if isinstance(model, SRModel):
-        return _smallest_side(model.arch, model.kwargs)
-    if isinstance(model, archs.RFDN):
-        return RFDN_MIN_INPUT_SIZE
-    if isinstance(model, archs.SwinIR):
-        return _smallest_side("swinir", {"window_size": model.window_size})
-    return 1
+        return archs.min_input_size(model.arch, model.kwargs)
+    arch = _raw_arch(model)
+    if arch is None:
+        return 1
+    return archs.min_input_size(arch, {"window_size": model.window_size} if hasattr(model, "window_size") else {})
 
 
 def check_input_size(model: Any, height: int, width: int, name: str | Path) -> None:
     """An ``ImageError`` naming ``name`` (the image) and the limit when ``model`` cannot process an LR input of
     ``height`` x ``width`` (``min_input_size``): raised before the forward, which would fail with a traceback."""
-    from .images import ImageError  # local: images imports cv2, which model users need not load
+    from srmodels.data.images import ImageError  # local: images imports cv2, which model users need not load
 
     smallest = min_input_size(model)
     if min(height, width) < smallest:
@@ -94,18 +90,18 @@ def check_input_size(model: Any, height: int, width: int, name: str | Path) -> N
 
 
 def build_model(variant: str, overrides: dict[str, Any] | None = None) -> SRModel:
-    """A freshly initialised model of a named variant (see ``srmodels.archs.VARIANTS``)."""
+    """A freshly initialised model of a named variant (``srmodels.archs.variants()``)."""
     arch, kwargs, input_range = archs.variant_spec(variant)
     kwargs.update(overrides or {})
-    return SRModel(archs.ARCHS[arch](**kwargs), arch, kwargs, input_range, variant)
+    return SRModel(archs.arch_class(arch)(**kwargs), arch, kwargs, input_range, variant)
 
 
 def infer_variant(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Variants whose state_dict has exactly these keys and shapes (built on the meta device: no memory)."""
     matches = []
-    for name, (arch, kwargs, _) in archs.VARIANTS.items():
+    for name, (arch, kwargs, _) in archs.variants().items():
         with torch.device("meta"):
-            expected = archs.ARCHS[arch](**kwargs).state_dict()
+            expected = archs.arch_class(arch)(**kwargs).state_dict()
         if expected.keys() == state_dict.keys() and all(expected[k].shape == state_dict[k].shape for k in expected):
             matches.append(name)
     return matches
@@ -128,7 +124,7 @@ def load_model(weights: str | Path, variant: str | None = None, input_range: flo
         if variant is not None and variant not in (meta.get("variant"), meta["arch"]):
             log.warning("%s describes itself as %s (%s); ignoring --arch %s", weights, meta.get("variant"),
                         meta["arch"], variant)
-        net = archs.ARCHS[meta["arch"]](**meta["kwargs"])
+        net = archs.arch_class(meta["arch"])(**meta["kwargs"])
         model = SRModel(net, meta["arch"], meta["kwargs"], meta["input_range"], meta.get("variant"))
     else:
         if variant is None:
@@ -140,7 +136,7 @@ def load_model(weights: str | Path, variant: str | None = None, input_range: flo
             variant = found[0]
             log.info("%s: recognised as variant %s", weights, variant)
         arch, kwargs, default_range = archs.variant_spec(variant)
-        net = archs.ARCHS[arch](**kwargs)
+        net = archs.arch_class(arch)(**kwargs)
         model = SRModel(net, arch, kwargs, default_range if input_range is None else input_range, variant)
     load_into(model.net, state_dict, strict=True, source=str(weights))
     return model.eval()

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .datasets import FusionCrops, FusionImage, load_fusion_image
-from .fusion import INITS, fuse, fusion_inputs, fusion_loss, start_at_anchor, start_at_candidate
-from .training import (Job, LogMetrics, Predict, TrainConfig, autocast, evaluate, files_fingerprint, fit,
+from srmodels.data.datasets import FusionCrops, FusionImage, load_fusion_image
+from srmodels.models.fusion import INITS, fuse, fusion_inputs, fusion_loss, start_at_anchor, start_at_candidate
+from srmodels.training.loop import (Job, LogMetrics, Predict, TrainConfig, autocast, evaluate, files_fingerprint, fit,
                        memory_format)
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import ensembles, layout
-from .cache import load_output
-from .images import list_images, read_image, to_uint8
-from .statistics import paired_bootstrap
+from srmodels.evaluation import ensembles
+from srmodels.core import layout
+from srmodels.data.member_outputs import load_output
+from srmodels.data.images import list_images, read_image, to_uint8
+from srmodels.metrics.statistics import paired_bootstrap
 
 BASELINES = ("mean", "lsq")
 ORACLES = ("oracle:image", "oracle:pixel", "oracle:convex", "oracle:convex-y")

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import UserError
+from srmodels.core.errors import UserError
 
 
 def remove(path: Path) -> None:

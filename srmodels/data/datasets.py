@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import load_output
-from .errors import DataError
-from .images import ImageError, check_pair, image_size, list_images, pair_by_stem, read_image
+from srmodels.data.member_outputs import load_output
+from srmodels.core.errors import DataError
+from srmodels.data.images import ImageError, check_pair, image_size, list_images, pair_by_stem, read_image
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from .accelerate import accelerate
-from .fusion import AttentionWeightNet, fuse, fusion_loss
-from .inference import upscale
-from .model import build_model
+from srmodels.models.accelerate import accelerate
+from srmodels.models.fusion import AttentionWeightNet, fuse, fusion_loss
+from srmodels.models.inference import upscale
+from srmodels.models.model import build_model
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from .errors import UserError
+from srmodels.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

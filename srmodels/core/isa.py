@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from srmodels.core.errors import UserError
 
 NATIVE = "native"
 # level -> (environment, /proc/cpuinfo flags the CPU must have for it)
@@ -122,7 +122,7 @@ def pin_from_params(path: str | Path) -> str:
 
     A missing file or key pins nothing here; full validation reports it later with the key's name.
     """
-    from .params import ParamsError, read_yaml
+    from srmodels.core.params import ParamsError, read_yaml
 
     try:
         raw = read_yaml(path)

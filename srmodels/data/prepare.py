@@ -32,12 +32,12 @@ import numpy as np
 from skimage import data as skdata
 from tqdm import tqdm
 
-from . import layout
-from .images import (IMAGE_SUFFIXES, ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image,
+from srmodels.core import layout
+from srmodels.data.images import (IMAGE_SUFFIXES, ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image,
                      write_image)
-from .imresize import downscale_uint8
-from .outputs import remove, swap_in
-from .params import ParamsError
+from srmodels.data.imresize import downscale_uint8
+from srmodels.core.files import remove, swap_in
+from srmodels.core.params import ParamsError
 
 log = logging.getLogger(__name__)
 

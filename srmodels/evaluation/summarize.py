@@ -15,7 +15,7 @@ runs back and reports, for each configuration:
 Runs are grouped into configurations by their params with ``seed`` (and the tracking settings) left out; a
 configuration is named by the params in which it differs from the others. Runs come from DVC experiments
 (:func:`dvc_runs`: params, ``per_image.csv`` of the score stage and ``metrics.json`` of the fusion stage at each
-experiment's commit) or from MLflow (:func:`srmodels.tracking.pipeline_runs`). Everything written is
+experiment's commit) or from MLflow (:func:`mlflow_runs`). Everything written is
 deterministic: seeded resampling, fixed plot rendering.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import layout
-from .errors import UserError
-from .statistics import crossed_bootstrap
+from srmodels.core import layout
+from srmodels.core.errors import UserError
+from srmodels.metrics.statistics import crossed_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ class PipelineRun:
     @property
     def seed(self) -> int:
         return int(float(self.params["seed"]))
+
+
+def mlflow_runs(records: Iterable[Mapping[str, Any]]) -> list[PipelineRun]:
+    """``srmodels.tracking.finished_pipelines``' records of MLflow runs as ``PipelineRun``s, by seed."""
+    runs = [PipelineRun(name=r["name"], params=r["params"], source=r["source"],
+                        per_image=parse_per_image(r["per_image"], f"MLflow run {r['name']}: {layout.PER_IMAGE}"),
+                        member_val_psnr={k: float(v) for k, v in r["fusion_metrics"]["member_val_psnr"].items()},
+                        fusion_val_psnr=float(r["fusion_metrics"]["best_val_psnr"]),
+                        costs=r["score_metrics"].get("headroom", {}).get("costs", {}))
+            for r in records]
+    return sorted(runs, key=lambda r: (r.seed, r.name))
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -248,7 +259,7 @@ def _against_best_member(runs: Sequence[PipelineRun], psnr: Mapping[str, np.ndar
     """Every fusion-like row (the learned fusion, the baselines, the oracles) minus the seed's best member, per
     image and seed, with the crossed interval; the learned fusion's share of the convex oracle's headroom
     (ratio of the mean gains, and per seed); each row's cost as the score stage recorded it."""
-    from . import headroom  # its row names; it loads torch, which the rest of this module does not need
+    from srmodels.evaluation import headroom  # its row names; it loads torch, which the rest of this module does not need
 
     out: dict[str, Any] = {}
     for row in ("fusion", *headroom.BASELINES, *headroom.ORACLES):
@@ -369,7 +380,7 @@ def _headroom_markdown(summary: Mapping[str, Any]) -> list[str]:
     configuration scored them alike, as runs that differ only in the fusion do), and each configuration's
     learned fusion; gains over the best member with the crossed interval, the fusion's share of the headroom,
     parameters and MACs per output pixel (members included)."""
-    from . import headroom
+    from srmodels.evaluation import headroom
 
     set_name, confs = summary["set"], summary["configurations"]
     against = {label: c["against_best_member"] for label, c in confs.items() if "against_best_member" in c}
@@ -425,7 +436,7 @@ def plot_png(path: str | Path, summary: Mapping[str, Any]) -> Path:
     over its best member per seed, with the crossed-bootstrap interval. One marker per configuration."""
     from matplotlib import style
 
-    from .report import _figure, _save_png, colours_for
+    from srmodels.evaluation.report import _figure, _save_png, colours_for
 
     set_name, confs = summary["set"], summary["configurations"]
     markers = "os^Dv<>p"
@@ -480,7 +491,7 @@ def _short(label: str, limit: int = 40) -> str:
 
 
 def write_summary(out_dir: str | Path, summary: Mapping[str, Any]) -> list[Path]:
-    from .report import _atomic_write
+    from srmodels.evaluation.report import _atomic_write
 
     out_dir = Path(out_dir)
     text = markdown(summary)

@@ -12,12 +12,12 @@ from typing import Any, Sequence
 import torch
 from torch.nn import functional as F
 
-from .accelerate import accelerate
-from .datasets import PairedPatches, read_pair
-from .images import to_tensor
-from .inference import upscale
-from .model import SRModel, check_input_size, min_input_size
-from .training import ConfigError, Job, Predict, TrainConfig, autocast, files_fingerprint, fit, memory_format
+from srmodels.models.accelerate import accelerate
+from srmodels.data.datasets import PairedPatches, read_pair
+from srmodels.data.images import to_tensor
+from srmodels.models.inference import upscale
+from srmodels.models.model import SRModel, check_input_size, min_input_size
+from srmodels.training.loop import ConfigError, Job, Predict, TrainConfig, autocast, files_fingerprint, fit, memory_format
 
 # Adam's betas for the backbones (BasicSR's SR recipes; torch's default second moment is 0.999).
 BETAS = (0.9, 0.99)

@@ -10,8 +10,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 
-from .errors import UserError
-from .layout import SCALE
+from srmodels.core.errors import UserError
+from srmodels.core.layout import SCALE
 
 
 class ParamsError(UserError):
@@ -66,7 +66,7 @@ BACKBONE = {"variant": str, **BACKBONE_DEFAULTS}
 
 SCHEMA: dict[str, Any] = {
     "seed": int,
-    # Upper bound on the CPU kernels' instruction set (srmodels.isa): the same bits on every x86-64 CPU.
+    # Upper bound on the CPU kernels' instruction set (srmodels.core.isa): the same bits on every x86-64 CPU.
     "cpu_isa": OneOf("avx2", "avx512", "sse41", "native"),
     "device": OneOf("auto", "cpu", "cuda"),
     "threads": int,
@@ -186,8 +186,12 @@ def _backbone_entry_checks(key: str, entry: dict[str, Any], epochs_key: str) -> 
 
 
 def _semantic_checks(p: dict[str, Any]) -> None:
-    from .archs import VARIANTS  # local: keeps `srmodels.params` importable without building models
-    from .model import min_input_size
+    # Local: only these checks need the architectures, and none of them changes a stage's result.
+    from srmodels import archs
+
+    def min_input_size(variant: str) -> int:
+        arch, kwargs, _ = archs.variant_spec(variant)
+        return archs.min_input_size(arch, kwargs)
 
     # The defaults first, so that a bad default is named where it is written.
     _backbone_entry_checks("backbone_defaults", p["backbone_defaults"], "backbones.<b>.epochs")
@@ -201,9 +205,14 @@ def _semantic_checks(p: dict[str, Any]) -> None:
     _at_least("inference.tile_overlap", inference["tile_overlap"], 0)
     for name, bb in p["backbones"].items():
         key = f"backbones.{name}"
-        if bb["variant"] not in VARIANTS:
+        variants = archs.variants()
+        if bb["variant"] not in variants:
             raise ParamsError(f"{key}.variant: unknown variant {bb['variant']!r}; "
-                              f"valid: {', '.join(sorted(VARIANTS))}")
+                              f"valid: {', '.join(sorted(variants))}")
+        if variants[bb["variant"]][0] != name:
+            # A backbone's stages depend on srmodels/archs/<b>.py (dvc.yaml), the file of its architecture.
+            raise ParamsError(f"{key}.variant: {bb['variant']!r} is a {variants[bb['variant']][0]} variant; a "
+                              f"backbone is named after its architecture (one of {', '.join(archs.ARCHS)})")
         # epochs 0: the pretrained weights as they are (validated, saved as best.pth and cached).
         _at_least(f"{key}.epochs", bb["epochs"], 0, "; 0 uses the pretrained weights unchanged")
         for field in ("batch", "lr_patch", "nprocs"):

@@ -66,9 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .archs import DAT, RRDBNet, SwinIR
-from .archs._layers import Upsample
-from .archs.swinir import SwinTransformerBlock
+from srmodels.archs.dat import DAT
+from srmodels.archs.rrdbnet import RRDBNet
+from srmodels.archs._layers import Upsample
+from srmodels.archs.swinir import SwinIR, SwinTransformerBlock
 
 __all__ = ["accelerate", "PackedLinear", "PackedLinearGELU", "DirectConv2d", "WinogradConv2d",
            "winograd_conv3x3", "winograd_weight", "toom_cook_matrices", "derived_weight"]

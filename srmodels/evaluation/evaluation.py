@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import layout
-from .cache import check_output, load_output, rerun_hint
-from .errors import DataError
-from .fusion import fuse, fusion_inputs
-from .images import ImageError, list_images, read_image, to_tensor, to_uint8, write_image
-from .imresize import imresize_uint8
-from .layout import cached_eval as candidate_dir, eval_set, eval_sets
-from .metrics import calculate_psnr, calculate_ssim, rgb_to_y
-from .outputs import write_json
-from .prepare import Entry, check_entry, load_pair, plan_set, set_folders
-from .report import (bar_chart_png, comparison_table, curves_png, markdown_table, panel_image, read_curve,
+from srmodels.core import layout
+from srmodels.data.member_outputs import check_output, load_output, rerun_hint
+from srmodels.core.errors import DataError
+from srmodels.models.fusion import fuse, fusion_inputs
+from srmodels.data.images import ImageError, list_images, read_image, to_tensor, to_uint8, write_image
+from srmodels.data.imresize import imresize_uint8
+from srmodels.core.layout import cached_eval as candidate_dir, eval_set, eval_sets
+from srmodels.metrics.psnr_ssim import calculate_psnr, calculate_ssim, rgb_to_y
+from srmodels.core.files import write_json
+from srmodels.data.prepare import Entry, check_entry, load_pair, plan_set, set_folders
+from srmodels.evaluation.report import (bar_chart_png, comparison_table, curves_png, markdown_table, panel_image, read_curve,
                      weight_map_image, write_csv)
-from .statistics import LEVEL, model_comparisons
+from srmodels.metrics.statistics import LEVEL, model_comparisons
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_meta, load_into, read_checkpoint, save_safetensors, unwrap_state_dict
-from .errors import UserError
-from .fusion import FUSION_KINDS, fuse
-from .model import SRModel, load_model
-from .outputs import check_writable
+from srmodels.models.checkpoint import checkpoint_meta, load_into, read_checkpoint, save_safetensors, unwrap_state_dict
+from srmodels.core.errors import UserError
+from srmodels.models.fusion import FUSION_KINDS, fuse
+from srmodels.models.model import SRModel, load_model
+from srmodels.core.files import check_writable
 
 __all__ = ["FORMATS", "ExportError", "OnnxCheck", "export", "export_safetensors", "export_official", "export_onnx",
            "official_state", "ONNX_TOLERANCE", "ONNX_OPSET", "ONNX_MIN_SIDE"]

@@ -16,12 +16,10 @@ RRDBNet's. Loading into a model is strict by default and a mismatch is reported 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
 import re
-import subprocess
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .errors import UserError
+from srmodels.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -299,32 +297,6 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: 
         state_dict = {k: v for k, v in state_dict.items() if k in expected and v.shape == expected[k].shape}
     model.load_state_dict(state_dict, strict=strict)
     return report
-
-
-# DVC rewrites these tracked files between the stages of one run; they must not make the tree look "dirty".
-_BOOKKEEPING_PATHSPEC = (":(exclude,glob)**/dvc.lock", ":(exclude,glob)**/.gitignore")
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    """HEAD's commit, '+dirty' for uncommitted tracked changes other than DVC's bookkeeping; 'unknown' outside git."""
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
-    if not sha:
-        return "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", *_BOOKKEEPING_PATHSPEC)
-    return sha + ("+dirty" if dirty else "")
-
-
-def params_hash(params: Mapping[str, Any]) -> str:
-    """Short stable hash of a params mapping (key order independent)."""
-    blob = json.dumps(params, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *, arch: str, kwargs: dict[str, Any],

@@ -43,12 +43,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from . import distributed, layout
-from .checkpoint import save_checkpoint
-from .errors import UserError
-from .images import to_uint8
-from .metrics import calculate_psnr
-from .runtime import seed_everything, set_threads
+from srmodels.training import distributed
+from srmodels.core import layout
+from srmodels.models.checkpoint import save_checkpoint
+from srmodels.core.errors import UserError
+from srmodels.data.images import to_uint8
+from srmodels.metrics.psnr_ssim import calculate_psnr
+from srmodels.core.runtime import seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
