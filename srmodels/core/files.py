@@ -1,4 +1,8 @@
-"""Stage outputs that appear all at once, and deterministic JSON.
+"""Files that appear whole or not at all: one home for atomic writes, deterministic JSON and staged stage outputs.
+
+A single file is written through :func:`atomic` (or :func:`write_text`, :func:`write_bytes`, :func:`write_json`):
+it goes to a temporary name beside its target and replaces it by one rename, so a reader or a killed run never
+sees half a file.
 
 A stage writes everything into a staging folder and swaps it in by renames only when it succeeded, so a stage
 that fails (bad input, Ctrl-C, a crash half way) leaves the previous outputs exactly as they were. The stages use
@@ -106,10 +110,38 @@ def staged(out_dir: str | Path, work: str | Path, *, whole: bool = False) -> Ite
         remove(root)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Deterministic JSON (sorted keys, fixed indent, trailing newline), written atomically."""
+@contextmanager
+def atomic(path: str | Path) -> Iterator[Path]:
+    """``with atomic(path) as tmp: write tmp``: ``tmp`` replaces ``path`` by one rename if the block succeeds and
+    is deleted if it fails. ``tmp`` sits beside ``path`` (same file system) with the same suffix, which writers
+    that choose a format by it (OpenCV, ``np.save``) need; the parent folder is made if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` as the whole of ``path``, atomically."""
+    with atomic(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """``text`` (UTF-8) as the whole of ``path``, atomically."""
+    write_bytes(path, text.encode())
+
+
+def json_text(obj: Any) -> str:
+    """The project's one JSON form: sorted keys, indent 1, a trailing newline (diffs and hashes stay stable)."""
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as :func:`json_text`, atomically."""
+    write_text(path, json_text(obj))
