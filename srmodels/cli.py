@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ from srmodels.data.images import ImageError, image_size, list_images, read_image
 from srmodels.data.imresize import downscale_uint8
 from srmodels.models.inference import upscale
 from srmodels.models.model import check_input_size, load_model, min_input_size
-from srmodels.core.files import check_writable, remove, swap_in
+from srmodels.core.files import atomic, check_writable, remove, swap_in, write_json
+from srmodels.core.params import flatten
 from srmodels.data.prepare import SET_NAME_RULE, plan_set, valid_set_name
 from srmodels.evaluation.report import sets_table
 from srmodels.core.runtime import keep_freed_memory, resolve_device
@@ -84,26 +85,20 @@ def _remove_made(folders: Iterable[Path]) -> None:
 
 
 def _write_texts(texts: list[tuple[str, str, str]]) -> None:
-    """Write each (path, text, what), all or none: every text to a temporary file beside its path first, then
-    each renamed into place. On failure the temporary files and the folders made for them are removed."""
-    staged: list[tuple[Path, Path]] = []
+    """Write each (path, text, what), all or none: every text to a temporary file beside its path first
+    (:func:`srmodels.core.files.atomic`), then each renamed into place. On failure the temporary files and the
+    folders made for them are removed."""
     made: list[Path] = []
     try:
-        for path, text, what in texts:
-            target = Path(path)
-            made += [p for p in target.parents if not p.exists()]
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                staged.append((tmp, target))
-                tmp.write_text(text)
-            except OSError as err:
-                raise UserError(f"{target}: cannot write the {what} ({err.strerror or err})") from None
-        for tmp, target in staged:
-            os.replace(tmp, target)
+        with contextlib.ExitStack() as renames:  # on leaving: every rename, or every temporary file removed
+            for path, text, what in texts:
+                target = Path(path)
+                made += [p for p in target.parents if not p.exists()]
+                try:
+                    renames.enter_context(atomic(target)).write_text(text)
+                except OSError as err:
+                    raise UserError(f"{target}: cannot write the {what} ({err.strerror or err})") from None
     except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
         _remove_made(made)
         raise
 
@@ -242,7 +237,7 @@ def cmd_eval(args) -> int:
     if args.json and args.table and Path(args.json).resolve() == Path(args.table).resolve():
         raise UserError(f"--json {args.json} / --table {args.table}: the same file; the table would replace the "
                         f"results")
-    if args.hr is not None:  # today's one-folder form: one set
+    if args.hr is not None:  # the one-folder form: one set
         hr_dir, lr_dir = Path(args.hr), None if args.lr is None else Path(args.lr)
         sets = [BenchmarkSet(_folder_set_name(hr_dir), hr_dir, lr_dir,
                              plan_set(hr_dir, lr_dir, scale, what=f"--hr {args.hr}"))]
@@ -282,6 +277,7 @@ def cmd_eval(args) -> int:
         "sets": scored,
         "machine": isa.provenance(),  # the kernels' pin, CPU and library versions behind these numbers
     }
+    # Not json_text's sorted keys: the sets stay in the order given, as in the table.
     _write_texts(([(args.json, json.dumps(result, indent=1) + "\n", "--json results")] if args.json else [])
                  + ([(args.table, table + "\n" + caption, "--table")] if args.table else []))
     return 0
@@ -369,22 +365,8 @@ def cmd_bench(args) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"forward": rows, "fusion_train": train_rows}, indent=1) + "\n")
+        write_json(args.json, {"forward": rows, "fusion_train": train_rows})
     return 0
-
-
-def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Every leaf of a JSON document by dotted key (list items by index: ``images.0.psnr``)."""
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, list):
-        items = enumerate(obj)
-    else:
-        return {prefix[:-1]: obj}
-    out: dict[str, Any] = {}
-    for k, v in items:
-        out.update(_leaves(v, f"{prefix}{k}."))
-    return out
 
 
 def _is_number(v: Any) -> bool:
@@ -395,7 +377,7 @@ class MetricsDiff:
     """Every difference between two metrics documents, one printable line each."""
 
     def __init__(self, old: Any, new: Any, tol_db: float = 0.0, tol_ssim: float = 0.0) -> None:
-        a, b = _leaves(old), _leaves(new)
+        a, b = flatten(old, lists=True), flatten(new, lists=True)  # every leaf by dotted key
         self.compared = 0
         self.moved: list[str] = []      # numbers beyond their tolerance
         self.changed: list[str] = []    # other values (strings, booleans, null, a number that became a string)
@@ -513,38 +495,29 @@ def cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0],
-                                     epilog=INPUT_POLICY + " Errors are one line; --debug shows the traceback.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error instead of one line (also: SRMODELS_DEBUG=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--weights", required=True, help="checkpoint (ours, or released weights)")
-        p.add_argument("--arch", help="variant name for released weights (ours describe themselves); one of "
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """What eval and upscale share: the model and how it runs."""
+    p.add_argument("--weights", required=True, help="checkpoint (ours, or released weights)")
+    p.add_argument("--arch", help="variant name for released weights (ours describe themselves); one of "
                    + ", ".join(sorted(archs.variants())))
-        p.add_argument("--self-ensemble", action="store_true", help="x8 flips/rotations, averaged")
-        p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (bounds memory)")
-        p.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in LR pixels")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
-        p.add_argument("--plain", action="store_true",
-                       help="run the plain port, without the CPU inference kernels of srmodels.accelerate")
-        cpu_isa_arg(p)
+    p.add_argument("--self-ensemble", action="store_true", help="x8 flips/rotations, averaged")
+    p.add_argument("--tile", type=int, default=None, help="tile size in LR pixels (bounds memory)")
+    p.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in LR pixels")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+    p.add_argument("--plain", action="store_true",
+                   help="run the plain port, without the CPU inference kernels of srmodels.accelerate")
+    _cpu_isa_arg(p)
 
-    def cpu_isa_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cpu-isa", choices=isa.CHOICES, default=isa.NATIVE,
-                       help="pin the CPU kernels' instruction set (avx2: the same bits on every x86-64 CPU, as "
-                            "the pipeline runs; default native: this CPU's fastest kernels)")
 
-    p = sub.add_parser(
-        "eval", help="PSNR/SSIM of a model on benchmark sets, as one table", epilog=INPUT_POLICY,
-        description="Score a model on one or more benchmark sets and print one Markdown table in the layout of SR "
-                    "papers: a column per set (in the order given), cells PSNR / SSIM on Y with the crop border. "
-                    "--json writes per-set means and per-image PSNR/SSIM on Y and RGB.")
-    model_args(p)
+def _cpu_isa_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-isa", choices=isa.CHOICES, default=isa.NATIVE,
+                   help="pin the CPU kernels' instruction set (avx2: the same bits on every x86-64 CPU, as "
+                        "the pipeline runs; default native: this CPU's fastest kernels)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
     sets = p.add_mutually_exclusive_group(required=True)
     sets.add_argument("--set", dest="sets", action="append", metavar="NAME=DIR",
                       help="a benchmark set (repeat for several): HR images in DIR/HR/ (or directly in DIR when it has "
@@ -561,22 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="the model's row in the table (default: its variant, +se with --self-ensemble)")
     p.add_argument("--json", help="write per-set means, per-image scores and the protocol here")
     p.add_argument("--table", help="also write the Markdown table here")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("upscale", help="super-resolve images", epilog=INPUT_POLICY)
-    model_args(p)
+
+def _upscale_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
     p.add_argument("inputs", nargs="+", help="images or folders")
     p.add_argument("-o", "--output", required=True, help="output folder (made if absent; not a file)")
-    p.set_defaults(func=cmd_upscale)
 
-    p = sub.add_parser("downscale", help="MATLAB-bicubic LR images ({stem}x4.png, the DIV2K naming)",
-                       epilog=INPUT_POLICY)
+
+def _downscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("hr", help="folder of HR images")
     p.add_argument("output", help="output folder")
     p.add_argument("--scale", type=int, default=4)
-    p.set_defaults(func=cmd_downscale)
 
-    p = sub.add_parser("bench", help="median ms per forward of each model (CPU, and CUDA when present)")
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="*", default=list(DEFAULT_VARIANTS), help="variants, or 'fusion' (none: skip)")
     p.add_argument("--sizes", nargs="+", default=["64x64", "120x84"], help="LR sizes WxH")
     p.add_argument("--runs", type=int, default=5)
@@ -589,48 +561,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion-train", metavar="BATCH:LR_PATCH",
                    help="also time fusion-net training steps, e.g. 72:128 (team 27's batch and patch)")
     p.add_argument("--json", help="write the rows here")
-    cpu_isa_arg(p)
-    p.set_defaults(func=cmd_bench)
+    _cpu_isa_arg(p)
 
-    p = sub.add_parser(
-        "compare-metrics", help="fail when any metric moved (CI re-validation)",
-        description="Compare every leaf of two metrics JSON files. Prints one line per number that moved (dotted "
-                    "key, old and new in full precision, the difference), per other value that changed and per "
-                    "key found in one file only, then a summary; exit 1 if anything differs.")
+
+def _compare_metrics_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("committed", help="metrics.json of the committed run")
     p.add_argument("new", help="metrics.json of the new run")
     p.add_argument("--tol-db", type=float, default=0.0, help="allowed |change| of keys named *psnr* (default: exact)")
     p.add_argument("--tol-ssim", type=float, default=0.0, help="allowed |change| of keys named *ssim* (default: exact)")
-    p.set_defaults(func=cmd_compare_metrics)
 
-    p = sub.add_parser(
-        "profile", help="a params profile (profiles/<name>.yaml) as `dvc exp run` overrides, or written in",
-        description="Print the `-S ++key=value` overrides that apply a profile, for "
-                    "`dvc exp run -n ntire $(srmodels profile ntire)`, or with --apply write the profile into "
-                    "params.yaml (comments kept). The result is validated first either way.")
+
+def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="a profile name in profiles/ (e.g. ntire) or a YAML file")
     p.add_argument("--apply", action="store_true", help="write the profile into the params file instead")
     p.add_argument("--params", default="params.yaml", help="the params file it applies to (default params.yaml)")
-    p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser(
-        "check", help="validate a params file whole: unknown keys anywhere, values, members, pretrained files",
-        description="Load and validate every key of the params file, whether or not a stage reads it (a typo in "
-                    "a key no stale stage depends on passes `dvc repro` silently), then cross-check: trained "
-                    "and fusion.members name backbones entries, members are trained, and each pretrained "
-                    "checkpoint that is set exists (paths relative to here, as the stages run). Prints one line; "
-                    "exit 0 when valid, 2 with the key at fault otherwise.")
+
+def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("params", nargs="?", default=None,
                    help="the params file (default: $SRMODELS_PARAMS, else params.yaml, as the stages read it)")
-    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser(
-        "summarize", help="a seed sweep's finished runs: per model mean ± sd over seeds, the fusion's gain with a CI",
-        description="Read the finished pipeline runs (DVC experiments, or MLflow pipeline runs), group them by "
-                    "their params other than seed, and write per configuration each model's mean, standard "
-                    "deviation and range over seeds, the fusion's gain over its best member (chosen per seed on "
-                    "validation) with a 95%% bootstrap interval over seeds x images, and the configurations "
-                    "compared pairwise: summary.md (also printed), summary.json, summary.png.")
+
+def _summarize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", choices=["dvc", "mlflow"], default="dvc",
                    help="where the runs are read: DVC experiments (default) or the MLflow store of params.yaml")
     p.add_argument("--repo", default=".", help="the repository (default: here)")
@@ -641,22 +593,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="summary", help="output folder (default: summary)")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.set_defaults(func=cmd_summarize)
 
-    p = sub.add_parser(
-        "export", help="a checkpoint as safetensors (self-describing), the official layout, or ONNX",
-        description="Write WEIGHTS (ours, released, any wrapping, .pth or .safetensors; or the fusion net's "
-                    "best.pth) as: safetensors with our description in its metadata (loads with no --arch); the "
-                    "official layout ({'params': ...} for DAT, SwinIR, RRDBNet; RFDN's bare dict on 0-255 "
-                    "pixels; team 27's fusion layout); or ONNX with dynamic height and width, checked against "
-                    "PyTorch with onnxruntime on two sizes (needs the onnx extra).")
+
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("weights", help="checkpoint to export")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument("--arch", help="variant name for released weights (ours describe themselves)")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (>= 17; default {ONNX_OPSET})")
-    p.set_defaults(func=cmd_export)
-    for p in sub.choices.values():  # also after the command: `srmodels eval --debug ...`
+
+
+# Each subcommand: its name, what ``add_parser`` takes (help, description, epilog), the function adding its
+# arguments and the one running it.
+_COMMANDS: tuple[tuple[str, dict[str, str], Callable[[argparse.ArgumentParser], None], Callable[..., int]], ...] = (
+    ("eval", dict(
+        help="PSNR/SSIM of a model on benchmark sets, as one table", epilog=INPUT_POLICY,
+        description="Score a model on one or more benchmark sets and print one Markdown table in the layout of SR "
+                    "papers: a column per set (in the order given), cells PSNR / SSIM on Y with the crop border. "
+                    "--json writes per-set means and per-image PSNR/SSIM on Y and RGB."), _eval_args, cmd_eval),
+    ("upscale", dict(help="super-resolve images", epilog=INPUT_POLICY), _upscale_args, cmd_upscale),
+    ("downscale", dict(help="MATLAB-bicubic LR images ({stem}x4.png, the DIV2K naming)", epilog=INPUT_POLICY),
+     _downscale_args, cmd_downscale),
+    ("bench", dict(help="median ms per forward of each model (CPU, and CUDA when present)"), _bench_args, cmd_bench),
+    ("compare-metrics", dict(
+        help="fail when any metric moved (CI re-validation)",
+        description="Compare every leaf of two metrics JSON files. Prints one line per number that moved (dotted "
+                    "key, old and new in full precision, the difference), per other value that changed and per "
+                    "key found in one file only, then a summary; exit 1 if anything differs."),
+     _compare_metrics_args, cmd_compare_metrics),
+    ("profile", dict(
+        help="a params profile (profiles/<name>.yaml) as `dvc exp run` overrides, or written in",
+        description="Print the `-S ++key=value` overrides that apply a profile, for "
+                    "`dvc exp run -n ntire $(srmodels profile ntire)`, or with --apply write the profile into "
+                    "params.yaml (comments kept). The result is validated first either way."), _profile_args,
+     cmd_profile),
+    ("check", dict(
+        help="validate a params file whole: unknown keys anywhere, values, members, pretrained files",
+        description="Load and validate every key of the params file, whether or not a stage reads it (a typo in "
+                    "a key no stale stage depends on passes `dvc repro` silently), then cross-check: trained "
+                    "and fusion.members name backbones entries, members are trained, and each pretrained "
+                    "checkpoint that is set exists (paths relative to here, as the stages run). Prints one line; "
+                    "exit 0 when valid, 2 with the key at fault otherwise."), _check_args, cmd_check),
+    ("summarize", dict(
+        help="a seed sweep's finished runs: per model mean ± sd over seeds, the fusion's gain with a CI",
+        description="Read the finished pipeline runs (DVC experiments, or MLflow pipeline runs), group them by "
+                    "their params other than seed, and write per configuration each model's mean, standard "
+                    "deviation and range over seeds, the fusion's gain over its best member (chosen per seed on "
+                    "validation) with a 95%% bootstrap interval over seeds x images, and the configurations "
+                    "compared pairwise: summary.md (also printed), summary.json, summary.png."), _summarize_args,
+     cmd_summarize),
+    ("export", dict(
+        help="a checkpoint as safetensors (self-describing), the official layout, or ONNX",
+        description="Write WEIGHTS (ours, released, any wrapping, .pth or .safetensors; or the fusion net's "
+                    "best.pth) as: safetensors with our description in its metadata (loads with no --arch); the "
+                    "official layout ({'params': ...} for DAT, SwinIR, RRDBNet; RFDN's bare dict on 0-255 "
+                    "pixels; team 27's fusion layout); or ONNX with dynamic height and width, checked against "
+                    "PyTorch with onnxruntime on two sizes (needs the onnx extra)."), _export_args, cmd_export),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srmodels", description=__doc__.splitlines()[0],
+                                     epilog=INPUT_POLICY + " Errors are one line; --debug shows the traceback.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line (also: SRMODELS_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, texts, add_args, run in _COMMANDS:
+        p = sub.add_parser(name, **texts)
+        add_args(p)
+        p.set_defaults(func=run)
+        # also after the command: `srmodels eval --debug ...`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 

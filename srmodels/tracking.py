@@ -1,24 +1,26 @@
 """MLflow tracking for the DVC pipeline: one parent run per pipeline run, one nested child run per stage.
 
 The only module that imports mlflow, and only once a stage tracks (the import costs seconds). Each stage process
-finds or creates the top-level run tagged with its pipeline key and params hash (less the ``mlflow`` section:
-where results are logged does not change them). The key is ``$DVC_EXP_NAME``; else, under ``dvc repro``, the
-commit (without ``+dirty``: DVC rewrites tracked files between stages) and the ``dvc`` process's pid, start time
-and boot; else the commit and the params hash. The first MLflow error logs one warning and turns the run into a
-no-op: tracking never changes a result.
+finds or creates the top-level run tagged with its pipeline key (:func:`srmodels.core.provenance.pipeline_key`)
+and params hash (less the ``mlflow`` section: where results are logged does not change them). The first MLflow
+error logs one warning and turns the run into a no-op: tracking never changes a result.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from srmodels.core.provenance import git_commit, params_hash
+from srmodels.core.errors import UserError
+from srmodels.core.layout import METRICS, PER_IMAGE, artifact_location, tracking_uri
+from srmodels.core.provenance import git_commit, params_hash, pipeline_key
 from srmodels.core.params import flatten
 
 log = logging.getLogger(__name__)
@@ -36,62 +38,8 @@ class Terminated(SystemExit):
     """SIGTERM/SIGINT in a tracked stage: ends the runs KILLED, then exits 128 + signal."""
 
 
-def repo_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-
-
-def tracking_uri(params: Mapping[str, Any], root: Path | None = None) -> str | None:
-    """Local paths made absolute against ``$DVC_ROOT``: the main repository even under ``dvc exp run --temp``."""
-    uri = (os.environ.get("MLFLOW_TRACKING_URI")
-           or params.get("mlflow", {}).get("tracking_uri", "sqlite:///mlflow.db")).strip()
-    if uri.lower() in ("", "none", "off"):
-        return None
-    root = root or repo_root()
-    if uri.startswith("sqlite:///"):
-        path, sep, query = uri[len("sqlite:///"):].partition("?")
-        if path and path != ":memory:" and not path.startswith("/"):
-            return f"sqlite:///{(root / path).resolve()}{sep}{query}"
-    elif ":" not in uri and uri != "databricks":
-        return (root / uri).resolve().as_uri()  # a bare folder: MLflow's file store
-    return uri
-
-
-def artifact_location(uri: str, root: Path | None = None) -> str | None:
-    """Where a new experiment keeps artifacts; None where the store decides (servers, file stores)."""
-    if uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "file"):
-        return None
-    db = uri[len("sqlite:///"):].partition("?")[0] if uri.startswith("sqlite:///") else ""
-    return (Path(db).parent if db.startswith("/") else root or repo_root()).joinpath("mlartifacts").as_uri()
-
-
-def _is_dvc(argv: list[str]) -> bool:  # dvc ..., python .../dvc ... (a shebang), python -m dvc ...
-    names = [os.path.basename(a) for a in argv[:2]]
-    return names[:1] == ["dvc"] or names[1:2] == ["dvc"] or argv[1:3] == ["-m", "dvc"]
-
-
-def dvc_invocation() -> str | None:
-    """``<pid>.<start ticks>.<boot id>`` of the nearest ``dvc`` ancestor: one per ``dvc repro``."""
-    pid = os.getppid()
-    try:
-        while pid > 1:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # the command name before ")" may hold spaces
-            if _is_dvc(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")):
-                boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
-                return f"{pid}.{fields[19]}.{boot}"
-            pid = int(fields[1])
-    except (OSError, ValueError, IndexError):  # no /proc, or a process that ended meanwhile
-        pass
-    return None
-
-
 def pipeline_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k != "mlflow"}
-
-
-def pipeline_key(code: str, phash: str) -> str:
-    dvc = dvc_invocation()
-    return os.environ.get("DVC_EXP_NAME") or (f"{code.split('+')[0]}-dvc-{dvc}" if dvc else f"{code}-{phash}")
 
 
 def _present(tags: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +47,7 @@ def _present(tags: dict[str, Any]) -> dict[str, Any]:
 
 
 class StageRun:
-    """``with start_stage(params, stage) as run``: the stage's child run; a no-op when off, disabled or broken."""
+    """``with StageRun(params, stage) as run``: the stage's child run; a no-op when off, disabled or broken."""
 
     uri = run_id = parent_run_id = _client = None
     active = _warned = _ending = False
@@ -248,9 +196,6 @@ class StageRun:
         self._guarded(f"log artifact {path}", send, "artifacts")
 
 
-start_stage = StageRun
-
-
 def finished_pipelines(params: Mapping[str, Any], names: list[str] | None = None,
                        root: Path | None = None) -> list[dict[str, Any]]:
     """Finished pipeline runs of the MLflow store, newest per name: each its name, params, source, the score
@@ -261,13 +206,7 @@ def finished_pipelines(params: Mapping[str, Any], names: list[str] | None = None
     ran, so an experiment that DVC restored entirely from its cache has no run here (``--from dvc`` has it).
     Params come back as MLflow stored them (text), which is all grouping by configuration needs.
     """
-    import json
-    import tempfile
-
     from mlflow.tracking import MlflowClient
-
-    from srmodels.core.errors import UserError
-    from srmodels.core.layout import METRICS, PER_IMAGE
 
     uri = tracking_uri(params, root) or ""
     experiment = params.get("mlflow", {}).get("experiment", "srmodels")
@@ -284,9 +223,7 @@ def finished_pipelines(params: Mapping[str, Any], names: list[str] | None = None
             continue
         children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                                       "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
-        stage = {}
-        for child in children:
-            stage.setdefault(child.data.tags.get("srmodels.stage"), child)
+        stage = {child.data.tags.get("srmodels.stage"): child for child in reversed(children)}  # the newest each
         if "fusion" not in stage or "score" not in stage:
             log.info("MLflow run %s (%s): no finished fusion and score stages; skipped", name, parent.info.run_id)
             continue
@@ -295,10 +232,10 @@ def finished_pipelines(params: Mapping[str, Any], names: list[str] | None = None
                 table = Path(client.download_artifacts(stage["score"].info.run_id, PER_IMAGE, tmp)).read_text()
                 fusion = json.loads(Path(client.download_artifacts(stage["fusion"].info.run_id, METRICS,
                                                                    tmp)).read_text())
-                try:  # the score stage's metrics.json carries the rows' costs (runs before it have none)
+                try:  # the score stage's metrics.json carries the rows' costs, if it was logged
                     score = json.loads(Path(client.download_artifacts(stage["score"].info.run_id, METRICS,
                                                                       tmp)).read_text())
-                except Exception:  # noqa: BLE001 - absent in older runs
+                except Exception:  # noqa: BLE001 - not logged: no costs
                     score = {}
         except Exception as err:  # noqa: BLE001 - MLflow raises its own kinds for a missing artifact
             log.info("MLflow run %s: %s or the fusion's metrics.json not logged (%s); skipped", name, PER_IMAGE,

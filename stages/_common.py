@@ -101,9 +101,9 @@ def run_provenance(params: dict[str, Any]) -> dict[str, Any]:
 @contextmanager
 def tracked(params: dict[str, Any], stage: str, enabled: bool = True) -> Iterator[Any]:
     """The stage's MLflow run, tagged with the machine and kernels it ran on."""
-    from srmodels.tracking import start_stage  # mlflow loads only in stages that track
+    from srmodels.tracking import StageRun  # mlflow loads only in stages that track
 
-    with start_stage(params, stage, enabled=enabled) as tracking:
+    with StageRun(params, stage, enabled=enabled) as tracking:
         tracking.set_tags({f"srmodels.{k}": v for k, v in isa.provenance().items()})
         yield tracking
 

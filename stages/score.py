@@ -32,7 +32,7 @@ def main(params: dict[str, Any]) -> None:
             psnr_y[set_name][name] = [s["psnr_y"] for s in scores]
     comparisons = set_comparisons(psnr_y, members, self_ensemble=self_ensemble, **mp["bootstrap"])
     metrics = score_metrics(summary, comparisons, finetune_dir, fusion_dir, members, crop_border=crop,
-                            y_channel=mp["y_channel"], self_ensemble=self_ensemble, cpu_isa=params["cpu_isa"],
+                            self_ensemble=self_ensemble, cpu_isa=params["cpu_isa"],
                             bootstrap_resamples=mp["bootstrap"]["resamples"])
     ref = headroom.reference(members, baselines["best_member"], self_ensemble)
     metrics["headroom"] = {

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from srmodels.core import layout
-from srmodels.models.checkpoint import checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
 from srmodels.core.errors import UserError
 from srmodels.evaluation.evaluation import fuse_eval_sets
-from srmodels.models.fusion import FUSION_KINDS
+from srmodels.models.fusion import fusion_kind, load_fusion
 from srmodels.core.files import staged, write_json
 from srmodels.core.runtime import resolve_device, set_threads
 
@@ -17,16 +16,11 @@ from srmodels.core.runtime import resolve_device, set_threads
 def main(params: dict[str, Any]) -> None:
     paths = params["paths"]
     ckpt_path = Path(paths["fusion"]) / layout.BEST
-    raw = read_checkpoint(ckpt_path)
-    meta = checkpoint_meta(raw)
-    if meta is None or "members" not in meta:
-        raise UserError(f"{ckpt_path}: not a fusion checkpoint of this pipeline (re-run the fusion stage)")
-    members, kind = meta["members"], meta["kind"]
+    net, meta = load_fusion(ckpt_path)
+    members, kind = meta.get("members"), fusion_kind(meta)
     if members != params["fusion"]["members"]:
         raise UserError(f"fusion.members: {ckpt_path} fuses {members}, params say {params['fusion']['members']} "
                         "(re-run the fusion stage)")
-    net = FUSION_KINDS[kind](**meta["kwargs"])
-    load_into(net, unwrap_state_dict(raw), source=str(ckpt_path))
     set_threads(params["threads"])
     with staged(Path(paths["test"]), paths["work"], whole=True) as out_dir:
         start = time.perf_counter()

@@ -26,7 +26,7 @@ from srmodels.archs.swinir import SwinIR
 from srmodels.models.fusion import AttentionWeightNet
 from srmodels.models.model import build_model
 
-from .conftest import assert_matches_manifest, manifest
+from .helpers import assert_matches_manifest, manifest
 
 needs_linear_ops = pytest.mark.skipif(not acc._linear_ops(), reason="this torch build has no oneDNN linear packing")
 needs_conv_ops = pytest.mark.skipif(not acc._conv_ops(), reason="this torch build has no oneDNN conv packing")

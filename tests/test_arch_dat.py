@@ -13,9 +13,9 @@ from srmodels.models.accelerate import accelerate
 from srmodels.archs._layers import shift_window_mask, window_token_order
 from srmodels.archs.dat import DAT
 
-from .conftest import REFERENCE, assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
+from .helpers import (PORT_ATOL, REFERENCE, assert_intermediates_match, assert_matches_manifest, load_pt,
+                     manifest, public_model, reference_path)
 
-ATOL = 5e-5
 PUBLIC = ("fixtures", "dat", "public")
 MANIFESTS = sorted(p.name for p in (REFERENCE / "fixtures" / "dat").glob("manifest_full*.json")) or ["(none)"]
 PUBLIC_INPUTS = (sorted(load_pt(REFERENCE.joinpath(*PUBLIC, "inputs.pt")))
@@ -26,7 +26,7 @@ TINY = dict(upscale=2, in_chans=3, img_size=16, img_range=1.0, split_size=[2, 8]
             num_heads=[4, 4], expansion_factor=2.0, resi_connection="1conv")
 
 
-def _randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
+def _randomise_dat(model: nn.Module, seed: int = 0) -> nn.Module:
     """O(1) random weights and BatchNorm statistics, so that ordering or mask mistakes move the output visibly."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -42,23 +42,21 @@ def _randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def public_model() -> DAT:
-    model = DAT(**json.loads(reference_path(*PUBLIC, "config.json").read_text()))
-    model.load_state_dict(load_pt(reference_path(*PUBLIC, "state_dict.pt")), strict=True)
-    return model.eval()
+def public_dat() -> DAT:
+    return public_model("dat", DAT)
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> DAT:
     torch.manual_seed(0)
-    return _randomise_(DAT(**TINY))
+    return _randomise_dat(DAT(**TINY))
 
 
 # --- structure -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("manifest_name", MANIFESTS)
-def test_state_dict_matches_manifest(manifest_name: str) -> None:
+def test_dat_state_dict_matches_manifest(manifest_name: str) -> None:
     spec = manifest("dat", manifest_name)
     # Meta tensors: real shapes and dtypes without allocating (or initialising) the 15M-parameter model.
     with torch.device("meta"):
@@ -66,7 +64,7 @@ def test_state_dict_matches_manifest(manifest_name: str) -> None:
     assert_matches_manifest(model, spec)
 
 
-def test_constructor_signature_is_official() -> None:
+def test_dat_constructor_signature_is_official() -> None:
     params = inspect.signature(DAT).parameters
     assert {k: p.default for k, p in params.items()} == dict(
         img_size=64, in_chans=3, embed_dim=180, split_size=[2, 4], depth=[2, 2, 2, 2], num_heads=[2, 2, 2, 2],
@@ -98,29 +96,29 @@ def test_variants_build() -> None:
 
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
 @pytest.mark.parametrize("name", PUBLIC_INPUTS)
-def test_public_outputs(public_model: DAT, name: str, accelerated: bool) -> None:
+def test_dat_public_outputs(public_dat: DAT, name: str, accelerated: bool) -> None:
     inputs = load_pt(reference_path(*PUBLIC, "inputs.pt"))
     outputs = load_pt(reference_path(*PUBLIC, "outputs.pt"))
     assert set(inputs) == set(outputs)
-    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
+    model = accelerate(copy.deepcopy(public_dat)) if accelerated else public_dat
     with torch.inference_mode():
         out = model(inputs[name])
     assert out.shape == outputs[name].shape
-    assert torch.allclose(out, outputs[name], atol=ATOL, rtol=0), \
+    assert torch.allclose(out, outputs[name], atol=PORT_ATOL, rtol=0), \
         f"{name}: max |diff| {(out - outputs[name]).abs().max().item():.3g}"
 
 
-def test_public_intermediates(public_model: DAT) -> None:
-    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
+def test_dat_public_intermediates(public_dat: DAT) -> None:
+    assert_intermediates_match(public_dat, reference_path(*PUBLIC), PORT_ATOL)
 
 
-def test_public_grad_mode_matches(public_model: DAT) -> None:
+def test_public_grad_mode_matches(public_dat: DAT) -> None:
     """The autograd path (no in-place shortcuts lost) gives the accelerated inference result, and gradients."""
     debug = [x for name, x in load_pt(reference_path(*PUBLIC, "inputs.pt")).items() if name.startswith("debug_")]
     x = debug[0].clone().requires_grad_(True)
-    out = public_model(x)
+    out = public_dat(x)
     with torch.inference_mode():
-        ref = accelerate(copy.deepcopy(public_model))(x.detach())
+        ref = accelerate(copy.deepcopy(public_dat))(x.detach())
     # Accelerated inference runs the wide 3x3 convs by Winograd, autograd by direct convolution: rounding apart.
     torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-6)
     out.square().mean().backward()
@@ -130,7 +128,7 @@ def test_public_grad_mode_matches(public_model: DAT) -> None:
 # --- strictness ------------------------------------------------------------------------------------------
 
 
-def test_strict_load_rejects_wrong_keys(public_model: DAT) -> None:
+def test_strict_load_rejects_wrong_keys(public_dat: DAT) -> None:
     state = load_pt(reference_path(*PUBLIC, "state_dict.pt"))
     model = DAT(**json.loads(reference_path(*PUBLIC, "config.json").read_text()))
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ from torch import nn
 
 from srmodels.archs.rfdn import MIN_INPUT_SIZE, RFDN
 
-from .conftest import assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
+from .helpers import (PORT_ATOL, assert_intermediates_match, assert_matches_manifest, load_pt, manifest,
+                     public_model, reference_path)
 
-ATOL = 5e-5
 RELEASED_ATOL = 1e-2  # outputs on the 0-255 scale
 PUBLIC = ("fixtures", "rfdn", "public")
 RELEASED = ("fixtures", "rfdn", "released_RFDN_AIM")
@@ -20,23 +19,21 @@ TINY = dict(in_nc=3, nf=8, num_modules=4, out_nc=3, upscale=4)
 
 
 @pytest.fixture(scope="module")
-def public_model() -> RFDN:
-    model = RFDN(**json.loads(reference_path(*PUBLIC, "config.json").read_text()))
-    model.load_state_dict(load_pt(reference_path(*PUBLIC, "state_dict.pt")), strict=True)
-    return model.eval()
+def public_rfdn() -> RFDN:
+    return public_model("rfdn", RFDN)
 
 
 # --- structure -------------------------------------------------------------------------------------------
 
 
-def test_state_dict_matches_manifest() -> None:
+def test_rfdn_state_dict_matches_manifest() -> None:
     spec = manifest("rfdn")
     model = RFDN(**spec["constructor_kwargs"])
     assert_matches_manifest(model, spec)
     assert spec["num_parameters"] == 433_448
 
 
-def test_constructor_signature_is_official() -> None:
+def test_rfdn_constructor_signature_is_official() -> None:
     params = inspect.signature(RFDN).parameters
     assert {k: p.default for k, p in params.items()} == dict(in_nc=3, nf=50, num_modules=4, out_nc=3, upscale=4)
     assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -47,20 +44,20 @@ def test_constructor_signature_is_official() -> None:
 # --- official outputs ------------------------------------------------------------------------------------
 
 
-def test_public_outputs(public_model: RFDN) -> None:
+def test_rfdn_public_outputs(public_rfdn: RFDN) -> None:
     inputs = load_pt(reference_path(*PUBLIC, "inputs.pt"))
     outputs = load_pt(reference_path(*PUBLIC, "outputs.pt"))
     assert set(inputs) == set(outputs)
     with torch.inference_mode():
         for name, x in inputs.items():
-            out = public_model(x)
+            out = public_rfdn(x)
             assert out.shape == outputs[name].shape, name
-            assert torch.allclose(out, outputs[name], atol=ATOL, rtol=0), \
+            assert torch.allclose(out, outputs[name], atol=PORT_ATOL, rtol=0), \
                 f"{name}: max |diff| {(out - outputs[name]).abs().max().item():.3g}"
 
 
-def test_public_intermediates(public_model: RFDN) -> None:
-    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
+def test_rfdn_public_intermediates(public_rfdn: RFDN) -> None:
+    assert_intermediates_match(public_rfdn, reference_path(*PUBLIC), PORT_ATOL)
 
 
 def test_released_rfdn_aim_weights() -> None:
@@ -81,7 +78,7 @@ def test_released_rfdn_aim_weights() -> None:
 # --- strictness and quirks -------------------------------------------------------------------------------
 
 
-def test_strict_load_rejects_missing_and_unexpected_keys() -> None:
+def test_rfdn_strict_load_rejects_missing_and_unexpected_keys() -> None:
     model = RFDN(**TINY)
     state = model.state_dict()
     missing = {k: v for k, v in state.items() if k != "B4.esa.conv4.bias"}

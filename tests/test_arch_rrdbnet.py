@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 
 import pytest
 import torch
@@ -11,21 +10,19 @@ import torch
 from srmodels.models.accelerate import accelerate
 from srmodels.archs.rrdbnet import RRDBNet
 
-from .conftest import assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
+from .helpers import (PORT_ATOL, assert_intermediates_match, assert_matches_manifest, load_pt, manifest,
+                     public_model, reference_path)
 
-ATOL = 5e-5
 PUBLIC = ("fixtures", "rrdbnet", "public")
 TINY = dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, num_grow_ch=4)
 
 
 @pytest.fixture(scope="module")
-def public_model() -> RRDBNet:
-    model = RRDBNet(**json.loads(reference_path(*PUBLIC, "config.json").read_text()))
-    model.load_state_dict(load_pt(reference_path(*PUBLIC, "state_dict.pt")), strict=True)
-    return model.eval()
+def public_rrdbnet() -> RRDBNet:
+    return public_model("rrdbnet", RRDBNet)
 
 
-def _randomise_(model: RRDBNet, seed: int = 0) -> RRDBNet:
+def _randomise_rrdbnet(model: RRDBNet, seed: int = 0) -> RRDBNet:
     """O(1) weights: the 0.1-scaled init would hide ordering mistakes behind the residuals."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -43,7 +40,7 @@ def _unshuffle_by_reshape(x: torch.Tensor, r: int) -> torch.Tensor:
 # --- structure -------------------------------------------------------------------------------------------
 
 
-def test_state_dict_matches_manifest() -> None:
+def test_rrdbnet_state_dict_matches_manifest() -> None:
     spec = manifest("rrdbnet")
     # Meta tensors: real shapes and dtypes without allocating or initialising 16.7M parameters.
     with torch.device("meta"):
@@ -52,7 +49,7 @@ def test_state_dict_matches_manifest() -> None:
     assert spec["num_parameters"] == 16_697_987
 
 
-def test_constructor_signature_is_official() -> None:
+def test_rrdbnet_constructor_signature_is_official() -> None:
     params = inspect.signature(RRDBNet).parameters
     assert list(params) == ["num_in_ch", "num_out_ch", "scale", "num_feat", "num_block", "num_grow_ch"]
     assert {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty} == \
@@ -66,21 +63,21 @@ def test_constructor_signature_is_official() -> None:
 
 
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
-def test_public_outputs(public_model: RRDBNet, accelerated: bool) -> None:
+def test_rrdbnet_public_outputs(public_rrdbnet: RRDBNet, accelerated: bool) -> None:
     inputs = load_pt(reference_path(*PUBLIC, "inputs.pt"))
     outputs = load_pt(reference_path(*PUBLIC, "outputs.pt"))
     assert set(inputs) == set(outputs)
-    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
+    model = accelerate(copy.deepcopy(public_rrdbnet)) if accelerated else public_rrdbnet
     with torch.inference_mode():
         for name, x in inputs.items():
             out = model(x)
             assert out.shape == outputs[name].shape, name
-            assert torch.allclose(out, outputs[name], atol=ATOL, rtol=0), \
+            assert torch.allclose(out, outputs[name], atol=PORT_ATOL, rtol=0), \
                 f"{name}: max |diff| {(out - outputs[name]).abs().max().item():.3g}"
 
 
-def test_public_intermediates(public_model: RRDBNet) -> None:
-    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
+def test_rrdbnet_public_intermediates(public_rrdbnet: RRDBNet) -> None:
+    assert_intermediates_match(public_rrdbnet, reference_path(*PUBLIC), PORT_ATOL)
 
 
 # --- scale 2 / 1 -----------------------------------------------------------------------------------------
@@ -88,7 +85,7 @@ def test_public_intermediates(public_model: RRDBNet) -> None:
 
 @pytest.mark.parametrize("scale, factor", [(2, 2), (1, 4)])
 def test_scale_unshuffles_input_first(scale: int, factor: int) -> None:
-    model = _randomise_(RRDBNet(**{**TINY, "scale": scale}))
+    model = _randomise_rrdbnet(RRDBNet(**{**TINY, "scale": scale}))
     assert model.conv_first.in_channels == 3 * factor ** 2
     # The same weights as an x4 net on explicitly unshuffled input: the only difference is that first step.
     trunk = RRDBNet(**{**TINY, "num_in_ch": 3 * factor ** 2, "scale": 4}).eval()
@@ -109,7 +106,7 @@ def test_unsupported_scale_is_refused(scale: int) -> None:
 # --- strictness ------------------------------------------------------------------------------------------
 
 
-def test_strict_load_rejects_missing_and_unexpected_keys() -> None:
+def test_rrdbnet_strict_load_rejects_missing_and_unexpected_keys() -> None:
     state = RRDBNet(**TINY).state_dict()
     with pytest.raises(RuntimeError, match="Missing key"):
         RRDBNet(**TINY).load_state_dict({k: v for k, v in state.items() if k != "conv_hr.bias"}, strict=True)
@@ -121,7 +118,7 @@ def test_strict_load_rejects_missing_and_unexpected_keys() -> None:
 
 def test_forward_leaves_input_and_trunk_alone_and_trains() -> None:
     """In-place activations must touch only fresh tensors: input intact, autograd still valid."""
-    model = _randomise_(RRDBNet(**TINY)).train()
+    model = _randomise_rrdbnet(RRDBNet(**TINY)).train()
     x = torch.rand(1, 3, 6, 7)
     before = x.clone()
     model(x).square().mean().backward()

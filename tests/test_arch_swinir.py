@@ -14,9 +14,9 @@ from srmodels.models.accelerate import accelerate
 from srmodels.archs._layers import shift_window_mask
 from srmodels.archs.swinir import SwinIR, window_partition, window_reverse
 
-from .conftest import REFERENCE, assert_intermediates_match, assert_matches_manifest, load_pt, manifest, reference_path
+from .helpers import (PORT_ATOL, REFERENCE, assert_intermediates_match, assert_matches_manifest, load_pt,
+                     manifest, public_model, reference_path)
 
-ATOL = 5e-5
 PUBLIC = ("fixtures", "swinir", "public")
 MANIFESTS = sorted(p.name for p in (REFERENCE / "fixtures" / "swinir").glob("manifest_full*.json")) or ["(none)"]
 PIPELINE_SUFFIX = "__main_test_swinir_pipeline"
@@ -26,7 +26,7 @@ TINY = dict(upscale=4, in_chans=3, img_size=16, window_size=8, img_range=1.0, de
             num_heads=[2, 3], mlp_ratio=2, upsampler="pixelshuffle", resi_connection="1conv")
 
 
-def _randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
+def _randomise_swinir(model: nn.Module, seed: int = 0) -> nn.Module:
     """O(1) random weights so that ordering or mask mistakes move the output visibly."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -37,18 +37,15 @@ def _randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def public_model() -> SwinIR:
-    config = json.loads(reference_path(*PUBLIC, "config.json").read_text())
-    model = SwinIR(**config)
-    model.load_state_dict(load_pt(reference_path(*PUBLIC, "state_dict.pt")), strict=True)
-    return model.eval()
+def public_swinir() -> SwinIR:
+    return public_model("swinir", SwinIR)
 
 
 # --- structure -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("manifest_name", MANIFESTS)
-def test_state_dict_matches_manifest(manifest_name: str) -> None:
+def test_swinir_state_dict_matches_manifest(manifest_name: str) -> None:
     spec = manifest("swinir", manifest_name)
     # Meta tensors: real shapes and dtypes without allocating the 12M-parameter model.
     with torch.device("meta"):
@@ -56,7 +53,7 @@ def test_state_dict_matches_manifest(manifest_name: str) -> None:
     assert_matches_manifest(model, spec)
 
 
-def test_constructed_buffers_equal_official(public_model: SwinIR) -> None:
+def test_constructed_buffers_equal_official(public_swinir: SwinIR) -> None:
     """relative_position_index and attn_mask are constructed, not trained: ours must equal upstream's."""
     reference = load_pt(reference_path(*PUBLIC, "state_dict.pt"))
     fresh = SwinIR(**json.loads(reference_path(*PUBLIC, "config.json").read_text())).state_dict()
@@ -93,35 +90,35 @@ def _input_names() -> list[str]:
 
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
 @pytest.mark.parametrize("name", _input_names())
-def test_public_outputs(public_model: SwinIR, name: str, accelerated: bool) -> None:
+def test_swinir_public_outputs(public_swinir: SwinIR, name: str, accelerated: bool) -> None:
     x = load_pt(reference_path(*PUBLIC, "inputs.pt"))[name]
     expected = load_pt(reference_path(*PUBLIC, "outputs.pt"))[name]
-    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
+    model = accelerate(copy.deepcopy(public_swinir)) if accelerated else public_swinir
     with torch.no_grad():
         out = model(x)
     assert out.shape == expected.shape and out.is_contiguous()
-    assert torch.allclose(out, expected, atol=ATOL, rtol=0), (out - expected).abs().max().item()
+    assert torch.allclose(out, expected, atol=PORT_ATOL, rtol=0), (out - expected).abs().max().item()
 
 
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
-def test_public_main_test_pipeline(public_model: SwinIR, accelerated: bool) -> None:
+def test_public_main_test_pipeline(public_swinir: SwinIR, accelerated: bool) -> None:
     """main_test_swinir.py pads by flipped concatenation up to the next window multiple before the model."""
-    model = accelerate(copy.deepcopy(public_model)) if accelerated else public_model
+    model = accelerate(copy.deepcopy(public_swinir)) if accelerated else public_swinir
     outputs = load_pt(reference_path(*PUBLIC, "outputs.pt"))
     inputs = load_pt(reference_path(*PUBLIC, "inputs.pt"))
     for key in [k for k in outputs if k.endswith(PIPELINE_SUFFIX)]:
         x = inputs[key[: -len(PIPELINE_SUFFIX)]]
         h, w = x.shape[-2:]
-        ws = public_model.window_size
+        ws = public_swinir.window_size
         x = torch.cat([x, x.flip(2)], 2)[:, :, : (h // ws + 1) * ws]
         x = torch.cat([x, x.flip(3)], 3)[:, :, :, : (w // ws + 1) * ws]
         with torch.no_grad():
             out = model(x)[..., : h * 4, : w * 4]
-        assert torch.allclose(out, outputs[key], atol=ATOL, rtol=0), key
+        assert torch.allclose(out, outputs[key], atol=PORT_ATOL, rtol=0), key
 
 
-def test_public_intermediates(public_model: SwinIR) -> None:
-    assert_intermediates_match(public_model, reference_path(*PUBLIC), ATOL)
+def test_swinir_public_intermediates(public_swinir: SwinIR) -> None:
+    assert_intermediates_match(public_swinir, reference_path(*PUBLIC), PORT_ATOL)
 
 
 # --- padding and shift-mask paths ------------------------------------------------------------------------
@@ -149,7 +146,7 @@ def _reference_layer(layer: nn.Module, x: torch.Tensor, x_size: tuple[int, int])
 @pytest.mark.parametrize("size", [(16, 16), (24, 40), (32, 16)])
 def test_window_order_matches_roll_and_partition(size: tuple[int, int]) -> None:
     """Blocks work on window-ordered tokens; an odd depth checks the hand-over between orders too."""
-    model = _randomise_(SwinIR(**TINY))
+    model = _randomise_swinir(SwinIR(**TINY))
     layer = model.layers[0].residual_group
     x = torch.randn(2, size[0] * size[1], TINY["embed_dim"])
     with torch.no_grad():
@@ -176,21 +173,21 @@ def _transplant(src: SwinIR, **overrides) -> SwinIR:
 
 def test_registered_and_computed_mask_paths_agree() -> None:
     """A padded size equal to img_size uses the buffers; any other size computes masks. Both must agree."""
-    model = _randomise_(SwinIR(**TINY))
+    model = _randomise_swinir(SwinIR(**TINY))
     wide = _transplant(model, img_size=(16, 24))  # registered masks for 16 x 24
     other = _transplant(model, img_size=32)  # never matches: always computed
     g = torch.Generator().manual_seed(1)
     square = torch.rand(1, 3, 16, 16, generator=g)
     odd = torch.rand(1, 3, 13, 19, generator=g)  # reflect-padded to 16 x 24, != img_size 16
     with torch.no_grad():
-        assert torch.allclose(model(square), other(square), atol=ATOL, rtol=0)
+        assert torch.allclose(model(square), other(square), atol=PORT_ATOL, rtol=0)
         out = model(odd)
         assert out.shape == (1, 3, 52, 76)
-        assert torch.allclose(out, wide(odd), atol=ATOL, rtol=0)
-        assert torch.allclose(out, other(odd), atol=ATOL, rtol=0)
+        assert torch.allclose(out, wide(odd), atol=PORT_ATOL, rtol=0)
+        assert torch.allclose(out, other(odd), atol=PORT_ATOL, rtol=0)
         # Padding happens before normalisation and is cropped away: same as padding by hand.
         padded = F.pad(odd, (0, 5, 0, 3), mode="reflect")
-        assert torch.allclose(out, model(padded)[..., :52, :76], atol=ATOL, rtol=0)
+        assert torch.allclose(out, model(padded)[..., :52, :76], atol=PORT_ATOL, rtol=0)
         # The shift mask matters: dropping it must change the output.
         for blk in model.layers[0].residual_group.blocks[1::2]:
             blk.attn_mask.zero_()
@@ -198,12 +195,12 @@ def test_registered_and_computed_mask_paths_agree() -> None:
 
 
 def test_batch_is_independent() -> None:
-    model = _randomise_(SwinIR(**TINY))
+    model = _randomise_swinir(SwinIR(**TINY))
     x = torch.rand(3, 3, 11, 17, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         batched = model(x)
         single = torch.cat([model(x[i:i + 1]) for i in range(3)])
-    assert torch.allclose(batched, single, atol=ATOL, rtol=0)
+    assert torch.allclose(batched, single, atol=PORT_ATOL, rtol=0)
 
 
 def test_too_small_input_is_refused() -> None:
@@ -215,9 +212,9 @@ def test_too_small_input_is_refused() -> None:
 # --- strictness ------------------------------------------------------------------------------------------
 
 
-def test_strict_loading(public_model: SwinIR) -> None:
+def test_strict_loading(public_swinir: SwinIR) -> None:
     config = json.loads(reference_path(*PUBLIC, "config.json").read_text())
-    state = public_model.state_dict()
+    state = public_swinir.state_dict()
     mask_key = next(k for k in state if k.endswith("attn_mask"))
     with pytest.raises(RuntimeError, match="Missing key"):
         SwinIR(**config).load_state_dict({k: v for k, v in state.items() if k != mask_key}, strict=True)

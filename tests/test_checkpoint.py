@@ -9,7 +9,7 @@ from srmodels.core.provenance import git_commit, params_hash
 from srmodels.models import checkpoint as ckpt
 from srmodels.models.checkpoint import CheckpointError, load_into, load_state_dict, save_checkpoint, unwrap_state_dict
 
-from .conftest import reference_path
+from .helpers import reference_path
 
 
 def _sd():

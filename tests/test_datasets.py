@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from srmodels.data.datasets import FusionCrops, PairedPatches, dihedral
 from srmodels.data.images import write_image
 
-from .conftest import SCALE, smooth_image, write_split
+from .helpers import SCALE, smooth_image, write_split
 
 
 def find_window(big: np.ndarray, crop: np.ndarray) -> list[tuple[int, int, int]]:

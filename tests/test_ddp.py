@@ -18,12 +18,9 @@ from srmodels.models.model import build_model
 from srmodels.training.loop import ConfigError, TrainConfig
 
 from . import procs
-from .conftest import SCALE, downscale, smooth_image
+from .helpers import ROOT, SCALE, downscale, smooth_image
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from .helpers import ROOT
 
 def srmodels_imports(path: Path, seen: set[str] | None = None) -> set[str]:
     """Repo-relative paths of the srmodels modules ``path`` imports at module level, followed transitively.

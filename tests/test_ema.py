@@ -11,47 +11,25 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from srmodels.core import isa
-from srmodels.training import loop as training_module
+from srmodels.training import ema as training_module
 from srmodels.models.checkpoint import checkpoint_meta, read_checkpoint
-from srmodels.data.datasets import PairedPatches, list_pairs
 from srmodels.core.errors import UserError
-from srmodels.training.finetune import BETAS, backbone_predictor, finetune
+from srmodels.training.finetune import backbone_predictor
 from srmodels.models.model import build_model, load_model
-from srmodels.training.loop import ConfigError, TrainConfig, WeightsEma, _holding, evaluate
+from srmodels.training.ema import WeightsEma, _holding
+from srmodels.training.loop import ConfigError, evaluate
 
-from .conftest import ROOT, SCALE, smooth_image, write_split
+from .helpers import FINETUNE_CONFIG, ROOT, resume_file, run_finetune
 
-CONFIG = TrainConfig(epochs=2, batch=4, lr=1e-3, crop_border=4, seed=0, betas=BETAS, threads=1)
 DECAY = 0.75  # short runs: a decay this low moves the average measurably within the 4 steps of a test run
 
 
-@pytest.fixture(scope="module")
-def sr_data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sr")
-    rng = np.random.default_rng(0)
-    train = write_split(root / "train", {f"t{i}_s001": smooth_image(rng, 80, 80) for i in range(8)})
-    val_hr, val_lr = write_split(root / "val", {f"v{i}": smooth_image(rng, 64, 64) for i in range(2)})
-    return {"train": train, "val": list_pairs(val_hr, val_lr, SCALE)}
-
-
-def resume_file(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".resume.pth")
-
-
-def run(sr_data: dict, out_dir: Path, log_metrics=None, **settings) -> tuple[dict, nn.Module]:
-    """A tiny fine-tune of rfdn_tiny (``CONFIG`` with ``settings``), its resume state beside ``out_dir``."""
-    torch.manual_seed(0)
-    model = build_model("rfdn_tiny")
-    train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
-    metrics = finetune(model, train, sr_data["val"], replace(CONFIG, **settings), out_dir,
-                       resume_path=resume_file(out_dir), log_metrics=log_metrics)
-    return metrics, model
+# sr_data (conftest) and run_finetune (helpers): test_train's tiny fine-tune of rfdn_tiny, here with ema_decay.
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -62,13 +40,13 @@ def score(sr_data: dict, weights: dict[str, torch.Tensor]) -> tuple[float, dict[
     """Validation PSNR of rfdn_tiny holding ``weights``, as the training loop scores it."""
     model = build_model("rfdn_tiny")
     model.net.load_state_dict(weights)
-    return evaluate(backbone_predictor(model), sr_data["val"], CONFIG.crop_border)
+    return evaluate(backbone_predictor(model), sr_data["val"], FINETUNE_CONFIG.crop_border)
 
 
 @pytest.fixture(scope="module")
 def ema_run(sr_data, tmp_path_factory) -> tuple[dict, nn.Module, Path]:
     out = tmp_path_factory.mktemp("ema") / "out"
-    metrics, model = run(sr_data, out, ema_decay=DECAY)
+    metrics, model = run_finetune(sr_data, out, ema_decay=DECAY)
     return metrics, model, out
 
 
@@ -128,7 +106,7 @@ def test_holding_swaps_weights_in_place_and_back_exactly():
 @pytest.mark.parametrize("decay", [1.0, -0.1, float("nan")])
 def test_decay_is_checked(decay):
     with pytest.raises(ConfigError, match="ema_decay: must be in") as err:
-        replace(CONFIG, ema_decay=decay)
+        replace(FINETUNE_CONFIG, ema_decay=decay)
     assert isinstance(err.value, UserError) and "\n" not in str(err.value)
 
 
@@ -168,27 +146,27 @@ def test_average_is_updated_after_every_optimizer_step(sr_data, tmp_path, monkey
         update(self, module)
 
     monkeypatch.setattr(training_module.WeightsEma, "update", spy)
-    metrics, model = run(sr_data, tmp_path / "out", ema_decay=DECAY)
+    metrics, model = run_finetune(sr_data, tmp_path / "out", ema_decay=DECAY)
     assert len(seen) == metrics["steps"] == 4
     assert not any(same(a, b) for a, b in zip(seen, seen[1:]))  # each time after a step: new weights
     assert same(seen[-1], model.net.state_dict())  # the last one after the last step
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "multistep"])
-def test_resume_after_interruption_matches_straight_run(sr_data, tmp_path, schedule):
+def test_ema_resume_after_interruption_matches_straight_run(sr_data, tmp_path, schedule):
     """Weights, average, best.pth (both sets), curve and metrics of an interrupted and resumed EMA run are
     those of an uninterrupted one, bit for bit."""
     settings = {"schedule": schedule, "milestones": (1,), "ema_decay": DECAY}
-    straight_metrics, straight_model = run(sr_data, tmp_path / "straight", **settings)
+    straight_metrics, straight_model = run_finetune(sr_data, tmp_path / "straight", **settings)
 
     def interrupt(metrics: dict, epoch: int) -> None:
         if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(sr_data, tmp_path / "run", log_metrics=interrupt, **settings)
+        run_finetune(sr_data, tmp_path / "run", log_metrics=interrupt, **settings)
     assert "ema" in torch.load(resume_file(tmp_path / "run"), weights_only=True)
-    metrics, model = run(sr_data, tmp_path / "run", **settings)
+    metrics, model = run_finetune(sr_data, tmp_path / "run", **settings)
     assert metrics["timing"]["resumed_from_epoch"] == 1
     assert same(model.state_dict(), straight_model.state_dict())
     a, b = (torch.load(resume_file(tmp_path / d), weights_only=True) for d in ("straight", "run"))
@@ -204,7 +182,7 @@ def test_resume_into_a_fresh_folder_restores_both_weight_sets(sr_data, ema_run, 
     """The stage after an interruption: a new staging folder gets best.pth back from the resume state."""
     metrics, _, out = ema_run
     (tmp_path / "b.resume.pth").write_bytes(resume_file(out).read_bytes())
-    again, _ = run(sr_data, tmp_path / "b", ema_decay=DECAY)
+    again, _ = run_finetune(sr_data, tmp_path / "b", ema_decay=DECAY)
     assert again["timing"]["resumed_from_epoch"] == 2 and again["best_val_psnr"] == metrics["best_val_psnr"]
     a, b = read_checkpoint(out / "best.pth"), read_checkpoint(tmp_path / "b" / "best.pth")
     assert set(a) == set(b) and all(same(a[k], b[k]) for k in ("state_dict", "params_ema", "params"))
@@ -213,23 +191,23 @@ def test_resume_into_a_fresh_folder_restores_both_weight_sets(sr_data, ema_run, 
 
 def test_short_run_with_a_long_average_warns(sr_data, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
-        run(sr_data, tmp_path / "long", epochs=1, ema_decay=0.999)
+        run_finetune(sr_data, tmp_path / "long", epochs=1, ema_decay=0.999)
     assert "ema_decay 0.999 averages over about 1000 steps and this run has 2: the final average still gives " \
            "the initial weights 100% of its weight" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
-        run(sr_data, tmp_path / "short", epochs=1, ema_decay=0.1)  # 0.1 ** 2 = 1%: the start is forgotten
+        run_finetune(sr_data, tmp_path / "short", epochs=1, ema_decay=0.1)  # 0.1 ** 2 = 1%: the start is forgotten
     assert "ema_decay" not in caplog.text
 
 
 def test_resume_state_of_another_decay_is_not_used(sr_data, tmp_path, caplog):
-    run(sr_data, tmp_path / "out", epochs=1)  # no EMA
+    run_finetune(sr_data, tmp_path / "out", epochs=1)  # no EMA
     with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
-        metrics, _ = run(sr_data, tmp_path / "out", epochs=1, ema_decay=DECAY)
+        metrics, _ = run_finetune(sr_data, tmp_path / "out", epochs=1, ema_decay=DECAY)
     assert metrics["timing"]["resumed_from_epoch"] == 0 and "another configuration (ema_decay differ)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
-        metrics, _ = run(sr_data, tmp_path / "out", epochs=1, ema_decay=0.5)
+        metrics, _ = run_finetune(sr_data, tmp_path / "out", epochs=1, ema_decay=0.5)
     assert metrics["timing"]["resumed_from_epoch"] == 0 and "ema_decay differ" in caplog.text
 
 
@@ -237,7 +215,7 @@ def test_resume_state_of_another_decay_is_not_used(sr_data, tmp_path, caplog):
 
 def test_decay_0_adds_nothing(sr_data, tmp_path):
     """Off, nothing of EMA shows: no metric, no checkpoint key, no meta field, nothing in the resume state."""
-    metrics, _ = run(sr_data, tmp_path / "out", ema_decay=0.0)
+    metrics, _ = run_finetune(sr_data, tmp_path / "out", ema_decay=0.0)
     ckpt = read_checkpoint(tmp_path / "out" / "best.pth")
     assert set(ckpt) == {"format", "meta", "state_dict"} and "ema_decay" not in checkpoint_meta(ckpt)
     assert "ema_decay" not in metrics
@@ -246,7 +224,7 @@ def test_decay_0_adds_nothing(sr_data, tmp_path):
 
 
 # A tiny fine-tune under the avx2 pin; prints a hash of its metrics, best.pth (keys, meta, tensors) and curve.csv.
-PROBE = r"""
+BEFORE_EMA_PROBE = r"""
 import sys
 sys.path.insert(0, {root!r})
 from srmodels.core import isa
@@ -259,13 +237,12 @@ from srmodels.data.datasets import PairedPatches, list_pairs
 from srmodels.training.finetune import BETAS, finetune
 from srmodels.models.model import build_model
 from srmodels.training.loop import TrainConfig
-from tests.conftest import SCALE, smooth_image, write_split
+from tests.helpers import SCALE, write_sr_data
 
 settings = json.loads(sys.argv[1])
 root = Path(tempfile.mkdtemp())
-rng = np.random.default_rng(0)
-train = write_split(root / "train", {{f"t{{i}}_s001": smooth_image(rng, 80, 80) for i in range(8)}})
-val = list_pairs(*write_split(root / "val", {{f"v{{i}}": smooth_image(rng, 64, 64) for i in range(2)}}), SCALE)
+data = write_sr_data(root)  # test_train's sr_data, the same images
+train, val = data["train"], data["val"]
 torch.manual_seed(0)
 config = TrainConfig(epochs=2, batch=4, lr=1e-3, crop_border=4, seed=0, betas=BETAS, threads=1, **settings)
 metrics = finetune(build_model("rfdn_tiny"), PairedPatches(*train, lr_patch=16, scale=SCALE, seed=0), val, config,
@@ -288,8 +265,8 @@ BEFORE_EMA_DIGESTS = {"AuthenticAMD": "802fd3b919d00a5c80c34344dddd6aeb80daf5c9e
 @pytest.mark.skipif("avx2" not in isa.cpu_flags() or "fma" not in isa.cpu_flags(),
                     reason="this CPU has no AVX2/FMA: the avx2 pin cannot run here")
 def test_decay_0_gives_the_results_of_before_ema():
-    out = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT)), '{"ema_decay": 0.0}'], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", BEFORE_EMA_PROBE.format(root=str(ROOT)), '{"ema_decay": 0.0}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, **isa.environment("native")})
     assert out.returncode == 0, out.stderr[-2000:]
     digest = out.stdout.split()[-1]

@@ -10,9 +10,7 @@ from srmodels.evaluation import ensembles as E
 from srmodels.evaluation.ensembles import (NormalEquations, least_squares_weights, oracle_convex, oracle_convex_luma,
                                 oracle_pixel_best, per_image_best_index, uniform_mean, weighted)
 
-
-def _rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+from .helpers import seeded_rand
 
 
 def _d2(img: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
@@ -63,7 +61,7 @@ def _grid_search(cands: torch.Tensor, hr: torch.Tensor, levels: int = 9) -> torc
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_convex_oracle_equals_grid_search(n):
-    cands, hr = _rand(n, 3, 4, 5, seed=n), _rand(3, 4, 5, seed=10 + n)
+    cands, hr = seeded_rand(n, 3, 4, 5, seed=n), seeded_rand(3, 4, 5, seed=10 + n)
     image, weights = oracle_convex(cands, hr)
     got = _d2(image, hr).reshape(-1)
     grid = _grid_search(cands.reshape(n, 3, -1), hr.reshape(3, -1))
@@ -77,7 +75,7 @@ def test_convex_oracle_equals_grid_search(n):
 def test_convex_oracle_satisfies_kkt(n):
     """Optimality certificate of the convex problem: with g_i = c_i . (p - h), every member has g_i >= min g, and
     members with weight > 0 have g_i = min g."""
-    cands, hr = _rand(n, 3, 6, 7, seed=20 + n), _rand(3, 6, 7, seed=30 + n)
+    cands, hr = seeded_rand(n, 3, 6, 7, seed=20 + n), seeded_rand(3, 6, 7, seed=30 + n)
     image, weights = oracle_convex(cands, hr)
     assert (weights >= 0).all()
     assert torch.allclose(weights.sum(0), torch.ones(6, 7, dtype=torch.float64), atol=1e-14, rtol=0)
@@ -89,7 +87,7 @@ def test_convex_oracle_satisfies_kkt(n):
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 def test_convex_oracle_is_never_worse_than_the_others(n):
-    cands, hr = _rand(n, 3, 8, 8, seed=40 + n), _rand(3, 8, 8, seed=50 + n)
+    cands, hr = seeded_rand(n, 3, 8, 8, seed=40 + n), seeded_rand(3, 8, 8, seed=50 + n)
     image, _ = oracle_convex(cands, hr)
     best = _d2(image, hr)
     others = [_d2(c, hr) for c in cands] + [_d2(oracle_pixel_best(cands, hr)[0], hr), _d2(uniform_mean(cands), hr)]
@@ -100,8 +98,8 @@ def test_convex_oracle_is_never_worse_than_the_others(n):
 
 @pytest.mark.parametrize("n", [3, 4, 5])
 def test_convex_oracle_reproduces_hr_inside_the_hull(n):
-    cands = _rand(n, 3, 6, 6, seed=60 + n)
-    w = _rand(n, 6, 6, seed=70 + n).double()
+    cands = seeded_rand(n, 3, 6, 6, seed=60 + n)
+    w = seeded_rand(n, 6, 6, seed=70 + n).double()
     w = w / w.sum(0)
     hr = (cands.double() * w[:, None]).sum(0)  # in the hull (for n = 3, on the triangle's plane)
     image, weights = oracle_convex(cands, hr)
@@ -115,8 +113,8 @@ def test_convex_oracle_reproduces_hr_inside_the_hull(n):
 
 
 def test_convex_oracle_with_identical_members():
-    a, b = _rand(3, 5, 6, seed=1), _rand(3, 5, 6, seed=2)
-    hr = _rand(3, 5, 6, seed=3)
+    a, b = seeded_rand(3, 5, 6, seed=1), seeded_rand(3, 5, 6, seed=2)
+    hr = seeded_rand(3, 5, 6, seed=3)
     image3, w3 = oracle_convex(torch.stack([a, a, b]), hr)
     image2, w2 = oracle_convex(torch.stack([a, b]), hr)
     assert torch.equal(image3, image2)  # the duplicate's faces are flat: the same faces decide
@@ -128,8 +126,8 @@ def test_convex_oracle_with_identical_members():
 
 
 def test_convex_oracle_with_a_collinear_member():
-    a, b = _rand(3, 5, 6, seed=4), _rand(3, 5, 6, seed=5)
-    hr = _rand(3, 5, 6, seed=6)
+    a, b = seeded_rand(3, 5, 6, seed=4), seeded_rand(3, 5, 6, seed=5)
+    hr = seeded_rand(3, 5, 6, seed=6)
     mid = (a.double() + b.double()) / 2
     image, w = oracle_convex(torch.stack([a.double(), b.double(), mid]), hr)
     ref, _ = oracle_convex(torch.stack([a, b]), hr)
@@ -139,18 +137,18 @@ def test_convex_oracle_with_a_collinear_member():
 
 def test_convex_oracle_limits_and_shapes():
     with pytest.raises(ValueError, match="at most 5"):
-        oracle_convex(_rand(6, 3, 2, 2, seed=0), _rand(3, 2, 2, seed=1))
+        oracle_convex(seeded_rand(6, 3, 2, 2, seed=0), seeded_rand(3, 2, 2, seed=1))
     with pytest.raises(ValueError, match="HR"):
-        oracle_convex(_rand(3, 3, 2, 2, seed=0), _rand(3, 2, 3, seed=1))
+        oracle_convex(seeded_rand(3, 3, 2, 2, seed=0), seeded_rand(3, 2, 3, seed=1))
     with pytest.raises(ValueError, match="N, 3, H, W"):
-        oracle_convex(_rand(3, 2, 2, seed=0), _rand(3, 2, 2, seed=1))
-    image, w = oracle_convex(_rand(1, 3, 2, 2, seed=0), _rand(3, 2, 2, seed=1))  # one member: itself
+        oracle_convex(seeded_rand(3, 2, 2, seed=0), seeded_rand(3, 2, 2, seed=1))
+    image, w = oracle_convex(seeded_rand(1, 3, 2, 2, seed=0), seeded_rand(3, 2, 2, seed=1))  # one member: itself
     assert torch.equal(w, torch.ones(1, 2, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("fn", [oracle_convex, oracle_pixel_best, oracle_convex_luma])
 def test_chunked_equals_unchunked_bitwise(fn):
-    cands, hr = _rand(4, 3, 11, 9, seed=7), _rand(3, 11, 9, seed=8)
+    cands, hr = seeded_rand(4, 3, 11, 9, seed=7), seeded_rand(3, 11, 9, seed=8)
     whole = fn(cands, hr)
     for rows in (1, 2, 5, 11, 100):
         part = fn(cands, hr, chunk_rows=rows)
@@ -158,7 +156,7 @@ def test_chunked_equals_unchunked_bitwise(fn):
 
 
 def test_rerun_and_thread_count_give_the_same_bits():
-    cands, hr = _rand(3, 3, 40, 30, seed=9), _rand(3, 40, 30, seed=10)
+    cands, hr = seeded_rand(3, 3, 40, 30, seed=9), seeded_rand(3, 40, 30, seed=10)
 
     def everything():
         return [uniform_mean(cands), *oracle_convex(cands, hr), *oracle_pixel_best(cands, hr),
@@ -201,7 +199,7 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_luma_oracle_is_the_clamped_luma():
-    cands, hr = _rand(3, 3, 9, 8, seed=11), _rand(3, 9, 8, seed=12)
+    cands, hr = seeded_rand(3, 3, 9, 8, seed=11), seeded_rand(3, 9, 8, seed=12)
     image, w = oracle_convex_luma(cands, hr)
     ys = torch.stack([_luma(c.double()) for c in cands])
     want = _luma(hr.double()).clamp(ys.min(0).values, ys.max(0).values)
@@ -213,7 +211,7 @@ def test_luma_oracle_is_the_clamped_luma():
 
 # ------------------------------------------------------------------------------------------ fixed fusions
 def test_uniform_mean_and_weighted():
-    cands = _rand(3, 3, 4, 5, seed=13)
+    cands = seeded_rand(3, 3, 4, 5, seed=13)
     assert torch.allclose(uniform_mean(cands), cands.double().mean(0), atol=1e-15, rtol=0)
     assert torch.allclose(weighted(cands, [1 / 3] * 3), uniform_mean(cands), atol=1e-15, rtol=0)
     assert torch.equal(weighted(cands, torch.tensor([0.0, 1.0, 0.0])), cands[1].double())
@@ -222,7 +220,7 @@ def test_uniform_mean_and_weighted():
 
 
 def test_least_squares_recovers_known_weights():
-    cands = _rand(3, 3, 16, 16, seed=14)
+    cands = seeded_rand(3, 3, 16, 16, seed=14)
     hr = 0.2 * cands[0].double() + 0.8 * cands[1].double()
     w = least_squares_weights([(cands, hr)])
     assert w.dtype == torch.float64
@@ -237,7 +235,7 @@ def test_least_squares_recovers_known_weights():
 
 
 def test_least_squares_streaming_equals_one_fit():
-    images = [(_rand(3, 3, 6 + i, 7, seed=20 + i), _rand(3, 6 + i, 7, seed=30 + i)) for i in range(4)]
+    images = [(seeded_rand(3, 3, 6 + i, 7, seed=20 + i), seeded_rand(3, 6 + i, 7, seed=30 + i)) for i in range(4)]
     from_list = least_squares_weights(images)
     from_generator = least_squares_weights(pair for pair in images)
     assert torch.equal(from_list, from_generator)
@@ -260,7 +258,7 @@ def test_least_squares_streaming_equals_one_fit():
 
 
 def test_least_squares_ignores_the_border():
-    cands = _rand(2, 3, 12, 12, seed=15)
+    cands = seeded_rand(2, 3, 12, 12, seed=15)
     hr = 0.4 * cands[0].double() + 0.6 * cands[1].double()
     hr[:, :2] = 1.0  # garbage in a 2-pixel border
     hr[:, :, -2:] = 0.0
@@ -272,7 +270,7 @@ def test_least_squares_ignores_the_border():
 
 
 def test_least_squares_errors():
-    a, b = _rand(3, 5, 5, seed=16), _rand(3, 5, 5, seed=17)
+    a, b = seeded_rand(3, 5, 5, seed=16), seeded_rand(3, 5, 5, seed=17)
     with pytest.raises(ValueError, match="linearly dependent"):
         least_squares_weights([(torch.stack([a, a, b]), b.double())])
     with pytest.raises(ValueError, match="no images"):

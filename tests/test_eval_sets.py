@@ -18,10 +18,7 @@ from srmodels.metrics.psnr_ssim import calculate_psnr, calculate_ssim
 from srmodels.data.prepare import plan_set, prepare_benchmark, set_folders
 from srmodels.evaluation.report import sets_table
 
-from .conftest import reference_path
-
-SCALE = 4
-
+from .helpers import SCALE, reference_path, refuse_model_load
 
 def _smooth(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A smooth random RGB image (bicubic and SR scores are then finite and far from each other's rounding)."""
@@ -208,12 +205,6 @@ def test_self_ensemble_and_label_reach_the_table(sets, weights, cli, tmp_path):
     assert result["protocol"]["self_ensemble"] and result["model"]["label"] == "mine"
 
 
-def _no_model(monkeypatch):
-    def refuse(*_, **__):
-        raise AssertionError("the model was loaded before the arguments and inputs were checked")
-    monkeypatch.setattr("srmodels.cli.load_model", refuse)
-
-
 @pytest.mark.parametrize("case", ["no_equals", "empty_name", "bad_name", "empty_dir", "twice", "missing",
                                   "empty_set", "lr_with_set", "json_is_a_folder", "bad_image"])
 def test_bad_sets_are_one_line_before_any_work(case, sets, weights, cli, tmp_path, monkeypatch):
@@ -236,7 +227,7 @@ def test_bad_sets_are_one_line_before_any_work(case, sets, weights, cli, tmp_pat
         (bare / "zebra.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
     if case != "json_is_a_folder":
         spec = [*spec, "--json", str(tmp_path / "out" / "r.json")]
-    _no_model(monkeypatch)
+    refuse_model_load(monkeypatch)
     code, out, err = cli("eval", "--weights", weights, *spec, "--table", tmp_path / "out" / "t.md", "--device", "cpu")
     assert code == 2 and "Traceback" not in err and out == ""
     last = err.strip().splitlines()[-1]

@@ -17,10 +17,10 @@ from srmodels.training.fusion import fusion_job, train_fusion
 from srmodels.data.images import write_image
 from srmodels.training.loop import TrainConfig
 
-from .conftest import SCALE, downscale, load_pt, reference_path, smooth_image
+from .helpers import SCALE, downscale, load_pt, reference_path, smooth_image
 
 # One intra-op thread: these tensors are tiny, so more threads only add synchronisation.
-CONFIG = TrainConfig(epochs=2, batch=8, lr=1e-3, crop_border=4, seed=0, threads=1)
+FUSION_CONFIG = TrainConfig(epochs=2, batch=8, lr=1e-3, crop_border=4, seed=0, threads=1)
 
 
 def test_structure_matches_team27():
@@ -115,7 +115,7 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
     train, val = fusion_sets(fusion_data)
     torch.manual_seed(0)
     net = AttentionWeightNet(num_candidates=2)
-    metrics = train_fusion(net, train, val, replace(CONFIG, epochs=4, lr=3e-3), tmp_path, kind="pixel",
+    metrics = train_fusion(net, train, val, replace(FUSION_CONFIG, epochs=4, lr=3e-3), tmp_path, kind="pixel",
                            l1_weight=0.8, mse_weight=0.2, provenance={"test": True})
     best_member = max(metrics["member_val_psnr"].values())
     assert metrics["best_val_psnr"] > best_member + 10, metrics
@@ -156,7 +156,7 @@ def test_start_at_candidate_is_that_candidate_to_8_bit(net):
 def test_best_member_init_starts_at_the_best_member_and_still_learns(fusion_data, tmp_path):
     train, val = fusion_sets(fusion_data)
     torch.manual_seed(0)
-    metrics = train_fusion(AttentionWeightNet(num_candidates=2), train, val, replace(CONFIG, epochs=4, lr=3e-3),
+    metrics = train_fusion(AttentionWeightNet(num_candidates=2), train, val, replace(FUSION_CONFIG, epochs=4, lr=3e-3),
                            tmp_path, kind="pixel", init="best_member", provenance={"test": True})
     best_member = max(metrics["member_val_psnr"].values())
     assert metrics["init"] == "best_member"
@@ -164,13 +164,13 @@ def test_best_member_init_starts_at_the_best_member_and_still_learns(fusion_data
     assert metrics["best_val_psnr"] > best_member + 10  # and it learned to take each half from the right member
     assert checkpoint_meta(read_checkpoint(tmp_path / "best.pth"))["init"] == "best_member"
     with pytest.raises(ValueError, match="unknown fusion init"):
-        train_fusion(AttentionWeightNet(2), train, val, CONFIG, tmp_path, kind="pixel", init="zeros")
+        train_fusion(AttentionWeightNet(2), train, val, FUSION_CONFIG, tmp_path, kind="pixel", init="zeros")
 
 
 def test_image_fusion_checkpoint(fusion_data, tmp_path):
     train, val = fusion_sets(fusion_data)
     torch.manual_seed(0)
-    metrics = train_fusion(ImageWeightNet(num_candidates=2), train, val, replace(CONFIG, epochs=1), tmp_path,
+    metrics = train_fusion(ImageWeightNet(num_candidates=2), train, val, replace(FUSION_CONFIG, epochs=1), tmp_path,
                            kind="image")
     meta = checkpoint_meta(read_checkpoint(tmp_path / "best.pth"))
     assert meta["arch"] == "fusion_image" and meta["members"] == ["a", "b"] and meta["kind"] == "image"
@@ -189,7 +189,7 @@ def test_fusion_resumes_exactly(fusion_data, tmp_path):
 
         torch.manual_seed(0)
         net = AttentionWeightNet(num_candidates=2)
-        metrics = train_fusion(net, train, val, CONFIG, out, kind="pixel", resume_path=out / "resume.pth",
+        metrics = train_fusion(net, train, val, FUSION_CONFIG, out, kind="pixel", resume_path=out / "resume.pth",
                                log_metrics=interrupt)
         return metrics, net
 
@@ -262,7 +262,7 @@ def test_residual_head_learns_where_the_best_member_is_wrong(anchor_data, tmp_pa
                         anchor_data / "val" / "lr", SCALE)
     torch.manual_seed(0)
     net = AttentionWeightNet(3, head="residual")
-    metrics = train_fusion(net, train, val, replace(CONFIG, epochs=25, lr=5e-3), tmp_path, kind="pixel",
+    metrics = train_fusion(net, train, val, replace(FUSION_CONFIG, epochs=25, lr=5e-3), tmp_path, kind="pixel",
                            init="best_member", members=list(members), provenance={"test": True})
     best_member = max(metrics["member_val_psnr"].values())
     assert metrics["member_val_psnr"]["good"] == best_member and metrics["head"] == "residual"
@@ -285,7 +285,7 @@ def test_residual_head_learns_where_the_best_member_is_wrong(anchor_data, tmp_pa
         assert error[:, 24:].mean() < anchor_error[:, 24:].mean() * 1.2  # elsewhere: about the anchor
         assert w[0, :, 24:].mean() > 0.7
     with pytest.raises(ValueError, match="residual head starts at its anchor"):
-        train_fusion(AttentionWeightNet(3, head="residual"), train, val, CONFIG, tmp_path, kind="pixel",
+        train_fusion(AttentionWeightNet(3, head="residual"), train, val, FUSION_CONFIG, tmp_path, kind="pixel",
                      init="random", members=list(members))
 
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from .conftest import reference_path
+from .helpers import reference_path
 from srmodels.data.imresize import contributions, cubic, downscale_uint8, imresize, imresize_uint8, weight_matrix
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,7 @@ from srmodels.models.inference import (
     upscale,
 )
 
-SCALE = 4
-
+from .helpers import SCALE, seeded_rand
 
 class TinySR(nn.Module):
     """Two 3x3 convs and a pixel shuffle: receptive-field radius 2 LR pixels, not rotation-equivariant."""
@@ -59,7 +58,7 @@ def _single_thread(_threads):
 
 
 @pytest.fixture
-def tiny() -> TinySR:
+def tiny_sr() -> TinySR:
     torch.manual_seed(0)
     return TinySR().eval()
 
@@ -70,16 +69,12 @@ def _dyadic(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, shape, generator=g).float() / 256
 
 
-def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
-
-
 def _nearest(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=SCALE, mode="nearest")
 
 
 def test_transforms_invert_exactly():
-    x = _rand(2, 3, 5, 7)
+    x = seeded_rand(2, 3, 5, 7)
     assert len(set(TRANSFORMS)) == 8
     for rot, flip in TRANSFORMS:
         t = apply_transform(x, rot, flip)
@@ -101,7 +96,7 @@ def test_self_ensemble_of_equivariant_model_is_identity(shape, batch_transforms)
 
 
 def test_self_ensemble_cost_and_batching():
-    x = _rand(2, 3, 5, 9)
+    x = seeded_rand(2, 3, 5, 9)
     rec = Recorder()
     self_ensemble(rec, x, batch_transforms=False)
     assert len(rec.shapes) == 8 and all(s[0] == 2 for s in rec.shapes)
@@ -110,38 +105,38 @@ def test_self_ensemble_cost_and_batching():
     self_ensemble(rec, x, batch_transforms=True)
     assert sorted(rec.shapes) == [(8, 3, 5, 9), (8, 3, 9, 5)]
     rec = Recorder()
-    self_ensemble(rec, _rand(1, 3, 7, 7), batch_transforms=True)
+    self_ensemble(rec, seeded_rand(1, 3, 7, 7), batch_transforms=True)
     assert rec.shapes == [(8, 3, 7, 7)]
     rec = Recorder()
-    self_ensemble(rec, _rand(1, 3, 7, 7))  # CPU default: one transform at a time
+    self_ensemble(rec, seeded_rand(1, 3, 7, 7))  # CPU default: one transform at a time
     assert len(rec.shapes) == 8
 
 
-def test_self_ensemble_properties(tiny):
-    x = _rand(1, 3, 7, 10)
+def test_self_ensemble_properties(tiny_sr):
+    x = seeded_rand(1, 3, 7, 10)
     with torch.no_grad():
-        ens = self_ensemble(tiny, x)
+        ens = self_ensemble(tiny_sr, x)
         assert ens.shape == (1, 3, 28, 40)
         # Equal to the average written out by hand.
-        manual = sum(invert_transform(tiny(apply_transform(x, r, f)), r, f) for r, f in TRANSFORMS) / 8
+        manual = sum(invert_transform(tiny_sr(apply_transform(x, r, f)), r, f) for r, f in TRANSFORMS) / 8
         torch.testing.assert_close(ens, manual, atol=1e-6, rtol=0)
         # Equivariant: ensembling a transformed input gives the transformed ensemble.
         for rot, flip in TRANSFORMS:
-            got = self_ensemble(tiny, apply_transform(x, rot, flip))
+            got = self_ensemble(tiny_sr, apply_transform(x, rot, flip))
             torch.testing.assert_close(got, apply_transform(ens, rot, flip), atol=1e-5, rtol=0)
         # Idempotent: the ensemble of the ensembled model is the ensemble.
-        torch.testing.assert_close(self_ensemble(lambda t: self_ensemble(tiny, t), x), ens, atol=1e-5, rtol=0)
+        torch.testing.assert_close(self_ensemble(lambda t: self_ensemble(tiny_sr, t), x), ens, atol=1e-5, rtol=0)
         # Batched and one-at-a-time agree; the model itself is not equivariant, so the ensemble differs.
-        torch.testing.assert_close(self_ensemble(tiny, x, batch_transforms=True), ens, atol=1e-5, rtol=0)
-        assert (ens - tiny(x)).abs().max() > 1e-3
+        torch.testing.assert_close(self_ensemble(tiny_sr, x, batch_transforms=True), ens, atol=1e-5, rtol=0)
+        assert (ens - tiny_sr(x)).abs().max() > 1e-3
 
 
-def test_self_ensemble_batch_safe(tiny):
-    x = _rand(2, 3, 9, 6)
+def test_self_ensemble_batch_safe(tiny_sr):
+    x = seeded_rand(2, 3, 9, 6)
     with torch.no_grad():
         for bt in (False, True):
-            both = self_ensemble(tiny, x, batch_transforms=bt)
-            one = torch.cat([self_ensemble(tiny, x[i : i + 1], batch_transforms=bt) for i in range(2)])
+            both = self_ensemble(tiny_sr, x, batch_transforms=bt)
+            one = torch.cat([self_ensemble(tiny_sr, x[i : i + 1], batch_transforms=bt) for i in range(2)])
             torch.testing.assert_close(both, one, atol=1e-5, rtol=0)
 
 
@@ -152,12 +147,12 @@ def test_tile_starts_shift_last_tile_inside():
     assert tile_starts(9, 8, 6) == [0, 1]
 
 
-def test_tiled_whole_image_is_bitwise_untiled(tiny):
-    x = _rand(2, 3, 13, 11)
+def test_tiled_whole_image_is_bitwise_untiled(tiny_sr):
+    x = seeded_rand(2, 3, 13, 11)
     with torch.no_grad():
-        ref = tiny(x)
+        ref = tiny_sr(x)
         for tile in (13, 20):
-            assert torch.equal(tiled_forward(tiny, x, SCALE, tile, 4), ref)
+            assert torch.equal(tiled_forward(tiny_sr, x, SCALE, tile, 4), ref)
     rec = Recorder()
     tiled_forward(rec, x, SCALE, 16, 4)
     assert rec.shapes == [(2, 3, 13, 11)]
@@ -167,21 +162,21 @@ def test_tiled_whole_image_is_bitwise_untiled(tiny):
     "shape,tile,overlap",
     [((1, 3, 21, 27), 8, 4), ((2, 3, 21, 27), 10, 6), ((1, 3, 16, 40), 12, 4), ((1, 3, 9, 30), 16, 5)],
 )
-def test_tiled_matches_untiled_for_local_model(tiny, shape, tile, overlap):
+def test_tiled_matches_untiled_for_local_model(tiny_sr, shape, tile, overlap):
     # TinySR's receptive-field radius is 2 <= overlap // 2, so every kept pixel sees its true neighbourhood.
-    x = _rand(*shape, seed=1)
+    x = seeded_rand(*shape, seed=1)
     with torch.no_grad():
-        ref = tiny(x)
-        out = tiled_forward(tiny, x, SCALE, tile, overlap)
+        ref = tiny_sr(x)
+        out = tiled_forward(tiny_sr, x, SCALE, tile, overlap)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
-def test_tiled_too_small_overlap_is_not_exact(tiny):
+def test_tiled_too_small_overlap_is_not_exact(tiny_sr):
     # With overlap 0 tile seams see zero padding: proves the test above is sensitive.
-    x = _rand(1, 3, 21, 27, seed=2)
+    x = seeded_rand(1, 3, 21, 27, seed=2)
     with torch.no_grad():
-        assert (tiled_forward(tiny, x, SCALE, 8, 0) - tiny(x)).abs().max() > 1e-3
+        assert (tiled_forward(tiny_sr, x, SCALE, 8, 0) - tiny_sr(x)).abs().max() > 1e-3
 
 
 def test_tiled_exact_for_pointwise_model_and_bounded_tiles():
@@ -194,51 +189,51 @@ def test_tiled_exact_for_pointwise_model_and_bounded_tiles():
     assert len(rec.shapes) == len(tile_starts(23, 6, 6)) * len(tile_starts(17, 6, 6))
 
 
-def test_tiled_batch_safe_and_errors(tiny):
-    x = _rand(2, 3, 19, 14, seed=3)
+def test_tiled_batch_safe_and_errors(tiny_sr):
+    x = seeded_rand(2, 3, 19, 14, seed=3)
     with torch.no_grad():
-        both = tiled_forward(tiny, x, SCALE, 8, 4)
-        one = torch.cat([tiled_forward(tiny, x[i : i + 1], SCALE, 8, 4) for i in range(2)])
+        both = tiled_forward(tiny_sr, x, SCALE, 8, 4)
+        one = torch.cat([tiled_forward(tiny_sr, x[i : i + 1], SCALE, 8, 4) for i in range(2)])
     torch.testing.assert_close(both, one, atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
-        tiled_forward(tiny, x, SCALE, 8, -1)
+        tiled_forward(tiny_sr, x, SCALE, 8, -1)
     with pytest.raises(ValueError):
-        tiled_forward(tiny, x, SCALE, 0, 4)
+        tiled_forward(tiny_sr, x, SCALE, 0, 4)
     with pytest.raises(ValueError):
-        tiled_forward(tiny, x, 2, 8, 4)  # wrong scale for the model
+        tiled_forward(tiny_sr, x, 2, 8, 4)  # wrong scale for the model
     with pytest.raises(ValueError):
-        tiled_forward(tiny, x[0], SCALE, 8, 4)
+        tiled_forward(tiny_sr, x[0], SCALE, 8, 4)
 
 
-def test_upscale_combinations(tiny):
-    x = _rand(1, 3, 15, 22, seed=4)
+def test_upscale_combinations(tiny_sr):
+    x = seeded_rand(1, 3, 15, 22, seed=4)
     with torch.no_grad():
-        plain = tiny(x)
-        ens = self_ensemble(tiny, x)
-    out = upscale(tiny, x, SCALE)
+        plain = tiny_sr(x)
+        ens = self_ensemble(tiny_sr, x)
+    out = upscale(tiny_sr, x, SCALE)
     assert out.is_inference() and torch.equal(out, plain)
-    torch.testing.assert_close(upscale(tiny, x, SCALE, tile=8, tile_overlap=4), plain, atol=1e-6, rtol=0)
-    torch.testing.assert_close(upscale(tiny, x, SCALE, self_ensemble=True), ens, atol=1e-6, rtol=0)
+    torch.testing.assert_close(upscale(tiny_sr, x, SCALE, tile=8, tile_overlap=4), plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(upscale(tiny_sr, x, SCALE, self_ensemble=True), ens, atol=1e-6, rtol=0)
     for bt in (False, True):
-        got = upscale(tiny, x, SCALE, self_ensemble=True, tile=8, tile_overlap=4, batch_transforms=bt)
+        got = upscale(tiny_sr, x, SCALE, self_ensemble=True, tile=8, tile_overlap=4, batch_transforms=bt)
         torch.testing.assert_close(got, ens, atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
-        upscale(tiny, x, 2)
+        upscale(tiny_sr, x, 2)
 
 
-def test_upscale_keeps_grad_when_wanted(tiny):
-    x = _rand(1, 3, 12, 12, seed=5).requires_grad_()
-    out = upscale(tiny, x, SCALE, self_ensemble=True, tile=8, tile_overlap=4)
+def test_upscale_keeps_grad_when_wanted(tiny_sr):
+    x = seeded_rand(1, 3, 12, 12, seed=5).requires_grad_()
+    out = upscale(tiny_sr, x, SCALE, self_ensemble=True, tile=8, tile_overlap=4)
     assert out.requires_grad and not out.is_inference()
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_half_precision_outputs_accumulate_in_float32(tiny):
-    x = _rand(1, 3, 9, 12, seed=6)
+def test_half_precision_outputs_accumulate_in_float32(tiny_sr):
+    x = seeded_rand(1, 3, 9, 12, seed=6)
 
     def half_model(t: torch.Tensor) -> torch.Tensor:
-        return tiny(t).to(torch.bfloat16)
+        return tiny_sr(t).to(torch.bfloat16)
 
     def widened(t: torch.Tensor) -> torch.Tensor:
         return half_model(t).float()

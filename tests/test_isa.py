@@ -8,14 +8,13 @@ import functools
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from srmodels.core import isa
 from srmodels.core.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT
 
 needs_avx2 = pytest.mark.skipif("avx2" not in isa.cpu_flags() or "fma" not in isa.cpu_flags(),
                                 reason="this CPU has no AVX2/FMA: the avx2 pin cannot run here")

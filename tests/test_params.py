@@ -7,8 +7,7 @@ import pytest
 from srmodels.core.params import (ParamsError, apply_profile, flatten, load_params, merged, profile_overrides, read_profile,
                              read_yaml, validate)
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from .helpers import ROOT
 
 @pytest.fixture(scope="module")
 def raw():

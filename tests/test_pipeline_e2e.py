@@ -26,9 +26,8 @@ import yaml
 from srmodels.data.images import write_image
 
 from . import procs
+from .helpers import DVC, ROOT, minimal_params, ran_stages
 
-ROOT = Path(__file__).resolve().parents[1]
-DVC = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
 UP_TO_DATE = "Data and pipelines are up to date."
 DOWNSTREAM = ("fusion", "test", "score")
 UPSTREAM = ("prepare", "benchmark@mini", "finetune@dat", "finetune@swinir", "finetune@rfdn", "cache@dat",
@@ -37,33 +36,21 @@ UPSTREAM = ("prepare", "benchmark@mini", "finetune@dat", "finetune@swinir", "fin
 pytestmark = pytest.mark.slow
 
 
-def _minimal_params() -> dict:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["data"]["samples"] = {"backbone_train": ["camera", "brick"], "fusion_train": ["grass", "gravel"],
-                            "val": ["coins"], "test": ["clock"]}
-    p["data"]["patches"] = {"hr_size": 96, "step": 96}
+def _e2e_params() -> dict:
+    """The minimal profile (helpers.minimal_params) with a benchmark set and DAT's small variant."""
+    p = minimal_params()
     p["data"]["benchmarks"] = {"mini": "bench"}
-    # One intra-op thread: on a 2-vCPU Intel Xeon, 2 threads give other bits in about 1 process in 8
-    # (docs/reproducibility.md), and these tests compare outputs of separate processes bit for bit.
-    p["threads"] = 1
-    # Through the defaults: the backbones' entries stay as committed, so README's `-S` lines meet them as users do.
-    p["backbone_defaults"].update(epochs=1, batch=4, lr_patch=16)
     p["backbones"]["dat"]["variant"] = "dat_small"
-    p["fusion"].update(epochs=1, batch=4, lr_patch=16, crops_per_image=2)
     return p
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, ok: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+def _run_in(cmd: list[str], cwd: Path, env: dict, ok: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     return procs.run(cmd, cwd=cwd, env=env, timeout=timeout, check=ok)
 
 
 def _out(cmd: list[str], cwd: Path, env: dict) -> str:
-    res = _run(cmd, cwd, env)
+    res = _run_in(cmd, cwd, env)
     return res.stdout + res.stderr
-
-
-def _ran(out: str) -> set[str]:
-    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
 
 
 def _digests(repo: Path) -> dict[str, str]:
@@ -77,12 +64,12 @@ def _wait_for_queue(repo: Path, env: dict, names: list[str], timeout: float) -> 
     """Wait until DVC's queue has run ``names``, all successfully. On a timeout or a failure: the queue's status
     and each task's log, then the workers are stopped (a hung worker must not outlive the test)."""
     def status() -> str:
-        return _run([DVC, "queue", "status"], repo, env, timeout=60).stdout
+        return _run_in([DVC, "queue", "status"], repo, env, timeout=60).stdout
 
     def report() -> str:
-        logs = [f"--- dvc queue logs {name} ---\n" + _run([DVC, "queue", "logs", name], repo, env, ok=False,
+        logs = [f"--- dvc queue logs {name} ---\n" + _run_in([DVC, "queue", "logs", name], repo, env, ok=False,
                                                           timeout=60).stdout[-3000:] for name in names]
-        _run([DVC, "queue", "stop", "--kill"], repo, env, ok=False, timeout=60)
+        _run_in([DVC, "queue", "stop", "--kill"], repo, env, ok=False, timeout=60)
         return "--- dvc queue status ---\n" + status() + "\n".join(logs)
 
     procs.wait_until(lambda: not any(word in status() for word in ("Queued", "Running")), timeout=timeout,
@@ -90,7 +77,7 @@ def _wait_for_queue(repo: Path, env: dict, names: list[str], timeout: float) -> 
     final = status()
     if "Failed" in final or final.count("Success") < len(names):
         pytest.fail(f"queued experiments did not all succeed\n{report()}", pytrace=False)
-    _run([DVC, "queue", "stop"], repo, env, ok=False, timeout=60)  # an idle worker must not outlive the test
+    _run_in([DVC, "queue", "stop"], repo, env, ok=False, timeout=60)  # an idle worker must not outlive the test
 
 
 def _status(repo: Path, env: dict) -> str:
@@ -121,7 +108,7 @@ def repo(tmp_path_factory):
         dst = repo / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dst)
-    (repo / "params.yaml").write_text(yaml.safe_dump(_minimal_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(_e2e_params(), sort_keys=False))
     rng = np.random.default_rng(3)
     for i in range(2):  # a benchmark set of two smooth 96x96 images, LR made by the stage
         img = np.clip(rng.normal(128, 40, (12, 12, 3)), 0, 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)
@@ -130,18 +117,18 @@ def repo(tmp_path_factory):
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for key in ("DVC_EXP_NAME", "SRMODELS_PARAMS", "SRMODELS_DEBUG"):
         env.pop(key, None)
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "minimal profile"], repo, env)
+    _run_in(["git", "init", "-q"], repo, env)
+    _run_in(["git", "add", "-A"], repo, env)
+    _run_in(["git", "commit", "-qm", "minimal profile"], repo, env)
     out = _out([DVC, "repro"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "results"], repo, env)
+    _run_in(["git", "add", "-A"], repo, env)
+    _run_in(["git", "commit", "-qm", "results"], repo, env)
     return repo, env, out
 
 
 def test_all_stages_run_under_one_mlflow_parent(repo):
     repo, env, out = repo
-    assert _ran(out) == {*UPSTREAM, *DOWNSTREAM}
+    assert ran_stages(out) == {*UPSTREAM, *DOWNSTREAM}
     metrics = json.loads((repo / "data/score/metrics.json").read_text())
     for set_name in ("test", "mini"):
         for model in ("bicubic", "dat", "dat+se", "swinir", "rfdn", "fusion"):
@@ -196,7 +183,7 @@ def test_a_failed_stage_is_one_line_and_keeps_its_previous_outputs(repo):
     bad = yaml.safe_load(original)
     bad["fusion"]["lr_patch"] = 1000  # larger than every fusion image: found before training starts
     params.write_text(yaml.safe_dump(bad, sort_keys=False))
-    res = _run([DVC, "repro", "fusion"], repo, env, ok=False)
+    res = _run_in([DVC, "repro", "fusion"], repo, env, ok=False)
     params.write_text(original)
     assert res.returncode != 0 and "Traceback" not in res.stderr + res.stdout
     [line] = [x for x in res.stderr.splitlines() if x.startswith("fusion: error:")]
@@ -208,7 +195,7 @@ def test_a_failed_stage_is_one_line_and_keeps_its_previous_outputs(repo):
     whole = npy.read_bytes()
     npy.write_bytes(whole[: len(whole) // 2])
     try:
-        res = _run([sys.executable, "-m", "stages.fusion"], repo, env, ok=False)
+        res = _run_in([sys.executable, "-m", "stages.fusion"], repo, env, ok=False)
     finally:
         npy.write_bytes(whole)
     assert res.returncode == 1 and "Traceback" not in res.stderr
@@ -220,12 +207,12 @@ def test_a_failed_stage_is_one_line_and_keeps_its_previous_outputs(repo):
 def test_experiments_rerun_only_the_fusion_and_the_workspace_comes_back_clean(repo):
     repo, env, _ = repo
     out = _out([DVC, "exp", "run", "-n", "ws", "-S", "fusion.epochs=2"], repo, env)
-    assert _ran(out) == set(DOWNSTREAM), out[-3000:]
+    assert ran_stages(out) == set(DOWNSTREAM), out[-3000:]
     out = _out([DVC, "exp", "run", "--temp", "-n", "tmp", "-S", "fusion.epochs=3"], repo, env)
-    assert _ran(out) == set(DOWNSTREAM), out[-3000:]
+    assert ran_stages(out) == set(DOWNSTREAM), out[-3000:]
     for name, setting in (("q1", "fusion.epochs=4"), ("q2", "fusion.lr=5.0e-4")):
-        _run([DVC, "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
-    _run([DVC, "queue", "start", "-j", "2"], repo, env)
+        _run_in([DVC, "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
+    _run_in([DVC, "queue", "start", "-j", "2"], repo, env)
     _wait_for_queue(repo, env, ["q1", "q2"], timeout=600)
     # What each experiment ran, from MLflow: every stage that runs is a child of the experiment's parent run.
     runs = {name: stages for name, _, stages in _parents(repo)}
@@ -235,16 +222,16 @@ def test_experiments_rerun_only_the_fusion_and_the_workspace_comes_back_clean(re
     summaries = {}
     for source in ("dvc", "mlflow"):
         out = repo / f"summary-{source}"
-        _run([sys.executable, "-m", "srmodels", "summarize", "--from", source, "--exp", "q1", "--exp", "q2",
+        _run_in([sys.executable, "-m", "srmodels", "summarize", "--from", source, "--exp", "q1", "--exp", "q2",
               "--resamples", "200", "-o", str(out)], repo, env)
         summaries[source] = json.loads((out / "summary.json").read_text())
         shutil.rmtree(out)
     models = {s: [c["models"] for c in summaries[s]["configurations"].values()] for s in summaries}
     assert models["dvc"] == models["mlflow"] and len(models["dvc"]) == 2
-    _run(["git", "checkout", "--", "."], repo, env)
-    _run([DVC, "checkout", "--force"], repo, env)
+    _run_in(["git", "checkout", "--", "."], repo, env)
+    _run_in([DVC, "checkout", "--force"], repo, env)
     assert _status(repo, env) == UP_TO_DATE
-    assert not _run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout.strip()
+    assert not _run_in(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout.strip()
 
 
 def _readme_experiments() -> list[list[str]]:
@@ -282,32 +269,32 @@ def test_every_documented_experiment_keeps_every_backbone_and_going_back_is_clea
     try:
         for command in experiments:
             command = [re.sub(r"(epochs=)(\d+)", lambda m: m[1] + str(min(int(m[2]), 2)), arg) for arg in command]
-            res = _run([DVC, *command[1:]], repo, env, ok=False)
+            res = _run_in([DVC, *command[1:]], repo, env, ok=False)
             assert res.returncode == 0, f"{command}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
             keys = [arg.lstrip("+").split("=")[0] for arg in command if "=" in arg]
             if all(k.startswith("fusion.") and k != "fusion.members" for k in keys):
-                assert _ran(res.stdout + res.stderr) == set(DOWNSTREAM), (command, _ran(res.stdout + res.stderr))
+                assert ran_stages(res.stdout + res.stderr) == set(DOWNSTREAM), (command, ran_stages(res.stdout + res.stderr))
             # Every backbone's outputs are there (an experiment on the data re-makes the caches' contents).
             missing = [str(f.relative_to(repo)) for f in backbone_files
                        if not f.is_file() and not ("data/cache" in str(f) and command_changes_data(command))]
             missing += [b for b in trained if not (repo / "data/cache" / b / "counts.json").is_file()]
             assert not missing, (command, missing)
-            _run(["git", "checkout", "--", "."], repo, env)
-            _run([DVC, "checkout", "--force"], repo, env)
+            _run_in(["git", "checkout", "--", "."], repo, env)
+            _run_in([DVC, "checkout", "--force"], repo, env)
             assert _status(repo, env) == UP_TO_DATE, command
             assert _digests(repo) == before, command
             assert all(f.is_file() for f in backbone_files), command
     finally:  # a failure here must not leave the next tests an experiment's params
-        _run(["git", "checkout", "--", "."], repo, env, ok=False)
-        _run([DVC, "checkout", "--force"], repo, env, ok=False)
+        _run_in(["git", "checkout", "--", "."], repo, env, ok=False)
+        _run_in([DVC, "checkout", "--force"], repo, env, ok=False)
     # An unknown member: one line naming the key and the name, and nothing deleted or changed.
-    res = _run([DVC, "exp", "run", "-S", "fusion.members=[dat,nosuch]"], repo, env, ok=False)
+    res = _run_in([DVC, "exp", "run", "-S", "fusion.members=[dat,nosuch]"], repo, env, ok=False)
     assert res.returncode != 0 and "Traceback" not in res.stdout + res.stderr
     # The first stale stage that reads the members says it (baselines, before the fusion).
     [line] = [x for x in res.stderr.splitlines() if "fusion.members" in x and "'nosuch'" in x]
     assert re.match(r"[a-z@]+: invalid params: fusion\.members\[1\]: 'nosuch' is not a backbone", line), line
     assert all(f.is_file() for f in backbone_files)
-    _run(["git", "checkout", "--", "."], repo, env)
+    _run_in(["git", "checkout", "--", "."], repo, env)
     assert _status(repo, env) == UP_TO_DATE and _digests(repo) == before
 
 
@@ -319,12 +306,12 @@ def test_a_code_change_that_changes_no_number_reruns_only_its_stage(repo):
     module = repo / "srmodels/training/finetune.py"
     original = module.read_text()
     module.write_text(original + "\n# a comment changes no number\n")
-    _run(["git", "commit", "-qam", "a comment"], repo, env)
+    _run_in(["git", "commit", "-qam", "a comment"], repo, env)
     out = _out([DVC, "repro"], repo, env)
     trained = yaml.safe_load((repo / "params.yaml").read_text())["trained"]
-    assert _ran(out) == {f"finetune@{b}" for b in trained}, out[-3000:]
+    assert ran_stages(out) == {f"finetune@{b}" for b in trained}, out[-3000:]
     assert _digests(repo) == before
-    _run(["git", "commit", "-qam", "lock"], repo, env)
+    _run_in(["git", "commit", "-qam", "lock"], repo, env)
     assert _status(repo, env) == UP_TO_DATE
 
 
@@ -332,7 +319,7 @@ def test_forced_rerun_is_byte_identical_and_leaves_git_clean(repo):
     repo, env, _ = repo
     before = _digests(repo)
     # Tracking off: it changes no output (checked above), and skipping it saves seconds per stage.
-    _run([DVC, "repro", "--force"], repo, {**env, "MLFLOW_TRACKING_URI": "none"})
+    _run_in([DVC, "repro", "--force"], repo, {**env, "MLFLOW_TRACKING_URI": "none"})
     assert _digests(repo) == before
     # Every DVC output hashes as before, so dvc.lock is unchanged: what a fresh clone's `dvc repro` must give.
-    assert not _run(["git", "status", "--porcelain"], repo, env).stdout.strip()
+    assert not _run_in(["git", "status", "--porcelain"], repo, env).stdout.strip()

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +13,7 @@ from srmodels.data.images import ImageError, read_image, write_image
 from srmodels.data.imresize import downscale_uint8
 from srmodels.core.params import ParamsError, load_params
 
-ROOT = Path(__file__).resolve().parents[1]
-SCALE = 4
+from .helpers import ROOT, SCALE, huge_png
 
 # HR sizes (h, w) of the miniature DIV2K_train: odd sizes exercise the mod-crop, 0005 is too small for a patch.
 TRAIN_SIZES = {1: (66, 98), 2: (64, 96), 3: (40, 50), 4: (64, 96), 5: (28, 60), 6: (64, 96)}
@@ -322,15 +319,6 @@ def test_sample_name_errors(base_data, tmp_path):
 # ------------------------------------------------------------------------ all inputs checked first, outputs swapped
 
 
-def _huge_png(path: Path, width: int = 40000, height: int = 40000) -> None:
-    """A PNG whose valid header declares more pixels than OpenCV's 2^30 limit; the data is a token."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
-
-
 def _siblings(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
@@ -375,7 +363,7 @@ def test_benchmark_size_mismatch_found_before_anything_is_written(prepared, benc
 def test_oversized_image_is_named_with_the_limit(prepared, div2k, monkeypatch):
     monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS", raising=False)
     out, before, data = prepared
-    _huge_png(div2k / "DIV2K_train_HR" / "0002.png")
+    huge_png(div2k / "DIV2K_train_HR" / "0002.png")
     with pytest.raises(ImageError, match=r"0002\.png: image is larger than OpenCV's pixel limit.*"
                                          r"OPENCV_IO_MAX_IMAGE_PIXELS"):
         prepare(data, SCALE, out)
@@ -421,7 +409,7 @@ def test_outputs_replaced_as_a_whole(prepared, base_data, div2k):
 
 def test_leftovers_of_a_killed_run_are_removed(prepared):
     out, before, data = prepared
-    for name in (f".{out.name}.prepare-new", f".{out.name}.prepare-old"):
+    for name in (f".{out.name}.staging", f".{out.name}.old"):  # staged()'s staging and retired folders
         (out.parent / name / "val").mkdir(parents=True)
         (out.parent / name / "val" / "junk.png").write_bytes(b"old")
     prepare(data, SCALE, out)

@@ -63,8 +63,13 @@ def test_weight_map_rejects_bad_shapes():
 
 
 def test_weight_map_encodes_with_cv2(tmp_path):
+    """The map is a plain RGB uint8 array: a PNG written by OpenCV reads back pixel for pixel."""
     img = weight_map_image(one_hot_weights(), NAMES)
     assert cv2.imwrite(str(tmp_path / "w.png"), img[:, :, ::-1])
+    back = cv2.imread(str(tmp_path / "w.png"), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint8 and back.shape == img.shape
+    assert np.array_equal(back[:, :, ::-1], img)
+    assert tuple(back[10, 5][::-1]) == KNOWN_COLOURS["dat"]  # RGB in the array, BGR in OpenCV's file order
 
 
 ROWS = [
@@ -130,9 +135,23 @@ def test_pngs_are_byte_identical_across_runs(tmp_path):
     assert img.shape == (400, 640, 3)
 
 
+def pixels_of(path, rgb: tuple[int, int, int]) -> int:
+    """How many pixels of the PNG at ``path`` have exactly the colour ``rgb``."""
+    return int((cv2.imread(str(path))[:, :, ::-1] == np.array(rgb, dtype=np.uint8)).all(axis=2).sum())
+
+
 def test_plots_survive_empty_and_missing_values(tmp_path):
-    bar_chart_png(tmp_path / "empty.png", {}, "nothing")
-    bar_chart_png(tmp_path / "nan.png", {"dat": float("nan"), "fusion": 27.0}, "one missing")
-    curves_png(tmp_path / "curves.png", {"dat": []}, "loss", "empty")
-    for name in ("empty.png", "nan.png", "curves.png"):
-        assert cv2.imread(str(tmp_path / name)) is not None
+    empty = bar_chart_png(tmp_path / "empty.png", {}, "nothing")
+    nan = bar_chart_png(tmp_path / "nan.png", {"dat": float("nan"), "fusion": 27.0}, "one missing")
+    both = bar_chart_png(tmp_path / "both.png", {"dat": 27.0, "fusion": 27.0}, "one missing")
+    curves = curves_png(tmp_path / "curves.png", {"dat": []}, "loss", "empty")
+    for path in (empty, nan, curves):
+        assert cv2.imread(str(path)).shape == (400, 640, 3)  # a full-size figure, not an error
+    # Only missing values is no data at all: the same picture as no models, and no bar drawn.
+    assert bar_chart_png(tmp_path / "all-nan.png", {"dat": float("nan")}, "nothing").read_bytes() == empty.read_bytes()
+    assert pixels_of(empty, KNOWN_COLOURS["dat"]) == 0
+    # A missing value hides its bar and leaves the others as they would be.
+    assert pixels_of(nan, KNOWN_COLOURS["dat"]) == 0 < pixels_of(both, KNOWN_COLOURS["dat"])
+    assert pixels_of(nan, KNOWN_COLOURS["fusion"]) == pixels_of(both, KNOWN_COLOURS["fusion"]) > 1000
+    # A curve without points draws nothing: the same picture as no curves at all.
+    assert curves_png(tmp_path / "none.png", {}, "loss", "empty").read_bytes() == curves.read_bytes()

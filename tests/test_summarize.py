@@ -15,6 +15,7 @@ import pytest
 
 from srmodels.evaluation import summarize as S
 from srmodels.core.errors import UserError
+from srmodels.core.params import flatten_text
 from srmodels.metrics.statistics import crossed_bootstrap, paired_bootstrap
 
 from . import procs
@@ -28,14 +29,14 @@ def _table(scores: dict[str, list[float]], set_name: str = "test") -> list[dict[
             for k, img in enumerate(IMAGES) for m, v in scores.items()]
 
 
-def _run(name: str, seed: int, *, offset: float = 0.0, gain: float = 0.0, init: str = "best_member",
-         val: dict[str, float] | None = None, fusion_val: float = 30.0) -> S.PipelineRun:
+def _fake_run(name: str, seed: int, *, offset: float = 0.0, gain: float = 0.0, init: str = "best_member",
+              val: dict[str, float] | None = None, fusion_val: float = 30.0) -> S.PipelineRun:
     base = np.array([30.0, 28.0, 35.0, 25.0]) + 0.01 * seed
     scores = {"bicubic": base - 1, "dat": base + offset, "dat+se": base + offset + 0.1, "rfdn": base - 0.5,
               "rfdn+se": base - 0.4}
     scores["fusion"] = scores["dat+se"] + gain + np.array([0.0, 0.002, -0.002, 0.0]) * seed
-    params = S.flatten({"seed": seed, "fusion": {"init": init, "members": ["dat", "rfdn"]},
-                        "mlflow": {"experiment": f"x{seed}"}})
+    params = flatten_text({"seed": seed, "fusion": {"init": init, "members": ["dat", "rfdn"]},
+                           "mlflow": {"experiment": f"x{seed}"}})
     return S.PipelineRun(name=name, params=params, per_image=_table({m: list(v) for m, v in scores.items()}),
                          member_val_psnr=val or {"dat": 30.0, "rfdn": 29.0}, fusion_val_psnr=fusion_val)
 
@@ -79,7 +80,8 @@ def test_crossed_bootstrap_warns_with_few_seeds_or_images_and_refuses_a_bad_tabl
 # Grouping and the summary
 # ---------------------------------------------------------------------------------------------------------------
 def test_runs_group_by_params_other_than_seed_and_are_named_by_what_differs():
-    runs = [_run(f"b{s}", s) for s in range(3)] + [_run(f"r{s}", s, init="random", gain=0.05) for s in range(2)]
+    runs = ([_fake_run(f"b{s}", s) for s in range(3)]
+            + [_fake_run(f"r{s}", s, init="random", gain=0.05) for s in range(2)])
     groups = S.configurations(runs)
     assert list(groups) == ["fusion.init=best_member", "fusion.init=random"]
     assert [r.name for r in groups["fusion.init=random"]] == ["r0", "r1"]
@@ -87,16 +89,16 @@ def test_runs_group_by_params_other_than_seed_and_are_named_by_what_differs():
 
 
 def test_a_repeated_seed_counts_once_and_a_conflicting_one_is_refused():
-    assert [r.name for r in S.configurations([_run("a", 0), _run("a-again", 0), _run("b", 1)])["all runs"]] \
-        == ["a", "b"]
+    configurations = S.configurations([_fake_run("a", 0), _fake_run("a-again", 0), _fake_run("b", 1)])
+    assert [r.name for r in configurations["all runs"]] == ["a", "b"]
     with pytest.raises(UserError, match="share seed 0"):
-        S.configurations([_run("a", 0), _run("other", 0, offset=0.5)])
+        S.configurations([_fake_run("a", 0), _fake_run("other", 0, offset=0.5)])
     with pytest.raises(UserError, match="no finished pipeline runs"):
         S.configurations([])
 
 
 def test_summary_statistics_over_seeds_and_the_gain_over_the_validation_best_member():
-    runs = [_run(f"s{s}", s, gain=0.02 * (s + 1), fusion_val=30.0 + 0.001 * s) for s in range(5)]
+    runs = [_fake_run(f"s{s}", s, gain=0.02 * (s + 1), fusion_val=30.0 + 0.001 * s) for s in range(5)]
     out = S.summarize(runs, resamples=2000, seed=0)
     conf = out["configurations"]["all runs"]
     assert conf["seeds"] == [0, 1, 2, 3, 4] and conf["images"] == list(IMAGES)
@@ -115,14 +117,15 @@ def test_summary_statistics_over_seeds_and_the_gain_over_the_validation_best_mem
 
 def test_the_reference_member_is_chosen_on_validation_not_on_the_scored_set():
     # RFDN is best on validation in this run although DAT is far better on test: the gain is against RFDN+x8.
-    run = _run("s0", 0, val={"dat": 29.0, "rfdn": 30.0})
+    run = _fake_run("s0", 0, val={"dat": 29.0, "rfdn": 30.0})
     gain = S.summarize([run], resamples=100, seed=0)["configurations"]["all runs"]["gain_over_best_member"]
     assert gain["reference_per_seed"] == ["rfdn+se"]
     assert gain["test"]["mean_diff"] == pytest.approx(0.1 + 0.4, abs=1e-4)  # fusion = dat+se = rfdn+se + 0.5
 
 
 def test_configurations_are_compared_on_the_seeds_both_ran():
-    runs = [_run(f"b{s}", s) for s in range(4)] + [_run(f"r{s}", s, init="random", gain=-0.3) for s in (1, 2, 3, 9)]
+    runs = ([_fake_run(f"b{s}", s) for s in range(4)]
+            + [_fake_run(f"r{s}", s, init="random", gain=-0.3) for s in (1, 2, 3, 9)])
     between = S.summarize(runs, resamples=1000, seed=0)["between_configurations"]
     (name, c), = between.items()
     assert name == "fusion (fusion.init=best_member) vs fusion (fusion.init=random)"
@@ -130,17 +133,18 @@ def test_configurations_are_compared_on_the_seeds_both_ran():
 
 
 def test_runs_scored_on_other_images_or_without_the_set_are_refused():
-    odd = _run("odd", 1)
+    odd = _fake_run("odd", 1)
     odd = S.PipelineRun(name="odd", params=odd.params, per_image=[r for r in odd.per_image if r["image"] != "d"],
                         member_val_psnr=odd.member_val_psnr, fusion_val_psnr=30.0)
     with pytest.raises(UserError, match="other images"):
-        S.summarize([_run("s0", 0), odd], resamples=10, seed=0)
+        S.summarize([_fake_run("s0", 0), odd], resamples=10, seed=0)
     with pytest.raises(UserError, match="scored no set 'Set5'.*test"):
-        S.summarize([_run("s0", 0)], set_name="Set5", resamples=10, seed=0)
+        S.summarize([_fake_run("s0", 0)], set_name="Set5", resamples=10, seed=0)
 
 
 def test_written_files_are_deterministic_and_the_markdown_states_the_interval(tmp_path):
-    runs = [_run(f"b{s}", s) for s in range(3)] + [_run(f"r{s}", s, init="random", gain=0.01) for s in range(3)]
+    runs = ([_fake_run(f"b{s}", s) for s in range(3)]
+            + [_fake_run(f"r{s}", s, init="random", gain=0.01) for s in range(3)])
     summary = S.summarize(runs, resamples=500, seed=0)
     first = [p.read_bytes() for p in S.write_summary(tmp_path / "one", summary)]
     second = [p.read_bytes() for p in S.write_summary(tmp_path / "two", S.summarize(runs, resamples=500, seed=0))]
@@ -227,7 +231,7 @@ def test_mlflow_pipeline_runs_are_read_back(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("sweep", artifact_location=(tmp_path / "art").as_uri())
-    for run in (_run("b0", 0), _run("b1", 1), _run("r0", 0, init="random", gain=0.01)):
+    for run in (_fake_run("b0", 0), _fake_run("b1", 1), _fake_run("r0", 0, init="random", gain=0.01)):
         parent = client.create_run(exp_id, run_name=run.name, tags={tracking.TAG_ROLE: "pipeline"}).info.run_id
         for key, value in run.params.items():
             client.log_param(parent, key, value)
@@ -261,7 +265,7 @@ def test_mlflow_pipeline_runs_are_read_back(tmp_path):
 
 def test_baselines_heads_and_oracles_against_the_best_member_in_one_table():
     def run(name: str, seed: int, head: str, fusion_gain: float) -> S.PipelineRun:
-        r = _run(name, seed, gain=fusion_gain)
+        r = _fake_run(name, seed, gain=fusion_gain)
         base = np.array([30.0, 28.0, 35.0, 25.0]) + 0.01 * seed + 0.1  # dat+se
         extra = {"mean": base - 0.2, "oracle:convex": base + 0.4, "oracle:pixel": base + 0.3}
         params = {**r.params, "fusion.head": head}

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from srmodels import tracking
-from srmodels.core.provenance import git_commit as code_version, params_hash
-from srmodels.tracking import (TAG_COMMIT, TAG_KEY, artifact_location, pipeline_key, pipeline_params, start_stage,
-                               tracking_uri)
+from srmodels.core import layout, provenance
+from srmodels.core.layout import artifact_location, tracking_uri
+from srmodels.core.provenance import git_commit as code_version, params_hash, pipeline_key
+from srmodels.tracking import TAG_COMMIT, TAG_KEY, StageRun, pipeline_params
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT
+
 # MLflow's own SQLAlchemy usage warns on import; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")
 ENV_VARS = ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE",
@@ -74,9 +75,9 @@ def runs_of(client, experiment: str) -> tuple[list, list]:
 STAGE_SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING)
-from srmodels.tracking import start_stage
+from srmodels.tracking import StageRun
 params = json.loads(sys.argv[1])
-with start_stage(params, sys.argv[2]) as run:
+with StageRun(params, sys.argv[2]) as run:
     run.log_params(params["fusion"])
     for epoch in range(3):
         run.log_metrics({"loss": 1.0 / (epoch + 1)}, step=epoch)
@@ -94,7 +95,7 @@ def test_two_processes_same_key_share_one_parent(env, store, client):
     assert first["active"] and first["parent"]
 
     # The second stage is this (pytest) process: a different process that knows nothing of the first.
-    with start_stage(params, "finetune@dat") as run:
+    with StageRun(params, "finetune@dat") as run:
         run.log_metrics({"val_psnr_y": 20.5}, step=0)
         run.log_metrics({"test.psnr_y": 27.25}, parent=True)
     assert run.parent_run_id == first["parent"]
@@ -121,7 +122,7 @@ def test_two_processes_same_key_share_one_parent(env, store, client):
 FAKE_DVC = """
 import json, os, pathlib, sys, traceback
 from mlflow import MlflowClient  # noqa: F401 - imported once, before the forks
-from srmodels.tracking import start_stage
+from srmodels.tracking import StageRun
 params = json.loads(sys.argv[1])
 for step in sys.argv[2:]:
     if step == "dirty":
@@ -130,7 +131,7 @@ for step in sys.argv[2:]:
     elif os.fork() == 0:
         code = 1
         try:
-            with start_stage(params, step) as run:
+            with StageRun(params, step) as run:
                 run.log_metrics({"loss": 0.5}, step=0)
             print(json.dumps({"run": run.run_id, "parent": run.parent_run_id, "active": run.active}), flush=True)
             code = 0
@@ -204,9 +205,9 @@ def test_one_parent_per_dvc_invocation(env, store, client, tmp_path):
 
 def test_pipeline_key(monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    monkeypatch.setattr(tracking, "dvc_invocation", lambda: None)
+    monkeypatch.setattr(provenance, "dvc_invocation", lambda: None)
     assert pipeline_key("abc+dirty", "1234") == "abc+dirty-1234"            # a stage run by hand
-    monkeypatch.setattr(tracking, "dvc_invocation", lambda: "42.1000.deadbeef")
+    monkeypatch.setattr(provenance, "dvc_invocation", lambda: "42.1000.deadbeef")
     assert pipeline_key("abc+dirty", "1234") == "abc-dvc-42.1000.deadbeef"  # under dvc repro
     monkeypatch.setenv("DVC_EXP_NAME", "gusty-lynx")
     assert pipeline_key("abc", "1234") == "gusty-lynx"
@@ -217,14 +218,14 @@ def test_pipeline_key(monkeypatch):
     (["python", "-m", "dvc", "exp", "run"], True), (["python", "stages/finetune.py", "dvc"], False),
     (["python", "-m", "pytest"], False), ([""], False)])
 def test_dvc_command_lines(argv, is_dvc):
-    assert tracking._is_dvc(argv) is is_dvc
+    assert provenance.is_dvc_command(argv) is is_dvc
 
 
 def test_mlflow_section_is_not_part_of_the_pipeline(env, store, client, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
-    with start_stage(make_params("t-section", uri="sqlite:///elsewhere.db"), "prepare") as a:
+    with StageRun(make_params("t-section", uri="sqlite:///elsewhere.db"), "prepare") as a:
         pass
-    with start_stage(make_params("t-section"), "fusion") as b:
+    with StageRun(make_params("t-section"), "fusion") as b:
         pass
     assert a.active and a.parent_run_id == b.parent_run_id
 
@@ -234,8 +235,8 @@ SLEEPER = """
 import json, logging, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-from srmodels.tracking import start_stage
-with start_stage(json.loads(sys.argv[1]), "fusion") as run:
+from srmodels.tracking import StageRun
+with StageRun(json.loads(sys.argv[1]), "fusion") as run:
     print(json.dumps({"run": run.run_id, "parent": run.parent_run_id}), flush=True)
     time.sleep(60)
 """
@@ -249,7 +250,7 @@ def test_signals_mark_runs_killed(env, client):
                                    cwd=env, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for sig in sigs}
     for sig, proc in procs.items():
-        if not select.select([proc.stdout], [], [], 60)[0]:  # the stage is inside `with start_stage(...)` now
+        if not select.select([proc.stdout], [], [], 60)[0]:  # the stage is inside `with StageRun(...)` now
             _communicate(proc, 1, "the stage to start its MLflow run")
         line = proc.stdout.readline()
         assert line, proc.communicate()[1]
@@ -265,7 +266,7 @@ def test_signals_mark_runs_killed(env, client):
 
 def test_signal_handlers_are_restored(env):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with start_stage(make_params("t-handlers"), "prepare") as run:
+    with StageRun(make_params("t-handlers"), "prepare") as run:
         assert signal.getsignal(signal.SIGTERM) not in before
     assert run.active
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
@@ -273,11 +274,11 @@ def test_signal_handlers_are_restored(env):
 
 def test_different_params_get_different_parents(env, client):
     a, b = make_params("t-params", seed=0), make_params("t-params", seed=1)
-    with start_stage(a, "prepare") as run_a:
+    with StageRun(a, "prepare") as run_a:
         pass
-    with start_stage(b, "prepare") as run_b:
+    with StageRun(b, "prepare") as run_b:
         pass
-    with start_stage(a, "fusion") as run_a2:
+    with StageRun(a, "fusion") as run_a2:
         pass
     assert run_a.parent_run_id != run_b.parent_run_id
     assert run_a2.parent_run_id == run_a.parent_run_id
@@ -290,10 +291,10 @@ def test_dvc_exp_name_groups_stages(env, client, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "gusty-lynx")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef")
     for stage in ("prepare", "cache@dat", "score"):
-        with start_stage(params, stage) as run:
+        with StageRun(params, stage) as run:
             run.set_tags({"note": stage})
     monkeypatch.setenv("DVC_EXP_NAME", "other-exp")
-    with start_stage(params, "prepare") as other:
+    with StageRun(params, "prepare") as other:
         pass
     assert other.parent_run_id != run.parent_run_id
 
@@ -310,7 +311,7 @@ def test_dvc_exp_name_groups_stages(env, client, monkeypatch):
 
 def test_many_long_and_oddly_named_values_are_all_logged(env, client):
     params = {**{f"p{i}": i for i in range(250)}, "long": "x" * 10000, "finetune@dat": {"lr": 1}}
-    with start_stage(make_params("t-batch"), "prepare") as run:
+    with StageRun(make_params("t-batch"), "prepare") as run:
         run.log_params(params)
         run.log_metrics({f"m{i}": i for i in range(250)}, step=3)
         run.set_tags({"note": "y" * 10000}, parent=True)
@@ -344,15 +345,15 @@ def test_stage_runs_carry_the_machine_provenance(env, client, tmp_path):
     assert client.get_run(ids["parent"]).data.metrics["test.psnr_y"] == 30.0
 
 
-def test_unreachable_server_warns_once_and_stage_completes(env, caplog, tmp_path):
-    os.environ["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # restored by the env fixture's monkeypatch.delenv
+def test_unreachable_server_warns_once_and_stage_completes(env, caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     artifact = tmp_path / "plot.png"
     artifact.write_bytes(b"not really a png")
     done = False
     import mlflow  # noqa: F401 - time the tracking calls, not the (load-dependent) import
     start = time.monotonic()
     with caplog.at_level(logging.INFO, logger="srmodels.tracking"):
-        with start_stage(make_params("t-down"), "fusion") as run:
+        with StageRun(make_params("t-down"), "fusion") as run:
             run.log_params({"lr": 1e-3})
             for epoch in range(5):
                 run.log_metrics({"loss": 0.1}, step=epoch)
@@ -373,7 +374,7 @@ def test_unreachable_server_warns_once_and_stage_completes(env, caplog, tmp_path
 def test_artifacts_land_under_the_repo_root_from_elsewhere(env, store, client, tmp_path):
     plot = tmp_path / "curve.png"
     plot.write_bytes(b"\x89PNG fake")
-    with start_stage(make_params("t-artifacts"), "test") as run:
+    with StageRun(make_params("t-artifacts"), "test") as run:
         run.log_artifact(plot)
         run.log_artifact(tmp_path / "missing.md")  # the caller's mistake: warned, skipped, tracking goes on
         run.log_metrics({"psnr_y": 28.0})
@@ -389,11 +390,11 @@ def test_artifacts_land_under_the_repo_root_from_elsewhere(env, store, client, t
 
 def test_stage_error_propagates_and_marks_runs_failed(env, client):
     with pytest.raises(ZeroDivisionError):
-        with start_stage(make_params("t-fail"), "fusion") as run:
+        with StageRun(make_params("t-fail"), "fusion") as run:
             1 / 0
     assert client.get_run(run.run_id).info.status == "FAILED"
     assert client.get_run(run.parent_run_id).info.status == "FAILED"
-    with start_stage(make_params("t-fail"), "fusion") as again:  # the rerun reopens and finishes the parent
+    with StageRun(make_params("t-fail"), "fusion") as again:  # the rerun reopens and finishes the parent
         pass
     assert again.parent_run_id == run.parent_run_id
     assert client.get_run(run.parent_run_id).info.status == "FINISHED"
@@ -401,7 +402,7 @@ def test_stage_error_propagates_and_marks_runs_failed(env, client):
 
 def test_tracking_off_writes_nothing(env, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        with start_stage(make_params("t-off", uri="none"), "prepare") as run:
+        with StageRun(make_params("t-off", uri="none"), "prepare") as run:
             run.log_metrics({"x": 1.0})
     assert not run.active and not caplog.records
     assert not (tmp_path / "cwd" / "mlflow.db").exists()
@@ -410,7 +411,7 @@ def test_tracking_off_writes_nothing(env, tmp_path, caplog):
 def test_disabled_stage_logs_nothing(env, client):
     # DDP ranks other than 0: same code path, nothing reaches the store.
     params = make_params("t-rank1")
-    with start_stage(params, "finetune@dat", enabled=False) as run:
+    with StageRun(params, "finetune@dat", enabled=False) as run:
         run.log_params({"a": 1})
         run.log_metrics({"x": 1.0}, 1)
     assert not run.active and run.run_id is None
@@ -431,7 +432,7 @@ def test_uri_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///sub/t.db?timeout=30")
     assert tracking_uri(params, root) == f"sqlite:///{root}/sub/t.db?timeout=30"
     monkeypatch.setenv("DVC_ROOT", str(root))
-    assert tracking.repo_root() == root
+    assert layout.repo_root() == root
 
 
 def test_code_version_ignores_dvc_bookkeeping(tmp_path):

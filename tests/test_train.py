@@ -25,42 +25,16 @@ from srmodels.models.caching import cache_outputs
 from srmodels.models.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint
 from srmodels.data.datasets import PairedPatches, list_pairs, read_pair
 from srmodels.core.errors import UserError
-from srmodels.training.finetune import BETAS, backbone_predictor, finetune
+from srmodels.training.finetune import backbone_predictor, finetune
 from srmodels.data.images import ImageError, to_tensor
 from srmodels.models.model import build_model, load_model, min_input_size
 from srmodels.training.loop import ConfigError, TrainConfig, evaluate
 
-from .conftest import ROOT, SCALE, smooth_image, write_split
+from .helpers import FINETUNE_CONFIG, ROOT, SCALE, resume_file, run_finetune, smooth_image, write_split
 
-# One intra-op thread: these tensors are tiny, so more threads only add synchronisation (badly so on a busy CPU).
-THREADS = 1
-CONFIG = TrainConfig(epochs=2, batch=4, lr=1e-3, crop_border=4, seed=0, betas=BETAS, threads=THREADS)
-
-
-@pytest.fixture(scope="module")
-def sr_data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("sr")
-    rng = np.random.default_rng(0)
-    train = write_split(root / "train", {f"t{i}_s001": smooth_image(rng, 80, 80) for i in range(8)})
-    val_hr, val_lr = write_split(root / "val", {f"v{i}": smooth_image(rng, 64, 64) for i in range(2)})
-    return {"train": train, "val": list_pairs(val_hr, val_lr, SCALE)}
-
-
-def run_finetune(sr_data: dict, out_dir: Path, log_metrics=None, resume: bool = True,
-                 **settings) -> tuple[dict, torch.nn.Module]:
-    """A tiny fine-tune (``CONFIG`` with ``settings``); its resume state lives beside ``out_dir`` (in
-    ``<out_dir>.resume.pth``), as the stage keeps it outside its outputs."""
-    torch.manual_seed(0)
-    model = build_model("rfdn_tiny")
-    train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
-    metrics = finetune(model, train, sr_data["val"], replace(CONFIG, **settings), out_dir,
-                       provenance={"test": True}, resume_path=resume_file(out_dir) if resume else None,
-                       log_metrics=log_metrics)
-    return metrics, model
-
-
-def resume_file(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".resume.pth")
+# sr_data (conftest): eight 80x80 training patches, two 64x64 validation images; run_finetune (helpers): a tiny
+# fine-tune of rfdn_tiny on them (FINETUNE_CONFIG with overrides), its resume state beside its output folder, as
+# the stage keeps it.
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -104,7 +78,7 @@ def test_initial_model_can_be_best(sr_data, straight, tmp_path):
     straight_out = straight[2]
     model = load_model(straight_out / "best.pth")
     train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
-    metrics = finetune(model, train, sr_data["val"], replace(CONFIG, epochs=1, lr=0.5), tmp_path)
+    metrics = finetune(model, train, sr_data["val"], replace(FINETUNE_CONFIG, epochs=1, lr=0.5), tmp_path)
     assert metrics["best_epoch"] == 0 and not metrics["improved"]
     assert metrics["final_val_psnr"] < metrics["initial_val_psnr"] == metrics["best_val_psnr"]
     assert same_weights(load_model(tmp_path / "best.pth"), load_model(straight_out / "best.pth"))
@@ -151,7 +125,7 @@ def test_resume_into_a_fresh_folder_restores_the_outputs(sr_data, tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "multistep"])
-def test_resume_after_interruption_matches_straight_run(sr_data, tmp_path, schedule):
+def test_finetune_resume_after_interruption_matches_straight_run(sr_data, tmp_path, schedule):
     settings = {"schedule": schedule, "milestones": (1,)}
     straight_metrics, straight_model = run_finetune(sr_data, tmp_path / "straight", **settings)
 
@@ -189,7 +163,7 @@ def test_resume_with_other_config_starts_fresh(sr_data, tmp_path, caplog):
 ])
 def test_config_is_checked(settings, message):
     with pytest.raises(ConfigError, match=message) as err:
-        replace(CONFIG, **settings)
+        replace(FINETUNE_CONFIG, **settings)
     assert isinstance(err.value, UserError) and "\n" not in str(err.value)
 
 
@@ -255,13 +229,13 @@ def test_epochs_0_saves_the_pretrained_weights_bit_for_bit(sr_data, tmp_path, ca
     train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
     out, resume = tmp_path / "out", tmp_path / "resume.pth"
     # A resume state left by a longer run from the same weights and settings is beyond epoch 0: not resumed.
-    finetune(pretrained(), train, sr_data["val"], replace(CONFIG, epochs=1, **settings), tmp_path / "x",
+    finetune(pretrained(), train, sr_data["val"], replace(FINETUNE_CONFIG, epochs=1, **settings), tmp_path / "x",
              resume_path=resume)
     assert resume.is_file()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="srmodels.training.loop"):
-        metrics = finetune(pretrained(), train, sr_data["val"], replace(CONFIG, epochs=0, **settings), out,
-                           provenance={"test": True}, resume_path=resume)
+        metrics = finetune(pretrained(), train, sr_data["val"], replace(FINETUNE_CONFIG, epochs=0, **settings),
+                           out, provenance={"test": True}, resume_path=resume)
     saved = torch.load(out / "best.pth", weights_only=True)
     for key in ("state_dict", *(("params", "params_ema") if settings.get("ema_decay") else ())):
         assert saved[key].keys() == released.keys(), key
@@ -360,12 +334,13 @@ def test_too_small_validation_image_is_one_line_before_the_forward(sr_data, tmp_
                               "15 px on each side")
     train = PairedPatches(*sr_data["train"], lr_patch=16, scale=SCALE, seed=0)
     with pytest.raises(ImageError, match=re.escape(f"{pairs[0][1]}: LR image 20x12 is too small")):
-        finetune(build_model("rfdn_tiny"), train, sr_data["val"] + pairs, replace(CONFIG, epochs=1), tmp_path / "o")
+        finetune(build_model("rfdn_tiny"), train, sr_data["val"] + pairs, replace(FINETUNE_CONFIG, epochs=1),
+                 tmp_path / "o")
     assert not (tmp_path / "o" / "best.pth").exists()
     with pytest.raises(ConfigError, match=re.escape("lr_patch: 12 px crops are smaller than rfdn_tiny accepts "
                                                     "(at least 15 px on each side)")):
         finetune(build_model("rfdn_tiny"), PairedPatches(*sr_data["train"], lr_patch=12, scale=SCALE, seed=0),
-                 sr_data["val"], CONFIG, tmp_path / "p")
+                 sr_data["val"], FINETUNE_CONFIG, tmp_path / "p")
 
 
 def test_too_small_image_stops_the_cache_before_any_forward(sr_data, tmp_path):

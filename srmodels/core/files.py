@@ -5,10 +5,10 @@ it goes to a temporary name beside its target and replaces it by one rename, so 
 sees half a file.
 
 A stage writes everything into a staging folder and swaps it in by renames only when it succeeded, so a stage
-that fails (bad input, Ctrl-C, a crash half way) leaves the previous outputs exactly as they were. The stages use
-:func:`staged`; ``prepare`` calls :func:`swap_in` on its own sibling staging folder. The pipeline declares its
-outputs ``persist: true`` so that DVC does not delete them before the stage runs either. The command line checks
-its output folders with :func:`check_writable` before any work.
+that fails (bad input, Ctrl-C, a crash half way) leaves the previous outputs exactly as they were: every stage,
+``prepare`` included, goes through :func:`staged`, which publishes with :func:`swap_in`. The pipeline declares
+its outputs ``persist: true`` so that DVC does not delete them before the stage runs either. The command line
+checks its output folders with :func:`check_writable` before any work.
 """
 from __future__ import annotations
 
@@ -86,38 +86,52 @@ def swap_in(staging: Path, out_dir: Path, retired: Path, names: Sequence[str]) -
 
 
 @contextmanager
-def staged(out_dir: str | Path, work: str | Path, *, whole: bool = False) -> Iterator[Path]:
+def staged(out_dir: str | Path, work: str | Path | None = None, *, whole: bool = False,
+           names: Sequence[str] | None = None) -> Iterator[Path]:
     """``with staged(out, work) as tmp: write into tmp``: published to ``out`` only if the block succeeds.
 
     ``whole``: ``out`` is one output folder and is replaced as a whole (nothing stale survives). Otherwise each
-    entry written into ``tmp`` replaces the entry of the same name in ``out`` and other entries stay.
-    The staging folder lives under ``work`` (``paths.work``, outside every DVC output and dependency) and is
-    removed on failure; a leftover from a killed run is cleared at the next start.
+    entry written into ``tmp`` replaces the entry of the same name in ``out`` and other entries stay; ``names``
+    fixes the entries this output owns instead (nested ones such as ``eval/test`` too, a manifest last): each is
+    replaced, or removed when the block did not write it.
+
+    The staging folder lives under ``work`` (``paths.work``, outside every DVC output and dependency), or beside
+    ``out`` when ``work`` is None; it is removed on failure, and a leftover from a killed run is cleared at the
+    next start. ``out`` is taken at its real location (a link to it stays a link), where the previous entries
+    also wait (``.<name>.old``) while they are swapped.
     """
-    out_dir, work = Path(out_dir), Path(work)
-    root = work / "staging" / str(out_dir).strip("/").replace("/", "__")
+    out_dir = Path(out_dir)
+    real = out_dir.resolve()
+    if work is None:
+        root = real.parent / f".{real.name}.staging"
+    else:
+        root = Path(work) / "staging" / str(out_dir).strip("/").replace("/", "__")
     remove(root)
-    staging = root / out_dir.name if whole else root
+    staging = root / real.name if whole else root
     staging.mkdir(parents=True)
     try:
         yield staging
-        retired = out_dir.parent / f".{out_dir.name}.old"
+        retired = real.parent / f".{real.name}.old"
         if whole:
-            swap_in(root, out_dir.parent, retired, [out_dir.name])
+            swap_in(root, real.parent, retired, [real.name])
         else:
-            swap_in(root, out_dir, retired, sorted(os.listdir(root)))
+            swap_in(root, real, retired, sorted(os.listdir(root)) if names is None else list(names))
     finally:
         remove(root)
 
 
 @contextmanager
-def atomic(path: str | Path) -> Iterator[Path]:
+def atomic(path: str | Path, *, tmp_name: str | None = None) -> Iterator[Path]:
     """``with atomic(path) as tmp: write tmp``: ``tmp`` replaces ``path`` by one rename if the block succeeds and
     is deleted if it fails. ``tmp`` sits beside ``path`` (same file system) with the same suffix, which writers
-    that choose a format by it (OpenCV, ``np.save``) need; the parent folder is made if missing."""
+    that choose a format by it (OpenCV, ``np.save``) need; the parent folder is made if missing.
+
+    ``tmp_name`` fixes the temporary file's name, for a writer whose bytes depend on it (``torch.save`` names
+    its archive's root folder after the file, see :func:`srmodels.models.checkpoint.save_torch`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(tmp_name or f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -2,13 +2,16 @@
 
 ``params.yaml`` names the roots (``paths.prepared``, ``paths.cache``, ...); this module names what is inside
 them, so stages, library functions and tests agree without spelling ``"val_se"`` or ``"train_patches"`` twice.
-The upscaling factor is fixed here too: the data, the checkpoints and the official fixtures are all x4, and a
-knob that validation refuses to change would only mislead.
+The MLflow store is located here too (:func:`tracking_uri`). The upscaling factor is fixed here as well: the
+data, the checkpoints and the official fixtures are all x4, and a knob that validation refuses to change would
+only mislead.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 SCALE = 4
 
@@ -84,3 +87,36 @@ def cached_eval(cache: Path, member: str, set_name: str, self_ensemble: bool) ->
 
 def cached_fusion_train(cache: Path, member: str) -> Path:
     return Path(cache) / member / FUSION_TRAIN
+
+
+# ------------------------------------------------------------------------------------------------- the MLflow store
+# params mlflow.tracking_uri (or $MLFLOW_TRACKING_URI), local paths relative to the repository root.
+
+
+def repo_root() -> Path:
+    """The repository the pipeline runs in: ``$DVC_ROOT`` (the main one even under ``dvc exp run --temp``)."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri(params: Mapping[str, Any], root: Path | None = None) -> str | None:
+    """The MLflow store, None when tracking is off; local paths made absolute against :func:`repo_root`."""
+    uri = (os.environ.get("MLFLOW_TRACKING_URI")
+           or params.get("mlflow", {}).get("tracking_uri", "sqlite:///mlflow.db")).strip()
+    if uri.lower() in ("", "none", "off"):
+        return None
+    root = root or repo_root()
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        if path and path != ":memory:" and not path.startswith("/"):
+            return f"sqlite:///{(root / path).resolve()}{sep}{query}"
+    elif ":" not in uri and uri != "databricks":
+        return (root / uri).resolve().as_uri()  # a bare folder: MLflow's file store
+    return uri
+
+
+def artifact_location(uri: str, root: Path | None = None) -> str | None:
+    """Where a new experiment keeps artifacts; None where the store decides (servers, file stores)."""
+    if uri.split(":", 1)[0].lower() in ("http", "https", "databricks", "file"):
+        return None
+    db = uri[len("sqlite:///"):].partition("?")[0] if uri.startswith("sqlite:///") else ""
+    return (Path(db).parent if db.startswith("/") else root or repo_root()).joinpath("mlartifacts").as_uri()

@@ -6,11 +6,13 @@ The schema below is the list of every knob. An unknown key, a missing key or a w
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
 from srmodels.core.errors import UserError
+from srmodels.core.files import atomic
 from srmodels.core.layout import SCALE
 
 
@@ -101,7 +103,7 @@ SCHEMA: dict[str, Any] = {
         "compile": bool,
     },
     "inference": {"self_ensemble": bool, "tile": Optional_(int), "tile_overlap": int, "compile": bool},
-    "metrics": {"crop_border": int, "y_channel": bool, "bootstrap": {"resamples": int, "seed": int}},
+    "metrics": {"crop_border": int, "bootstrap": {"resamples": int, "seed": int}},
     "mlflow": {"tracking_uri": str, "experiment": str},
 }
 
@@ -185,14 +187,16 @@ def _backbone_entry_checks(key: str, entry: dict[str, Any], epochs_key: str) -> 
         _at_least(f"{key}.milestones[{i}]", m, 1, " (milestones are epochs)")
 
 
-def _semantic_checks(p: dict[str, Any]) -> None:
+def _min_input_size(variant: str) -> int:
     # Local: only these checks need the architectures, and none of them changes a stage's result.
     from srmodels import archs
 
-    def min_input_size(variant: str) -> int:
-        arch, kwargs, _ = archs.variant_spec(variant)
-        return archs.min_input_size(arch, kwargs)
+    arch, kwargs, _ = archs.variant_spec(variant)
+    return archs.min_input_size(arch, kwargs)
 
+
+def _semantic_checks(p: dict[str, Any]) -> None:
+    """What the schema cannot say, section by section; the first problem raises ``ParamsError``."""
     # The defaults first, so that a bad default is named where it is written.
     _backbone_entry_checks("backbone_defaults", p["backbone_defaults"], "backbones.<b>.epochs")
     for name, bb in p["backbones"].items():
@@ -204,47 +208,65 @@ def _semantic_checks(p: dict[str, Any]) -> None:
         _at_least("inference.tile", inference["tile"], 1, " (LR pixels; null = whole images)")
     _at_least("inference.tile_overlap", inference["tile_overlap"], 0)
     for name, bb in p["backbones"].items():
-        key = f"backbones.{name}"
-        variants = archs.variants()
-        if bb["variant"] not in variants:
-            raise ParamsError(f"{key}.variant: unknown variant {bb['variant']!r}; "
-                              f"valid: {', '.join(sorted(variants))}")
-        if variants[bb["variant"]][0] != name:
-            # A backbone's stages depend on srmodels/archs/<b>.py (dvc.yaml), the file of its architecture.
-            raise ParamsError(f"{key}.variant: {bb['variant']!r} is a {variants[bb['variant']][0]} variant; a "
-                              f"backbone is named after its architecture (one of {', '.join(archs.ARCHS)})")
-        # epochs 0: the pretrained weights as they are (validated, saved as best.pth and cached).
-        _at_least(f"{key}.epochs", bb["epochs"], 0, "; 0 uses the pretrained weights unchanged")
-        for field in ("batch", "lr_patch", "nprocs"):
-            _at_least(f"{key}.{field}", bb[field], 1)
-        if bb["epochs"] == 0 and bb["pretrained"] is None:
-            raise ParamsError(f"{key}.epochs: 0 uses the pretrained weights unchanged, but {key}.pretrained is "
-                              "null (random weights); name a checkpoint or train for epochs >= 1")
-        folder = PurePosixPath(p["paths"]["pretrained"]) / name
-        if bb["pretrained"] is not None and PurePosixPath(bb["pretrained"]).parent != folder:
-            # finetune@<b> depends on that folder (dvc.yaml cannot name a per-backbone file), so the checkpoint
-            # must be in it for DVC to see it change.
-            raise ParamsError(f"{key}.pretrained: {bb['pretrained']!r} must be a file in {folder}/ "
-                              "(the folder finetune@" + name + " depends on; copy or symlink it there)")
-        if bb["lr_patch"] * SCALE > p["data"]["patches"]["hr_size"]:  # the crops come from these sub-images
-            raise ParamsError(f"{key}.lr_patch: {bb['lr_patch']} needs HR crops of "
-                              f"{bb['lr_patch'] * SCALE} px, larger than the {p['data']['patches']['hr_size']}"
-                              f"-px training sub-images (data.patches.hr_size)")
-        smallest = min_input_size(bb["variant"])
-        if bb["lr_patch"] < smallest:  # training feeds the crops to the network whole
-            raise ParamsError(f"{key}.lr_patch: {bb['lr_patch']} px crops are smaller than {bb['variant']} "
-                              f"accepts (at least {smallest} px on each side)")
-        if bb["batch"] % bb["nprocs"]:  # batch is the global batch, split evenly over the DDP processes
-            raise ParamsError(f"{key}.batch: {bb['batch']} does not divide by nprocs={bb['nprocs']}")
+        _backbone_checks(p, name, bb)
     check_members(p)
+    _tile_checks(p)
+    _fusion_checks(p["fusion"])
+    _metrics_checks(p["metrics"])
+    _data_checks(p["data"])
+
+
+def _backbone_checks(p: dict[str, Any], name: str, bb: dict[str, Any]) -> None:
+    """One ``backbones`` entry against the architectures, its pretrained folder and the training sub-images."""
+    from srmodels import archs
+
+    key = f"backbones.{name}"
+    variants = archs.variants()
+    if bb["variant"] not in variants:
+        raise ParamsError(f"{key}.variant: unknown variant {bb['variant']!r}; "
+                          f"valid: {', '.join(sorted(variants))}")
+    if variants[bb["variant"]][0] != name:
+        # A backbone's stages depend on srmodels/archs/<b>.py (dvc.yaml), the file of its architecture.
+        raise ParamsError(f"{key}.variant: {bb['variant']!r} is a {variants[bb['variant']][0]} variant; a "
+                          f"backbone is named after its architecture (one of {', '.join(archs.ARCHS)})")
+    # epochs 0: the pretrained weights as they are (validated, saved as best.pth and cached).
+    _at_least(f"{key}.epochs", bb["epochs"], 0, "; 0 uses the pretrained weights unchanged")
+    for field in ("batch", "lr_patch", "nprocs"):
+        _at_least(f"{key}.{field}", bb[field], 1)
+    if bb["epochs"] == 0 and bb["pretrained"] is None:
+        raise ParamsError(f"{key}.epochs: 0 uses the pretrained weights unchanged, but {key}.pretrained is "
+                          "null (random weights); name a checkpoint or train for epochs >= 1")
+    folder = PurePosixPath(p["paths"]["pretrained"]) / name
+    if bb["pretrained"] is not None and PurePosixPath(bb["pretrained"]).parent != folder:
+        # finetune@<b> depends on that folder (dvc.yaml cannot name a per-backbone file), so the checkpoint
+        # must be in it for DVC to see it change.
+        raise ParamsError(f"{key}.pretrained: {bb['pretrained']!r} must be a file in {folder}/ "
+                          "(the folder finetune@" + name + " depends on; copy or symlink it there)")
+    if bb["lr_patch"] * SCALE > p["data"]["patches"]["hr_size"]:  # the crops come from these sub-images
+        raise ParamsError(f"{key}.lr_patch: {bb['lr_patch']} needs HR crops of "
+                          f"{bb['lr_patch'] * SCALE} px, larger than the {p['data']['patches']['hr_size']}"
+                          f"-px training sub-images (data.patches.hr_size)")
+    smallest = _min_input_size(bb["variant"])
+    if bb["lr_patch"] < smallest:  # training feeds the crops to the network whole
+        raise ParamsError(f"{key}.lr_patch: {bb['lr_patch']} px crops are smaller than {bb['variant']} "
+                          f"accepts (at least {smallest} px on each side)")
+    if bb["batch"] % bb["nprocs"]:  # batch is the global batch, split evenly over the DDP processes
+        raise ParamsError(f"{key}.batch: {bb['batch']} does not divide by nprocs={bb['nprocs']}")
+
+
+def _tile_checks(p: dict[str, Any]) -> None:
+    """The inference tiles against every trained backbone (what the cache stages run with them)."""
+    inference = p["inference"]
     window = None if inference["tile"] is None else inference["tile"] + 2 * inference["tile_overlap"]
-    for name in p["trained"] if window is not None else ():  # what the cache stages run with these tiles
+    for name in p["trained"] if window is not None else ():
         variant = p["backbones"][name]["variant"]
-        if window < min_input_size(variant):  # each forward sees a tile + 2 * overlap window (or the image)
+        if window < _min_input_size(variant):  # each forward sees a tile + 2 * overlap window (or the image)
             raise ParamsError(f"inference.tile: {inference['tile']} with tile_overlap {inference['tile_overlap']} "
                               f"gives {window}-px windows, smaller than backbones.{name} ({variant}) accepts "
-                              f"(at least {min_input_size(variant)} px on each side)")
-    fusion = p["fusion"]
+                              f"(at least {_min_input_size(variant)} px on each side)")
+
+
+def _fusion_checks(fusion: dict[str, Any]) -> None:
     for field in ("epochs", "batch", "lr_patch", "crops_per_image"):
         _at_least(f"fusion.{field}", fusion[field], 1)
     _positive("fusion.lr", fusion["lr"])
@@ -252,21 +274,27 @@ def _semantic_checks(p: dict[str, Any]) -> None:
         if not fusion[field] >= 0:
             raise ParamsError(f"fusion.{field}: must be >= 0 (got {fusion[field]:g})")
     if not fusion["l1_weight"] + fusion["mse_weight"] > 0:
-        raise ParamsError(f"fusion.l1_weight: the loss is 0 (l1_weight and mse_weight are both 0); "
+        raise ParamsError("fusion.l1_weight: the loss is 0 (l1_weight and mse_weight are both 0); "
                           "give one of them a positive weight")
-    _at_least("metrics.crop_border", p["metrics"]["crop_border"], 0)
-    if p["metrics"]["bootstrap"]["resamples"] < 100:
-        raise ParamsError(f"metrics.bootstrap.resamples: {p['metrics']['bootstrap']['resamples']} is too few "
+
+
+def _metrics_checks(metrics: dict[str, Any]) -> None:
+    _at_least("metrics.crop_border", metrics["crop_border"], 0)
+    if metrics["bootstrap"]["resamples"] < 100:
+        raise ParamsError(f"metrics.bootstrap.resamples: {metrics['bootstrap']['resamples']} is too few "
                           "for a 95% interval (use 1000 or more)")
-    _at_least("metrics.bootstrap.seed", p["metrics"]["bootstrap"]["seed"], 0)
+    _at_least("metrics.bootstrap.seed", metrics["bootstrap"]["seed"], 0)
+
+
+def _data_checks(data: dict[str, Any]) -> None:
     for split in ("backbone_train", "fusion_train", "val"):
-        r = p["data"]["div2k"][split]
+        r = data["div2k"][split]
         if len(r) != 2 or r[0] > r[1]:
             raise ParamsError(f"data.div2k.{split}: expected [first, last] image numbers, got {r}")
     for field in ("hr_size", "step"):
-        _at_least(f"data.patches.{field}", p["data"]["patches"][field], 1)
-    if p["data"]["patches"]["hr_size"] % SCALE:
-        raise ParamsError(f"data.patches.hr_size: {p['data']['patches']['hr_size']} is not a multiple of {SCALE}")
+        _at_least(f"data.patches.{field}", data["patches"][field], 1)
+    if data["patches"]["hr_size"] % SCALE:
+        raise ParamsError(f"data.patches.hr_size: {data['patches']['hr_size']} is not a multiple of {SCALE}")
 
 
 def check_members(p: dict[str, Any]) -> None:
@@ -361,16 +389,32 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return validate(read_yaml(path))
 
 
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'fusion.epochs': 40, ...}: the form MLflow and comparisons use."""
+def flatten(tree: Any, prefix: str = "", *, lists: bool = False) -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys, ``{'fusion': {'epochs': 40}}`` -> ``{'fusion.epochs': 40}``:
+    the form of MLflow's params and metrics, profile overrides and configuration comparisons.
+
+    ``lists``: lists too, item by index (``images.0.psnr``), as compare-metrics reads a metrics document. An
+    empty mapping (or list) is a leaf, kept as it is; ``prefix`` goes before every key.
+    """
+    def container(value: Any) -> bool:
+        return isinstance(value, Mapping) or lists and isinstance(value, list)
+
+    if not container(tree):
+        return {prefix.removesuffix("."): tree}
     out: dict[str, Any] = {}
-    for k, v in params.items():
+    for k, v in tree.items() if isinstance(tree, Mapping) else enumerate(tree):
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
+        if container(v) and v:
+            out.update(flatten(v, key + ".", lists=lists))
         else:
             out[key] = v
     return out
+
+
+def flatten_text(tree: Mapping[str, Any]) -> dict[str, str]:
+    """:func:`flatten` with each leaf as text: strings as they are, anything else as JSON (``true``,
+    ``["dat", "rfdn"]``), so that lists and booleans compare as values (a seed sweep's grouping)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(tree).items()}
 
 
 # ------------------------------------------------------------------------------------------------- profiles
@@ -453,7 +497,5 @@ def apply_profile(params_path: str | Path, profile: dict[str, Any]) -> None:
                 node[key] = value
 
     put(doc, profile)
-    tmp = params_path.with_name(f".{params_path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic(params_path) as tmp, open(tmp, "w") as f:
         yaml.dump(doc, f)
-    tmp.replace(params_path)

@@ -16,7 +16,6 @@ the same order as ``srmodels.inference.apply_transform``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ from torch.utils.data import Dataset
 
 from srmodels.data.member_outputs import load_output
 from srmodels.core.errors import DataError
+from srmodels.core.files import atomic
 from srmodels.data.images import ImageError, check_pair, image_size, list_images, pair_by_stem, read_image
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,8 @@ class FusionCrops(Dataset):
         path = self.npy_cache_dir / kind / f"{source.stem}.npy"
         if path.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr)
-        tmp.replace(path)  # atomic: concurrent or interrupted runs never see half a file
+        with atomic(path) as tmp:  # concurrent or interrupted runs never see half a file
+            np.save(tmp, arr)
         return path
 
     @staticmethod

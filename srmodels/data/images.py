@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from srmodels.core.errors import UserError
+from srmodels.core.files import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def write_image(path: str | Path, img: np.ndarray) -> None:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # here, for the messages; atomic() finds it made
     except OSError as err:
         blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:  # the usual cause: a file where the output folder should be
@@ -123,15 +124,10 @@ def write_image(path: str | Path, img: np.ndarray) -> None:
         raise ImageError(f"{path}: could not write image ({_cv_reason(err)})") from err
     if not ok:
         raise ImageError(f"{path}: could not write image")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ImageError(f"{path}: could not write image ({err.strerror or err})") from None
-        raise
+        write_bytes(path, data.tobytes())
+    except OSError as err:
+        raise ImageError(f"{path}: could not write image ({err.strerror or err})") from None
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -141,15 +137,18 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files in a folder, sorted by name; other files are skipped with a note."""
+    """Image files in a folder, sorted by name; other files are skipped with a note, hidden ones (a write's
+    temporary file left by a killed run among them) silently."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: no such folder")
     files, skipped = [], []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
             files.append(p)
-        elif p.is_file() and not p.name.startswith("."):
+        else:
             skipped.append(p.name)
     if skipped:
         log.warning("%s: ignored %d non-image file(s): %s", folder, len(skipped), ", ".join(skipped[:5]))

@@ -12,7 +12,6 @@ srmodels.models.caching writes them; every stage after the cache stage reads the
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,15 @@ import torch
 
 from srmodels.core import layout
 from srmodels.core.errors import DataError
+from srmodels.core.files import atomic
 
 log = logging.getLogger(__name__)
 
 
 def save_output(path: Path, sr: torch.Tensor) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written aside and renamed: a killed run leaves no cut .npy for the next stage to trip over.
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, sr[0].float().cpu().numpy().astype(np.float16))
-    os.replace(tmp, path)
+    # Atomic: a killed run leaves no cut .npy for the next stage to trip over.
+    with atomic(path) as tmp:
+        np.save(tmp, sr[0].float().cpu().numpy().astype(np.float16))
 
 
 # Subfolders of one member's cache; <set> follows eval/ and eval_se/.

@@ -16,11 +16,11 @@ Nothing in ``out_dir`` is touched until every input has been checked: planning l
 names and ranges, then every image is read and its sizes checked (one at a time, nothing kept). A typo
 in params.yaml, a missing folder, a corrupt image or an LR of the wrong size stops the stage with one
 ``ParamsError`` / ``ImageError`` naming the key or file. The outputs are then written into a sibling folder
-and swapped in only when complete, so a failure half way leaves the previous outputs as they were.
+and swapped in only when complete (:func:`srmodels.core.files.staged`), so a failure half way leaves the
+previous outputs as they were.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ from srmodels.core import layout
 from srmodels.data.images import (IMAGE_SUFFIXES, ImageError, check_pair, list_images, lr_stem, pair_by_stem, read_image,
                      write_image)
 from srmodels.data.imresize import downscale_uint8
-from srmodels.core.files import remove, swap_in
+from srmodels.core.files import staged, write_json
 from srmodels.core.params import ParamsError
 
 log = logging.getLogger(__name__)
@@ -323,16 +323,6 @@ def plan_benchmark(name: str, folder: str, scale: int, base_dir: Path) -> list[E
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _staging_paths(out_dir: Path) -> tuple[Path, Path]:
-    """Sibling folders for the new outputs and for the previous ones while they are swapped.
-
-    Siblings of the real folder (symlinks resolved) so that the swap is a rename on one file system. Fixed
-    names: a run that was killed leaves them behind, and the next run removes them.
-    """
-    real = out_dir.resolve()
-    return real.parent / f".{real.name}.prepare-new", real.parent / f".{real.name}.prepare-old"
-
-
 def _write_full(folder: Path, stem: str, hr: np.ndarray | None, lr: np.ndarray) -> None:
     write_image(folder / layout.LR / f"{stem}.png", lr)
     if hr is not None:
@@ -401,17 +391,12 @@ def prepare(data: dict[str, Any], scale: int, out_dir: Path, base_dir: Path | No
         check_entry(entry, scale)
     log.info("checked %d input image(s)", len(to_check))
 
-    # Write into a sibling folder and swap it in at the end, so that a failure half way (a full disk, an
-    # interrupt, a file changed since the check) leaves the previous outputs as they were.
-    staging, retired = _staging_paths(out_dir)
-    remove(staging)
-    staging.mkdir(parents=True)
-    try:
+    # Written into a staging folder and swapped in at the end, so that a failure half way (a full disk, an
+    # interrupt, a file changed since the check) leaves the previous outputs as they were. The staging folder is
+    # beside out_dir's real location, so out_dir may be a link to another disk.
+    owned = (*OUTPUT_DIRS[:-1], layout.EVAL if with_benchmarks else f"{layout.EVAL}/test", MANIFEST)
+    with staged(out_dir, names=owned) as staging:
         manifest = _write_outputs(plan, eval_sets, fusion_entries, shared, data, scale, hr_size, step, staging)
-        swap_in(staging, out_dir, retired, names=(*OUTPUT_DIRS[:-1], layout.EVAL if with_benchmarks else f"{layout.EVAL}/test",
-                                                  MANIFEST))
-    finally:
-        remove(staging)
     log.info("prepared %d training patches from %d images, %d fusion, %d val, eval sets %s in %s",
              manifest["num_patches"], len(plan.splits["backbone_train"]), len(fusion_entries),
              len(plan.splits["val"]), ", ".join(f"{k} ({len(v)})" for k, v in eval_sets.items()), out_dir)
@@ -483,7 +468,7 @@ def _write_outputs(plan: Plan, eval_sets: dict[str, list[Entry]], fusion_entries
         "skipped_small": skipped,
         "lr_made": lr_made,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 

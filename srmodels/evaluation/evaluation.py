@@ -27,7 +27,8 @@ from srmodels.data.images import ImageError, list_images, read_image, to_tensor,
 from srmodels.data.imresize import imresize_uint8
 from srmodels.core.layout import cached_eval as candidate_dir, eval_set, eval_sets
 from srmodels.metrics.psnr_ssim import calculate_psnr, calculate_ssim, rgb_to_y
-from srmodels.core.files import write_json
+from srmodels.core.files import write_json, write_text
+from srmodels.core.params import flatten
 from srmodels.data.prepare import Entry, check_entry, load_pair, plan_set, set_folders
 from srmodels.evaluation.report import (bar_chart_png, comparison_table, curves_png, markdown_table, panel_image, read_curve,
                      weight_map_image, write_csv)
@@ -238,16 +239,17 @@ def set_comparisons(psnr_y: dict[str, dict[str, list[float]]], members: list[str
 
 
 def score_metrics(summary: dict[str, Any], comparisons: dict[str, Any], finetune_dir: Path, fusion_dir: Path,
-                  members: list[str], *, crop_border: int, y_channel: bool, self_ensemble: bool, cpu_isa: str,
+                  members: list[str], *, crop_border: int, self_ensemble: bool, cpu_isa: str,
                   bootstrap_resamples: int) -> dict[str, Any]:
     """The pipeline's metrics file: every scored set, the paired comparisons on each, and each model's best
-    validation PSNR-Y."""
+    validation PSNR-Y. Y is the primary channel throughout (the NTIRE protocol: comparisons, model selection,
+    the headline); each set's RGB figures are reported beside it."""
     def best_val(folder: Path) -> float:
         return json.loads((folder / layout.METRICS).read_text())["best_val_psnr"]
 
     return {
         "cpu_isa": cpu_isa,
-        "protocol": {"crop_border": crop_border, "primary": "y" if y_channel else "rgb",
+        "protocol": {"crop_border": crop_border, "primary": "y",
                      "self_ensemble": self_ensemble, "comparisons": "paired PSNR-Y difference a - b per image, "
                      f"{LEVEL:.0%} percentile bootstrap over images ({bootstrap_resamples} resamples)"},
         "sets": summary,
@@ -258,13 +260,16 @@ def score_metrics(summary: dict[str, Any], comparisons: dict[str, Any], finetune
 
 
 def flat_scores(metrics: dict[str, Any]) -> dict[str, float]:
-    """``{'<set>.<model>.<metric>': value, 'val.<model>_psnr_y': value}`` of the scored sets (for MLflow)."""
-    flat = {f"{s}.{m}.{k}": v for s, d in metrics["sets"].items() if d.get("scored", True)
-            for m, scores in d.items() if isinstance(scores, dict) for k, v in scores.items()}
-    flat.update({f"val.{k}": v for k, v in metrics["val"].items()})
-    flat.update({f"{s}.{label.replace(' ', '_')}.{k}": v for s, d in metrics["comparisons"].items()
-                 for label, c in d.items() for k, v in c.items() if isinstance(v, (int, float))})
-    return flat
+    """``{'<set>.<model>.<metric>': value, 'val.<model>_psnr_y': value, '<set>.<a>_vs_<b>.<stat>': value}``: the
+    numbers of the scored sets, the validation scores and the comparisons (for MLflow)."""
+    tree: dict[str, dict[str, Any]] = {s: {m: scores for m, scores in d.items() if isinstance(scores, dict)}
+                                       for s, d in metrics["sets"].items() if d.get("scored", True)}
+    tree.setdefault("val", {}).update(metrics["val"])
+    for s, d in metrics["comparisons"].items():
+        tree.setdefault(s, {}).update({label.replace(" ", "_"): {k: v for k, v in c.items()
+                                                                 if isinstance(v, (int, float))}
+                                       for label, c in d.items()})
+    return {k: v for k, v in flatten(tree).items() if not isinstance(v, dict)}  # an empty mapping holds no number
 
 
 def write_score_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]],
@@ -275,7 +280,8 @@ def write_score_report(out_dir: Path, metrics: dict[str, Any], rows: list[dict[s
     write_json(out_dir / layout.METRICS, metrics)
     write_csv(out_dir / layout.PER_IMAGE, rows)
     table_rows = [{"set": s, "model": m, **v} for s, d in summary.items() for m, v in d.items() if isinstance(v, dict)]
-    (out_dir / layout.SCORE_TABLE).write_text(markdown_table(table_rows) + "\n" + comparison_table(metrics["comparisons"]))
+    write_text(out_dir / layout.SCORE_TABLE,
+               markdown_table(table_rows) + "\n" + comparison_table(metrics["comparisons"]))
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     scored = [s for s, v in summary.items() if v.get("scored", True)]

@@ -19,12 +19,13 @@ import csv
 import io
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
+
+from srmodels.core.files import write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
@@ -254,15 +255,6 @@ def comparison_table(comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]])
     return "\n".join(lines + [""] + sorted(notes)) + "\n"
 
 
-def _atomic_write(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
-
-
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Rows as CSV: the union of their keys as columns in first-seen order, missing values empty.
 
@@ -273,13 +265,15 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return _atomic_write(path, buf.getvalue().encode())
+    write_text(path, buf.getvalue())
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------------------------
-def _figure() -> Any:
+def new_figure() -> Any:
+    """A figure of the reports' size and resolution; save it with :func:`save_png`."""
     # A bare Figure on an Agg canvas: no pyplot, no GUI backend, no global state shared with other code.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -289,10 +283,12 @@ def _figure() -> Any:
     return fig
 
 
-def _save_png(fig: Any, path: str | Path) -> Path:
+def save_png(fig: Any, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path`` (atomically), the same bytes for the same figure: no version, no date."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)
-    return _atomic_write(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def _no_data(ax: Any) -> None:
@@ -308,7 +304,7 @@ def bar_chart_png(path: str | Path, results: Mapping[str, float], title: str,
     from matplotlib import style
 
     with style.context("default"):
-        fig = _figure()
+        fig = new_figure()
         ax = fig.add_subplot()
         names = list(results)
         values = [_number(results[n]) for n in names]
@@ -337,7 +333,7 @@ def bar_chart_png(path: str | Path, results: Mapping[str, float], title: str,
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        return _save_png(fig, path)
+        return save_png(fig, path)
 
 
 def read_curve(path: str | Path, column: str) -> list[tuple[int, float]]:
@@ -352,7 +348,7 @@ def curves_png(path: str | Path, curves: Mapping[str, Sequence[tuple[float, floa
     from matplotlib import style
 
     with style.context("default"):
-        fig = _figure()
+        fig = new_figure()
         ax = fig.add_subplot()
         from matplotlib.ticker import MaxNLocator
 
@@ -377,4 +373,4 @@ def curves_png(path: str | Path, curves: Mapping[str, Sequence[tuple[float, floa
         ax.set_title(title)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        return _save_png(fig, path)
+        return save_png(fig, path)

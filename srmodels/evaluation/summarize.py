@@ -33,6 +33,8 @@ import numpy as np
 
 from srmodels.core import layout
 from srmodels.core.errors import UserError
+from srmodels.core.files import write_json, write_text
+from srmodels.core.params import flatten_text
 from srmodels.metrics.statistics import crossed_bootstrap
 
 log = logging.getLogger(__name__)
@@ -68,18 +70,6 @@ def mlflow_runs(records: Iterable[Mapping[str, Any]]) -> list[PipelineRun]:
                         costs=r["score_metrics"].get("headroom", {}).get("costs", {}))
             for r in records]
     return sorted(runs, key=lambda r: (r.seed, r.name))
-
-
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested params as ``{"fusion.init": "random", ...}``; leaves as JSON text, so lists and bools compare."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
-    return out
 
 
 def parse_per_image(text: str, source: str) -> list[dict[str, str]]:
@@ -129,7 +119,7 @@ def dvc_runs(root: str | Path, names: Sequence[str] | None = None, *, all_commit
         except Exception as err:  # noqa: BLE001 - DVC raises many kinds for an absent or uncached output
             raise UserError(f"{root}: experiment {name} ({rev}): its score or fusion outputs cannot be read "
                             f"({type(err).__name__}: {err})") from err
-        runs.append(PipelineRun(name=name, params=flatten(params), source=f"dvc:{rev}",
+        runs.append(PipelineRun(name=name, params=flatten_text(params), source=f"dvc:{rev}",
                                 per_image=parse_per_image(per_image, f"{name}:{paths['score']}/{layout.PER_IMAGE}"),
                                 member_val_psnr={k: float(v) for k, v in fusion["member_val_psnr"].items()},
                                 fusion_val_psnr=float(fusion["best_val_psnr"]),
@@ -436,12 +426,12 @@ def plot_png(path: str | Path, summary: Mapping[str, Any]) -> Path:
     over its best member per seed, with the crossed-bootstrap interval. One marker per configuration."""
     from matplotlib import style
 
-    from srmodels.evaluation.report import _figure, _save_png, colours_for
+    from srmodels.evaluation.report import colours_for, new_figure, save_png
 
     set_name, confs = summary["set"], summary["configurations"]
     markers = "os^Dv<>p"
     with style.context("default"):
-        fig = _figure()
+        fig = new_figure()
         fig.set_size_inches(10.0, 4.2)
         ax, gx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         models = list(dict.fromkeys(m for c in confs.values() for m in c["models"]))
@@ -483,7 +473,7 @@ def plot_png(path: str | Path, summary: Mapping[str, Any]) -> Path:
         gx.set_title("per seed (points), 95% CI over seeds x images")
         gx.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        return _save_png(fig, path)
+        return save_png(fig, path)
 
 
 def _short(label: str, limit: int = 40) -> str:
@@ -491,10 +481,7 @@ def _short(label: str, limit: int = 40) -> str:
 
 
 def write_summary(out_dir: str | Path, summary: Mapping[str, Any]) -> list[Path]:
-    from srmodels.evaluation.report import _atomic_write
-
     out_dir = Path(out_dir)
-    text = markdown(summary)
-    return [_atomic_write(out_dir / SUMMARY_MD, text.encode()),
-            _atomic_write(out_dir / SUMMARY_JSON, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode()),
-            plot_png(out_dir / SUMMARY_PNG, summary)]
+    write_text(out_dir / SUMMARY_MD, markdown(summary))
+    write_json(out_dir / SUMMARY_JSON, summary)
+    return [out_dir / SUMMARY_MD, out_dir / SUMMARY_JSON, plot_png(out_dir / SUMMARY_PNG, summary)]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,19 +32,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from srmodels.models.checkpoint import checkpoint_meta, load_into, read_checkpoint, save_safetensors, unwrap_state_dict
+from srmodels.models.checkpoint import checkpoint_meta, read_checkpoint, save_safetensors, save_torch
 from srmodels.core.errors import UserError
-from srmodels.models.fusion import FUSION_KINDS, fuse
+from srmodels.models.fusion import fuse, fusion_kind, load_fusion
 from srmodels.models.model import SRModel, load_model
-from srmodels.core.files import check_writable
+from srmodels.core.files import atomic, check_writable
 
-__all__ = ["FORMATS", "ExportError", "OnnxCheck", "export", "export_safetensors", "export_official", "export_onnx",
+__all__ = ["FORMATS", "ExportError", "OnnxCheck", "export_safetensors", "export_official", "export_onnx",
            "official_state", "ONNX_TOLERANCE", "ONNX_OPSET", "ONNX_MIN_SIDE"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "official", "onnx")
-# opset 18 is the lowest the torch.export-based exporter of torch 2.13 writes (the issue asks for >= 17).
+# opset 18 is the lowest the torch.export-based exporter of torch 2.13 writes; the graphs need >= 17.
 ONNX_OPSET = 18
 _MIN_OPSET = 17
 # onnxruntime against PyTorch, max |difference| on the [0, 1] output scale: 1e-4 is 1/39 of an 8-bit level, so
@@ -88,16 +87,10 @@ def _sha256(path: Path) -> str:
 def _load(weights: str | Path, variant: str | None) -> _Loaded:
     """A backbone (any checkpoint ``load_model`` reads) or our fusion net checkpoint, plain (never accelerated)."""
     weights = Path(weights)
-    raw = read_checkpoint(weights)
-    meta = checkpoint_meta(raw)
-    if meta is not None and str(meta.get("arch", "")).startswith("fusion_"):
-        kind = meta["arch"][len("fusion_"):]
-        if kind not in FUSION_KINDS:
-            raise ExportError(f"{weights}: unknown fusion kind {kind!r}; known: {', '.join(FUSION_KINDS)}")
-        net = FUSION_KINDS[kind](**meta["kwargs"])
-        state_dict = unwrap_state_dict(raw, source=str(weights))
-        load_into(net, state_dict, source=str(weights))
-        return _Loaded(net.eval(), "fusion", meta, state_dict)
+    meta = checkpoint_meta(read_checkpoint(weights))
+    if fusion_kind(meta) is not None:
+        net, meta = load_fusion(weights)
+        return _Loaded(net, "fusion", meta, dict(net.state_dict()))
     model = load_model(weights, variant)
     if meta is None:  # released weights: describe them now, naming where they came from
         meta = {**model.describe(), "step": 0, "epoch": 0,
@@ -121,23 +114,20 @@ def _check_output(out: str | Path, suffix: str | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _written(out: Path) -> Iterator[Path]:
-    """A temporary file beside ``out`` to write (its folder made), renamed to ``out`` when the block succeeds.
+def _written(out: Path) -> Iterator[None]:
+    """Make ``out``'s folder; on failure remove the folders made for it, and make an ``OSError`` one line.
 
-    On failure the temporary file and the folders made for it are removed: nothing new is left, and an existing
-    ``out`` stays as it was.
+    The writers inside write ``out`` atomically (:func:`srmodels.core.files.atomic`): nothing new is left, and
+    an existing ``out`` stays as it was.
     """
     made = [p for p in out.parents if not p.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ExportError(f"{out.parent}: cannot make the output folder ({err.strerror or err})") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, out)
+        yield
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
         for folder in made:
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -155,9 +145,9 @@ def export_safetensors(weights: str | Path, out: str | Path, *, variant: str | N
 
     out = _check_output(out, ".safetensors")
     loaded = _load(weights, variant)
-    with _written(out) as tmp:
+    with _written(out):
         try:
-            save_safetensors(tmp, loaded.state_dict, meta=loaded.meta)
+            save_safetensors(out, loaded.state_dict, meta=loaded.meta)
         except SafetensorError as err:  # what its writer raises for an I/O error
             raise ExportError(f"{out}: cannot write the export ({' '.join(str(err).split())})") from None
     log.info("%s -> %s (%s, safetensors with its description)", weights, out, loaded.meta.get("variant")
@@ -215,8 +205,8 @@ def export_official(weights: str | Path, out: str | Path, *, variant: str | None
     """Write :func:`official_state` with ``torch.save`` (what the official test scripts ``torch.load``)."""
     out = _check_output(out)
     state = official_state(weights, variant=variant)
-    with _written(out) as tmp:
-        torch.save(state, tmp)
+    with _written(out):
+        save_torch(out, state)
     log.info("%s -> %s (official layout: %s)", weights, out,
              "bare state dict, 0-255" if "params" not in state and "weight_net_state_dict" not in state
              else next(iter(state)))
@@ -345,7 +335,7 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
     loaded = _load(weights, variant)
     graph, example, input_names, output_names = _graph_and_inputs(loaded, _TRACE_SIZE, seed=0)
     graph.eval()
-    with _written(out) as tmp:
+    with _written(out), atomic(out) as tmp:
         with _quiet_exporter():
             torch.onnx.export(graph, example, str(tmp), dynamo=True, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_shapes=_dynamic_shapes(loaded),
@@ -374,13 +364,3 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
     log.debug("%s", check.summary())
     return check
 
-
-def export(weights: str | Path, out: str | Path, *, to: str, variant: str | None = None) -> Path:
-    """One of :data:`FORMATS`; the path written."""
-    if to == "safetensors":
-        return export_safetensors(weights, out, variant=variant)
-    if to == "official":
-        return export_official(weights, out, variant=variant)
-    if to == "onnx":
-        return export_onnx(weights, out, variant=variant).path
-    raise ExportError(f"--to {to}: unknown format; valid: {', '.join(FORMATS)}")

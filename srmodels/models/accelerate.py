@@ -68,8 +68,7 @@ from torch import nn
 
 from srmodels.archs.dat import DAT
 from srmodels.archs.rrdbnet import RRDBNet
-from srmodels.archs._layers import Upsample
-from srmodels.archs.swinir import SwinIR, SwinTransformerBlock
+from srmodels.archs.swinir import SwinIR, SwinTransformerBlock, Upsample  # DAT's Upsample too
 
 __all__ = ["accelerate", "PackedLinear", "PackedLinearGELU", "DirectConv2d", "WinogradConv2d",
            "winograd_conv3x3", "winograd_weight", "toom_cook_matrices", "derived_weight"]
@@ -334,10 +333,6 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def _conv_ops() -> bool:
     return _CONV_POINTWISE is not None and _REORDER_CONV_WEIGHT is not None
-
-
-def _direct_applies(conv: nn.Conv2d) -> bool:
-    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def _winograd_applies(conv: nn.Conv2d) -> bool:

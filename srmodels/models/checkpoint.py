@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from srmodels.core.errors import UserError
+from srmodels.core.files import atomic
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def _decode_metadata(path: Path, metadata: Mapping[str, str] | None) -> dict[str
 def read_safetensors(path: str | Path) -> dict[str, Any] | dict[str, torch.Tensor]:
     """A safetensors file as :func:`read_checkpoint` returns it: our wrapping when its metadata describes it,
     the bare tensor dict otherwise. Reads only JSON and raw tensor bytes (nothing executes)."""
-    # Imported here, as in save_safetensors: an environment installed before safetensors became a dependency
-    # still reads every .pth.
+    # Imported here, as in save_safetensors: reading or writing a .pth never needs safetensors installed.
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load as load_bytes
 
@@ -319,19 +319,24 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
     if path.suffix.lower() == SAFETENSORS_SUFFIX:
         save_safetensors(path, state_dict, meta=meta)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     weights = {k: v.detach().cpu() for k, v in state_dict.items()}
     checkpoint: dict[str, Any] = {"format": FORMAT, "meta": meta, "state_dict": weights}
     if raw_weights is not None:
         checkpoint["params_ema"] = weights  # the same dict: pickled once
         checkpoint["params"] = {k: v.detach().cpu() for k, v in raw_weights.items()}
-    try:
-        torch.save(checkpoint, tmp)
-        tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint behind
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_torch(path, checkpoint)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` as ``path``, atomically: an interrupted save never leaves a truncated file behind.
+
+    Written through the fixed name ``<name>.tmp``: torch names the root folder of its zip archive after the file
+    it writes, so a temporary name that varied (a process id) would vary the bytes; ``best.pth`` holds
+    ``best.pth/data.pkl`` on every run.
+    """
+    path = Path(path)
+    with atomic(path, tmp_name=f"{path.name}.tmp") as tmp:
+        torch.save(obj, tmp)
 
 
 def safetensors_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
@@ -359,12 +364,5 @@ def save_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], *
     metadata = safetensors_metadata(meta) if meta is not None else {"format": "pt"}
     # safetensors refuses tensors that share storage or are not contiguous: each one gets its own copy.
     tensors = {str(k): v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
+    with atomic(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)  # atomic, as save_checkpoint
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -5,6 +5,7 @@
 over the candidates. With ``num_candidates=3`` it has the team's 28,387 parameters and loads their checkpoint
 strictly. ``ImageWeightNet`` is their comparative variant: one weight per candidate per image, predicted from the LR
 input. Both only predict weights; ``fuse`` applies them, so the weights can be inspected and pictured.
+``load_fusion`` rebuilds a trained net from its checkpoint (the test stage, ``srmodels export``).
 
 Each net ends in one of two heads (``head``), which turn its last layer's outputs (one logit per candidate) into
 weights:
@@ -19,11 +20,14 @@ weights:
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from srmodels.models.checkpoint import CheckpointError, checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
 
 
 def fuse(candidates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -138,6 +142,29 @@ class ImageWeightNet(nn.Module):
 
 # kind -> class; the pipeline's ``fusion.kind`` param names one of these.
 FUSION_KINDS: dict[str, type[nn.Module]] = {"pixel": AttentionWeightNet, "image": ImageWeightNet}
+# A fusion checkpoint's description names its net ``fusion_<kind>`` as its arch.
+ARCH_PREFIX = "fusion_"
+
+
+def fusion_kind(meta: Mapping[str, Any] | None) -> str | None:
+    """The kind of fusion net a checkpoint description (:func:`checkpoint_meta`) names; None for any other."""
+    arch = str((meta or {}).get("arch", ""))
+    return arch[len(ARCH_PREFIX):] if arch.startswith(ARCH_PREFIX) else None
+
+
+def load_fusion(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Our fusion net checkpoint (the fusion stage's ``best.pth``, or its export as safetensors) rebuilt in eval
+    mode, and its description; its kind is :func:`fusion_kind` of that. Anything else is a ``CheckpointError``."""
+    raw = read_checkpoint(path)
+    meta = checkpoint_meta(raw)
+    kind = fusion_kind(meta)
+    if meta is None or kind is None:
+        raise CheckpointError(f"{path}: not a fusion checkpoint of this pipeline (re-run the fusion stage)")
+    if kind not in FUSION_KINDS:
+        raise CheckpointError(f"{path}: unknown fusion kind {kind!r}; known: {', '.join(FUSION_KINDS)}")
+    net = FUSION_KINDS[kind](**meta["kwargs"])
+    load_into(net, unwrap_state_dict(raw, source=str(path)), source=str(path))
+    return net.eval(), meta
 
 
 # How the fusion net starts (params: fusion.init). best_member: the candidate that scores best on validation, so

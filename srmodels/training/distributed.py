@@ -7,6 +7,10 @@ A ``finetune@<b>`` stage whose ``backbones.<b>.nprocs`` is above 1 re-launches i
 Conventions: ``batch`` in params is the global batch; each of N processes takes B/N of every global batch, so N
 processes train like one process with batch B (gradients are averaged by DDP's all-reduce). Rank 0 alone
 validates, writes checkpoints and curves, and talks to MLflow.
+
+``Dist`` is where a process sits and what the training loop asks of the group (seed per rank, wrap the model,
+shard the data, broadcast, sum); on one process (``SINGLE``) the model and the data stay as they are and nothing
+is communicated.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,49 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+    def seed(self, seed: int, resumed_after: int = 0) -> int:
+        """This rank's seed: ``seed + rank``, so stochastic layers such as DropPath differ per rank (data order
+        and augmentation do not depend on it). A run resumed after epoch ``resumed_after`` > 0 gets another one:
+        the resume state holds rank 0's RNG only."""
+        return seed + self.rank + 1_000_003 * resumed_after
+
+    def sync_batchnorm(self, model: nn.Module, device: torch.device) -> None:
+        """On CUDA under DDP, the BatchNorm layers of ``model`` become SyncBatchNorm, so that their statistics span
+        the global batch (children replaced in place, same keys)."""
+        if self.enabled and device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """``model`` as DDP trains it: wrapped in DistributedDataParallel, which broadcasts rank 0's weights now and
+        averages the gradients in backward(). ``model`` itself on one process."""
+        if not self.enabled:
+            return model
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def shard(self, order: list[int]) -> list[int]:
+        """This rank's items of a global ``order``: r, r+N, r+2N, ... of it (``DistributedSampler`` without
+        shuffling, whole rounds only). All of ``order`` on one process."""
+        if not self.enabled:
+            return order
+        sampler = DistributedSampler(order, num_replicas=self.world, rank=self.rank, shuffle=False, drop_last=True)
+        return [order[i] for i in sampler]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (pickled; CPU tensors travel too). ``obj`` itself on one process."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_sum(self, values: Sequence[float], device: torch.device) -> list[float]:
+        """Element-wise sum over ranks (in float64, so loss sums stay exact enough to log); as floats."""
+        if not self.enabled:
+            return [float(v) for v in values]
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
 
 
 SINGLE = Dist()
@@ -86,21 +136,3 @@ def current() -> Dist:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return SINGLE
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-
-
-def broadcast_object(obj: Any, info: Dist) -> Any:
-    """Rank 0's ``obj`` on every rank (pickled; CPU tensors travel too). Identity on one process."""
-    if not info.enabled:
-        return obj
-    box = [obj if info.main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_sum(values: Sequence[float], info: Dist, device: torch.device) -> list[float]:
-    """Element-wise sum over ranks (in float64, so loss sums stay exact enough to log)."""
-    if not info.enabled:
-        return [float(v) for v in values]
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()

@@ -1,7 +1,7 @@
 """Backbone fine-tuning: L1 loss on paired patches, validated on whole images as the cache stage runs them.
 
 What a backbone brings to the training loop (``srmodels.training.fit``); the fusion net's counterpart is
-``srmodels.fusion_training``, which the backbone stages neither import nor depend on.
+``srmodels.training.fusion``, which the backbone stages neither import nor depend on.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from srmodels.data.datasets import PairedPatches, read_pair
 from srmodels.data.images import to_tensor
 from srmodels.models.inference import upscale
 from srmodels.models.model import SRModel, check_input_size, min_input_size
-from srmodels.training.loop import ConfigError, Job, Predict, TrainConfig, autocast, files_fingerprint, fit, memory_format
+from srmodels.training.loop import (ConfigError, Job, Predict, TrainConfig, autocast, files_fingerprint, fit,
+                                   memory_format)
 
 # Adam's betas for the backbones (BasicSR's SR recipes; torch's default second moment is 0.999).
 BETAS = (0.9, 0.99)
@@ -26,8 +27,8 @@ BETAS = (0.9, 0.99)
 def backbone_predictor(model: SRModel, device: torch.device | str = "cpu", tile: int | None = None) -> Predict:
     """Predicts a validation (hr_path, lr_path) pair with ``model`` as inference runs it.
 
-    Validation scores the accelerated inference model (``srmodels.accelerate``), the one the cache stage runs,
-    built on a copy: the trained module keeps autograd's plain layers. ``tile``: LR tile size (None: whole
+    Validation scores the accelerated inference model (``srmodels.models.accelerate``), the one the cache stage
+    runs, built on a copy: the trained module keeps autograd's plain layers. ``tile``: LR tile size (None: whole
     images).
     """
     device = torch.device(device)
@@ -74,7 +75,7 @@ def finetune(model: SRModel, train: PairedPatches, val_pairs: Sequence[tuple[Pat
              val_tile: int | None = None) -> dict[str, Any]:
     """Fine-tune a backbone (``fit`` of a ``backbone_job``); ``model`` is left holding the last epoch's weights.
 
-    best.pth rebuilds the backbone alone (``srmodels.model.load_model``); see ``fit`` for the rest and the
+    best.pth rebuilds the backbone alone (``srmodels.models.model.load_model``); see ``fit`` for the rest and the
     metrics returned. Use ``BETAS`` in ``config`` for the backbones' usual optimiser.
     """
     return fit(backbone_job(model, train, val_pairs, val_tile), config, out_dir, device=device,

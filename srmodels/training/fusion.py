@@ -1,9 +1,9 @@
-"""Fusion-net training: what the weight nets of ``srmodels.fusion`` bring to the training loop
+"""Fusion-net training: what the weight nets of ``srmodels.models.fusion`` bring to the training loop
 (``srmodels.training.fit``), and the references they have to beat.
 
-Kept apart from ``srmodels.fusion``, which the test and score stages import to fuse: training code changing does
-not invalidate them. The net is plain convolutions with no CPU fast paths of its own, so validation runs it as
-it trains (in eval mode), as the test stage does.
+Kept apart from ``srmodels.models.fusion``, which the test and score stages import to fuse: training code
+changing does not invalidate them. The net is plain convolutions with no CPU fast paths of its own, so validation
+runs it as it trains (in eval mode), as the test stage does.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from torch import nn
 
 from srmodels.data.datasets import FusionCrops, FusionImage, load_fusion_image
 from srmodels.models.fusion import INITS, fuse, fusion_inputs, fusion_loss, start_at_anchor, start_at_candidate
-from srmodels.training.loop import (Job, LogMetrics, Predict, TrainConfig, autocast, evaluate, files_fingerprint, fit,
-                       memory_format)
+from srmodels.training.loop import (Job, LogMetrics, Predict, TrainConfig, autocast, evaluate, files_fingerprint,
+                                   fit, memory_format)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def train_fusion(net: nn.Module, train: FusionCrops, val: Sequence[FusionImage],
 
     ``val`` is the validation split's images (``fusion_images`` over the val or val_se caches), never test.
     ``init``: ``random`` trains ``net`` as given (team 27); ``best_member`` first sets it to select the member
-    that scores best on ``val`` (``srmodels.fusion.start_at_candidate``), so the best epoch cannot fall below it.
+    that scores best on ``val`` (``srmodels.models.fusion.start_at_candidate``), so the best epoch cannot fall
+    below it.
 
     Returns:
         best_val_psnr, best_epoch, initial_val_psnr, final_val_psnr, member_val_psnr (each candidate alone),

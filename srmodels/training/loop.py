@@ -1,5 +1,5 @@
-"""The one training loop, ``fit``: backbone fine-tuning (``srmodels.finetune``) and the fusion net
-(``srmodels.fusion_training``) both run it.
+"""The one training loop, ``fit``: backbone fine-tuning (``srmodels.training.finetune``) and the fusion net
+(``srmodels.training.fusion``) both run it.
 
 What the loop does the same for every job: validate after every epoch on the validation split only (PSNR on Y,
 border cropped, the output quantised to uint8 as when it is saved), epoch 0 included, so an initial (e.g.
@@ -8,6 +8,11 @@ self-describing ``best.pth``; write ``curve.csv``; step the LR schedule; resume 
 What differs between jobs is a ``Job``: the module, its data, its loss, how it predicts a validation image, and
 what its checkpoint says about it. The numbers that choose a run are a ``TrainConfig``.
 
+``fit`` reads top to bottom: set up (``_setup``), resume or start at epoch 0 (``load_or_start``), then for each
+epoch train (``train_epoch``), validate, keep the best, rewrite curve.csv, save the resume state (``save_state``)
+and log. EMA and DDP are objects that the loop calls the same way whether they are on or off
+(``srmodels.training.ema``, ``srmodels.training.distributed``).
+
 EMA (``TrainConfig.ema_decay`` > 0): an exponential moving average of the weights, updated after every optimizer
 step as ``ema = decay * ema + (1 - decay) * weight`` (KAIR's and BasicSR's formula, no warm-up and no bias
 correction) from the initial weights: the pretrained ones when fine-tuning, so epoch 0 validates the same model
@@ -15,11 +20,11 @@ with or without EMA. Floating-point parameters are averaged; buffers (BatchNorm 
 copied from the trained weights. Validation, model selection, ``curve.csv`` and the metrics are then the EMA's,
 best.pth holds the EMA weights (``state_dict`` and ``params_ema``) and the raw ones of the same step (``params``),
 and the resume state holds the EMA, so a resumed run still equals an uninterrupted one. Decay 0 is off: nothing
-is averaged and every output is what it was before EMA existed.
+is averaged, and no metric, checkpoint key, meta field, resume-state entry or resume identity mentions EMA.
 
 Reproducibility: ``seed_everything`` seeds Python, NumPy and torch and, on CPU, asks for deterministic kernels.
-Data order and augmentation are pure functions of (seed, epoch, index) (see ``srmodels.datasets``), so CPU runs
-with the same seed and thread count give bit-identical weights, and a resumed run gives the weights of an
+Data order and augmentation are pure functions of (seed, epoch, index) (see ``srmodels.data.datasets``), so CPU
+runs with the same seed and thread count give bit-identical weights, and a resumed run gives the weights of an
 uninterrupted one. CUDA runs are seeded the same way but not bit-exact (atomics in cuDNN/cuBLAS kernels).
 """
 from __future__ import annotations
@@ -31,25 +36,25 @@ import logging
 import os
 import random
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from srmodels.training import distributed
 from srmodels.core import layout
-from srmodels.models.checkpoint import save_checkpoint
 from srmodels.core.errors import UserError
+from srmodels.core.files import atomic
+from srmodels.core.runtime import seed_everything, set_threads
 from srmodels.data.images import to_uint8
 from srmodels.metrics.psnr_ssim import calculate_psnr
-from srmodels.core.runtime import seed_everything, set_threads
+from srmodels.models.checkpoint import save_checkpoint, save_torch
+from srmodels.training import distributed
+from srmodels.training.ema import Ema, weights_ema
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +153,18 @@ def memory_format(device: torch.device) -> torch.memory_format:
 
 
 def _loader(dataset: Dataset, epoch: int, batch: int, seed: int, device: torch.device, workers: int,
-            info: distributed.Dist = distributed.SINGLE) -> DataLoader:
+            dist: distributed.Dist = distributed.SINGLE) -> DataLoader:
     """This epoch's DataLoader: the order is a permutation drawn from (seed, epoch), so it does not depend on
     how many epochs ran before in this process (resume) nor on the workers.
 
-    Under DDP ``batch`` is the global batch: every rank draws the same permutation and a ``DistributedSampler``
-    (no shuffling of its own) gives rank r the items r, r+N, r+2N, ... of it, in batches of B/N. Global step s
-    therefore trains on exactly the items order[s*B:(s+1)*B], the batch one process with batch B would see.
+    Under DDP ``batch`` is the global batch: every rank draws the same permutation and takes its share of it
+    (``Dist.shard``: items r, r+N, r+2N, ...) in batches of B/N. Global step s therefore trains on exactly the
+    items order[s*B:(s+1)*B], the batch one process with batch B would see.
     """
     dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-    order = np.random.default_rng((seed, epoch)).permutation(len(dataset)).tolist()
-    if info.enabled:
-        shard = DistributedSampler(order, num_replicas=info.world, rank=info.rank, shuffle=False, drop_last=True)
-        order = [order[i] for i in shard]
+    order = dist.shard(np.random.default_rng((seed, epoch)).permutation(len(dataset)).tolist())
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)  # only seeds the workers' own RNGs
-    return DataLoader(dataset, batch_size=batch // info.world, sampler=order, num_workers=workers,
+    return DataLoader(dataset, batch_size=batch // dist.world, sampler=order, num_workers=workers,
                       generator=generator, pin_memory=device.type == "cuda",
                       drop_last=_drop_last(len(dataset), batch))
 
@@ -181,61 +183,6 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.milestones),
                                                     gamma=config.gamma)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[], gamma=1.0)  # constant
-
-
-class WeightsEma:
-    """Exponential moving average of a module's weights, ``ema = decay * ema + (1 - decay) * weight`` after every
-    ``update``, starting equal to the module's weights.
-
-    Floating-point parameters are averaged; every other state_dict entry (BatchNorm running statistics and
-    counters, constant buffers) is copied, so the average always runs with the statistics of the weights being
-    trained. ``tensors`` is a state dict of the module (same keys, device and dtypes). Under DDP every rank holds
-    the same weights after each step, so every rank's average is the same.
-    """
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = decay
-        live = module.state_dict(keep_vars=True)
-        params = {id(p) for p in module.parameters()}
-        self.averaged = [k for k, v in live.items() if id(v) in params and v.is_floating_point()]
-        self.copied = [k for k in live if k not in set(self.averaged)]
-        self.tensors = {k: v.detach().clone() for k, v in live.items()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        # The module's state_dict is read anew every time: a module may replace a buffer rather than update it.
-        live = module.state_dict(keep_vars=True)
-        ema = [self.tensors[k] for k in self.averaged]
-        torch._foreach_mul_(ema, self.decay)
-        torch._foreach_add_(ema, [live[k].detach() for k in self.averaged], alpha=1.0 - self.decay)
-        for k in self.copied:
-            self.tensors[k].copy_(live[k])
-
-    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Continue from a saved average (``tensors`` as ``state`` returns it)."""
-        if tensors.keys() != self.tensors.keys():
-            raise ValueError("the saved EMA does not have the module's keys")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                self.tensors[k].copy_(v)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the averaged weights (for best.pth and the resume state)."""
-        return {k: v.detach().cpu().clone() for k, v in self.tensors.items()}
-
-
-@contextmanager
-def _holding(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """``module`` holds ``tensors`` inside the block and its own weights again afterwards, bit for bit (in-place
-    copies: the optimizer's parameters stay the same objects)."""
-    own = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    module.load_state_dict(tensors)
-    try:
-        yield
-    finally:
-        module.load_state_dict(own)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -262,13 +209,11 @@ def evaluate(predict: Predict, items: Sequence[Any], crop_border: int) -> tuple[
 
 def _write_curve(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     """Rewrite curve.csv from the whole history (so a resumed run's file is complete, not appended twice)."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in history:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CURVE_FIELDS})
-    tmp.replace(path)
 
 
 def _state_fingerprint(module: nn.Module) -> str:
@@ -327,7 +272,7 @@ def _resume_identity(job: Job, config: TrainConfig, weights: nn.Module) -> dict[
     settings = asdict(config)
     for key in ("workers", "compile", "threads"):
         settings.pop(key)
-    if not config.ema_decay:  # off: the identity, and so the resume states, of runs from before EMA existed
+    if not config.ema_decay:  # off: no ema_decay key, as in the identity of a run without the setting
         settings.pop("ema_decay")
     settings["epochs"] = config.epochs if config.schedule == "cosine" else None
     if config.schedule != "multistep":
@@ -373,6 +318,235 @@ def _timing(trained: Sequence[Mapping[str, Any]], resumed_from: int) -> dict[str
 
 # ------------------------------------------------------------------------------------------------- the loop
 
+@dataclass
+class Run:
+    """What ``fit`` sets up once and every part of the loop reads."""
+
+    job: Job
+    config: TrainConfig
+    device: torch.device
+    dist: distributed.Dist       # this process's place in the process group (``SINGLE``: no DDP)
+    weights: nn.Module           # what best.pth and the resume state hold: ``job.weights`` or else ``job.model``
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: Ema                     # ``NoEma`` when ``config.ema_decay`` is 0
+    identity: dict[str, Any]     # what a resume state must have been written with (``_resume_identity``)
+    out_dir: Path
+    provenance: dict[str, Any] | None
+    log_metrics: LogMetrics
+
+
+@dataclass
+class Progress:
+    """Where a run stands after its last completed epoch: what the resume state holds besides the weights, the
+    optimizer, the schedule and the RNG. Ranks other than 0 keep only ``step``."""
+
+    epoch: int = 0
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)  # psnr, epoch, weights (with EMA on: raw), step
+    best_per_image: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch, epoch 0 first
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One epoch of training, summed over the ranks."""
+
+    loss: float      # mean training loss per item
+    lr: float        # the learning rate of the epoch's last step
+    seconds: float
+    samples: int
+    hr_pixels: int
+    steps: int
+
+
+def _no_metrics(metrics: dict[str, float], epoch: int) -> None:
+    """``log_metrics`` when none is given."""
+
+
+def _setup(job: Job, config: TrainConfig, out_dir: Path, device: torch.device, provenance: dict[str, Any] | None,
+           log_metrics: LogMetrics | None) -> Run:
+    """Check the batch against the world size, fix threads and seeds, then put the model on ``device`` and build
+    Adam, the LR schedule and the EMA."""
+    dist = distributed.current()
+    if config.batch % dist.world:
+        raise ConfigError(f"the global batch ({config.batch}) must divide by the number of processes "
+                          f"({dist.world})")
+    set_threads(config.threads)
+    seed_everything(dist.seed(config.seed), device)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    weights = job.weights if job.weights is not None else job.model
+    steps = config.epochs * _steps_per_epoch(len(job.train), config.batch)
+    identity = _resume_identity(job, config, weights)
+    job.model.to(device=device, memory_format=memory_format(device))
+    dist.sync_batchnorm(job.model, device)
+    optimizer = torch.optim.Adam(job.model.parameters(), lr=config.lr, betas=config.betas)
+    scheduler = _make_scheduler(optimizer, config, steps)
+    # Built after the move and the SyncBatchNorm conversion: the average lives beside the weights it follows.
+    ema = weights_ema(weights, config.ema_decay)
+    if dist.main:
+        _warn_if_average_outlasts_run(config.ema_decay, steps)
+    return Run(job, config, device, dist, weights, optimizer, scheduler, ema, identity, out_dir, provenance,
+               log_metrics or _no_metrics)
+
+
+def _steps_per_epoch(items: int, batch: int) -> int:
+    return items // batch if _drop_last(items, batch) else 1
+
+
+def _warn_if_average_outlasts_run(decay: float, steps: int) -> None:
+    """A short run with a long average: what is validated and saved is still largely the starting point. (No
+    steps at all, epochs 0, keep the initial weights on purpose: nothing to warn about.)"""
+    initial_share = decay ** steps  # 0 when EMA is off
+    if steps > 0 and initial_share > EMA_INITIAL_SHARE_WARNING:
+        log.warning("ema_decay %g averages over about %d steps and this run has %d: the final average still "
+                    "gives the initial weights %.0f%% of its weight", decay, round(1 / (1 - decay)), steps,
+                    100 * initial_share)
+
+
+def validate(run: Run) -> tuple[float, dict[str, float]]:
+    """Mean and per-image validation PSNR of the weights the run selects on: the EMA's when on."""
+    run.job.model.eval()
+    # The job's predictor reads ``job.model``: with EMA on, it holds the average for the time of the validation.
+    with run.ema.applied(run.weights):
+        return evaluate(run.job.predictor(run.device), run.job.val, run.config.crop_border)
+
+
+def _best(run: Run, psnr: float, epoch: int, step: int) -> dict[str, Any]:
+    """The record of a best epoch: its PSNR, epoch and step, and CPU copies of the weights to save now."""
+    return {"psnr": psnr, "epoch": epoch, **run.ema.saved(run.weights), "step": step}
+
+
+def _save_best(run: Run, best: Mapping[str, Any]) -> None:
+    """best.pth from a record of ``_best``: self-describing, with the average and the raw weights when EMA is on."""
+    extra = {**run.job.describe.get("extra", {}), "val_psnr": best["psnr"], **run.ema.describe()}
+    save_checkpoint(run.out_dir / layout.BEST, best["weights"], **{**run.job.describe, "extra": extra},
+                    step=best["step"], epoch=best["epoch"], provenance=run.provenance, raw_weights=best.get("raw"))
+
+
+def load_or_start(run: Run, resume_path: Path | None) -> Progress:
+    """Continue after the epoch of the resume state in ``resume_path`` if it was written with this job and these
+    settings (``_load_resume``); otherwise start: validate the initial weights as epoch 0.
+
+    Only rank 0 reads the resume state (nodes need not share a file system); the other ranks receive it. Rank 0
+    writes best.pth and curve.csv either way: out_dir may be a fresh staging folder, and the best weights travel
+    in the resume state.
+    """
+    state = None
+    if resume_path is not None and run.dist.main:
+        state = _load_resume(resume_path, run.identity, run.config.epochs)
+    state = run.dist.broadcast(state)
+    if state is None:
+        return _start(run) if run.dist.main else Progress()
+    run.weights.load_state_dict(state["model"])
+    run.ema.restore(state)  # the identity includes ema_decay, so a state written with EMA on has its average
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.dist.main:
+        _set_rng_states(state["rng"])
+    else:  # the saved RNG is rank 0's; other ranks must keep their own streams
+        seed_everything(run.dist.seed(run.config.seed, resumed_after=state["epoch"]), run.device)
+    progress = Progress(state["epoch"], state["step"], dict(state["best"]), dict(state["best_per_image"]),
+                        list(state["history"]))
+    log.info("resuming from %s after epoch %d (best %.4f dB at epoch %d)", resume_path, progress.epoch,
+             progress.best["psnr"], progress.best["epoch"])
+    if run.dist.main:
+        _save_best(run, progress.best)
+        _write_curve(run.out_dir / layout.CURVE, progress.history)
+    return progress
+
+
+def _start(run: Run) -> Progress:
+    """Epoch 0: the initial weights, validated, are the best so far."""
+    psnr, per_image = validate(run)
+    progress = Progress(best=_best(run, psnr, 0, 0), best_per_image=per_image)
+    _save_best(run, progress.best)
+    progress.history.append({"epoch": 0, "train_loss": None, "val_psnr": psnr, "lr": run.config.lr,
+                             "seconds": 0.0, "samples": 0, "hr_pixels": 0})
+    _write_curve(run.out_dir / layout.CURVE, progress.history)
+    log.info("epoch 0 (initial model): val PSNR-Y %.4f dB", psnr)
+    run.log_metrics({"val_psnr": psnr}, 0)
+    return progress
+
+
+def save_state(path: Path, run: Run, progress: Progress) -> None:
+    """The resume state after ``progress.epoch``, written atomically: a kill mid-save keeps the previous one."""
+    state = {"format": RESUME_FORMAT, "config": json.dumps(run.identity, sort_keys=True), "epoch": progress.epoch,
+             "step": progress.step, "model": {k: v.detach().cpu() for k, v in run.weights.state_dict().items()},
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": _rng_states(),
+             "best": progress.best, "best_per_image": progress.best_per_image, "history": progress.history,
+             **run.ema.resume_entries()}
+    save_torch(path, state)
+
+
+def _training_forward(run: Run) -> Callable[..., torch.Tensor]:
+    """What ``job.loss`` calls: the model, wrapped for DDP (``Dist.wrap``), compiled with ``config.compile``."""
+    forward = run.dist.wrap(run.job.model, run.device)
+    return torch.compile(forward) if run.config.compile else forward
+
+
+def train_epoch(run: Run, forward: Callable[..., torch.Tensor], epoch: int) -> EpochStats:
+    """One pass over this epoch's batches: per batch an optimizer step, an EMA update and (cosine) a schedule
+    step; the other schedules step once at the end."""
+    config, optimizer = run.config, run.optimizer
+    run.job.model.train()
+    t0 = time.perf_counter()
+    loss_sum, seen, hr_pixels, steps, last_lr = 0.0, 0, 0, 0, optimizer.param_groups[0]["lr"]
+    bar = tqdm(_loader(run.job.train, epoch, config.batch, config.seed, run.device, config.workers, run.dist),
+               desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if run.dist.main else True,
+               dynamic_ncols=True)
+    for batch in bar:
+        batch = [t.to(run.device, non_blocking=True) for t in batch]
+        loss = run.job.loss(forward, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.ema.update(run.weights)
+        last_lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        if config.schedule == "cosine":
+            run.scheduler.step()
+        steps += 1
+        hr = batch[-1]
+        loss_sum += loss.item() * hr.shape[0]
+        seen += hr.shape[0]
+        hr_pixels += hr.shape[0] * hr.shape[-2] * hr.shape[-1]
+        bar.set_postfix(loss=f"{loss.item():.5f}", refresh=False)
+    if config.schedule != "cosine":
+        run.scheduler.step()
+    seconds = time.perf_counter() - t0
+    loss_sum, seen, hr_pixels = run.dist.all_sum([loss_sum, seen, hr_pixels], run.device)
+    return EpochStats(loss=loss_sum / max(seen, 1), lr=last_lr, seconds=seconds, samples=int(seen),
+                      hr_pixels=int(hr_pixels), steps=steps)
+
+
+def _log_epoch(run: Run, row: Mapping[str, Any], best: Mapping[str, Any]) -> None:
+    log.info("epoch %d/%d: train loss %.6f, val PSNR-Y %.4f dB (best %.4f @ %d), lr %.3g, %.1f s", row["epoch"],
+             run.config.epochs, row["train_loss"], row["val_psnr"], best["psnr"], best["epoch"], row["lr"],
+             row["seconds"])
+    run.log_metrics({"train_loss": row["train_loss"], "val_psnr": row["val_psnr"], "lr": row["lr"],
+                     "epoch_seconds": row["seconds"]}, row["epoch"])
+
+
+def _summary(run: Run, progress: Progress, resumed_from: int) -> dict[str, Any]:
+    """What ``fit`` returns (see there)."""
+    if not run.dist.main:
+        return {"epochs": run.config.epochs, "steps": progress.step, "world_size": run.dist.world}
+    best, history = progress.best, progress.history
+    trained = [h for h in history if h["epoch"] > 0]
+    if trained and best["epoch"] == 0:
+        log.warning("no epoch beat the initial model on val (%.4f dB); best.pth keeps the initial weights",
+                    best["psnr"])
+    return {
+        "best_val_psnr": best["psnr"], "best_epoch": best["epoch"], "initial_val_psnr": history[0]["val_psnr"],
+        "final_val_psnr": history[-1]["val_psnr"],
+        "final_train_loss": trained[-1]["train_loss"] if trained else None,
+        "improved": best["epoch"] > 0, "epochs": history[-1]["epoch"], "steps": progress.step,
+        "world_size": run.dist.world, "best_per_image": progress.best_per_image,
+        "timing": _timing(trained, resumed_from), **run.ema.describe(),
+    }
+
+
 def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.device | str = "cpu",
         provenance: dict[str, Any] | None = None, resume_path: str | Path | None = None,
         log_metrics: LogMetrics | None = None) -> dict[str, Any]:
@@ -391,15 +565,15 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
     (how released weights enter a fusion unchanged), curve.csv has that one row.
 
     With ``config.ema_decay`` > 0 every validation (epoch 0 included), the selection of the best epoch, curve.csv
-    and the metrics returned are those of the weights' EMA (``WeightsEma``); best.pth holds the EMA weights as
-    ``state_dict`` and ``params_ema`` and the raw ones as ``params``.
+    and the metrics returned are those of the weights' EMA (``srmodels.training.ema``); best.pth holds the EMA
+    weights as ``state_dict`` and ``params_ema`` and the raw ones as ``params``.
 
-    Data-parallel (DDP) when called in every process of an initialised process group (``srmodels.distributed``):
-    ``config.batch`` is then the global batch and must divide by the world size; rank 0 alone validates, writes
-    out_dir and calls ``log_metrics``. Each rank is seeded with ``seed + rank`` (stochastic layers such as
-    DropPath differ per rank; data order and augmentation do not depend on the rank). On CUDA, BatchNorm layers
-    become SyncBatchNorm so that statistics span the global batch. The model is left holding the last epoch's
-    weights (the raw ones when EMA is on).
+    Data-parallel (DDP) when called in every process of an initialised process group
+    (``srmodels.training.distributed``): ``config.batch`` is then the global batch and must divide by the world
+    size; rank 0 alone validates, writes out_dir and calls ``log_metrics``. Each rank is seeded with
+    ``seed + rank`` (stochastic layers such as DropPath differ per rank; data order and augmentation do not depend
+    on the rank). On CUDA, BatchNorm layers become SyncBatchNorm so that statistics span the global batch. The
+    model is left holding the last epoch's weights (the raw ones when EMA is on).
 
     Returns:
         best_val_psnr, best_epoch, initial_val_psnr, final_val_psnr, final_train_loss, improved (whether any
@@ -408,175 +582,25 @@ def fit(job: Job, config: TrainConfig, out_dir: str | Path, *, device: torch.dev
         train_seconds (training only, all sessions), samples_per_second and hr_megapixels_per_second (all
         ranks) and epoch_seconds. Ranks other than 0 return only epochs, steps and world_size.
     """
-    device = torch.device(device)
-    info = distributed.current()
-    if config.batch % info.world:
-        raise ConfigError(f"the global batch ({config.batch}) must divide by the number of processes "
-                          f"({info.world})")
-    set_threads(config.threads)
-    seed_everything(config.seed + info.rank, device)
-    out_dir = Path(out_dir)
-    if info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    best_path, curve_path = out_dir / layout.BEST, out_dir / layout.CURVE
+    run = _setup(job, config, Path(out_dir), torch.device(device), provenance, log_metrics)
     resume_path = Path(resume_path) if resume_path is not None else None
-    cuda = device.type == "cuda"
-    model, weights, epochs = job.model, job.weights if job.weights is not None else job.model, config.epochs
-    steps_per_epoch = len(job.train) // config.batch if _drop_last(len(job.train), config.batch) else 1
-    identity = _resume_identity(job, config, weights)
-
-    model.to(device=device, memory_format=memory_format(device))
-    if info.enabled and cuda:
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BatchNorm children in place, same keys
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
-    scheduler = _make_scheduler(optimizer, config, epochs * steps_per_epoch)
-    # Built after the move and the SyncBatchNorm conversion: the average lives beside the weights it follows.
-    ema = WeightsEma(weights, config.ema_decay) if config.ema_decay else None
-    initial_share = config.ema_decay ** (epochs * steps_per_epoch)
-    # (No steps at all, epochs 0, keep the initial weights on purpose: nothing to warn about.)
-    if ema is not None and info.main and epochs > 0 and initial_share > EMA_INITIAL_SHARE_WARNING:
-        # A short run with a long average: what is validated and saved is still largely the starting point.
-        log.warning("ema_decay %g averages over about %d steps and this run has %d: the final average still "
-                    "gives the initial weights %.0f%% of its weight", config.ema_decay,
-                    round(1 / (1 - config.ema_decay)), epochs * steps_per_epoch, 100 * initial_share)
-
-    def validate() -> tuple[float, dict[str, float]]:
-        model.eval()
-        # The job's predictor reads ``model``: with EMA on, it holds the average for the time of the validation.
-        with _holding(weights, ema.tensors) if ema is not None else nullcontext():
-            return evaluate(job.predictor(device), job.val, config.crop_border)
-
-    def save_best(epoch: int, step: int, saved: Mapping[str, Any] | None = None) -> None:
-        """best.pth from the current weights, or from ``saved`` (``best`` as a resume state holds it)."""
-        def current() -> dict[str, torch.Tensor]:
-            return {k: v.detach().cpu().clone() for k, v in weights.state_dict().items()}
-
-        if saved is not None:
-            best["weights"] = saved["weights"]
-            if ema is not None:
-                best["raw"] = saved["raw"]
-        elif ema is not None:
-            best["weights"], best["raw"] = ema.state(), current()
-        else:
-            best["weights"] = current()
-        best["step"] = step
-        extra = {**job.describe.get("extra", {}), "val_psnr": best["psnr"]}
-        if ema is not None:  # only when on: a run without EMA describes itself as before EMA existed
-            extra["ema_decay"] = config.ema_decay
-        save_checkpoint(best_path, best["weights"], **{**job.describe, "extra": extra}, step=step, epoch=epoch,
-                        provenance=provenance, raw_weights=best["raw"] if ema is not None else None)
-
-    state = _load_resume(resume_path, identity, epochs) if resume_path is not None and info.main else None
-    # Only rank 0 reads the resume state (nodes need not share a file system); the others receive it.
-    state = distributed.broadcast_object(state, info)
-    if state is not None:
-        weights.load_state_dict(state["model"])
-        if ema is not None:  # the identity includes ema_decay, so a state written with EMA on has "ema"
-            ema.load(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if info.main:
-            _set_rng_states(state["rng"])
-        else:  # the saved RNG is rank 0's; other ranks must keep their own streams
-            seed_everything(config.seed + info.rank + 1_000_003 * state["epoch"], device)
-        start, step, best, history = state["epoch"], state["step"], dict(state["best"]), list(state["history"])
-        best_per_image = dict(state["best_per_image"])
-        log.info("resuming from %s after epoch %d (best %.4f dB at epoch %d)", resume_path, start, best["psnr"],
-                 best["epoch"])
-        if info.main:
-            # out_dir may be a fresh staging folder: the best weights travel in the resume state and best.pth /
-            # curve.csv are rewritten from there.
-            save_best(best["epoch"], best["step"], best)
-            _write_curve(curve_path, history)
-    elif not info.main:
-        start, step, history, best, best_per_image = 0, 0, [], {}, {}
-    else:
-        start, step = 0, 0
-        psnr0, best_per_image = validate()
-        best = {"psnr": psnr0, "epoch": 0}
-        save_best(0, 0)
-        history = [{"epoch": 0, "train_loss": None, "val_psnr": psnr0, "lr": config.lr, "seconds": 0.0,
-                    "samples": 0, "hr_pixels": 0}]
-        _write_curve(curve_path, history)
-        log.info("epoch 0 (initial model): val PSNR-Y %.4f dB", psnr0)
-        if log_metrics is not None:
-            log_metrics({"val_psnr": psnr0}, 0)
-    resumed_from = start
-    # DDP broadcasts rank 0's weights when it wraps the model and averages gradients in backward().
-    forward = (DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if info.enabled
-               else model)
-    if config.compile:
-        forward = torch.compile(forward)
-
-    for epoch in range(start + 1, epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, seen, hr_pixels, last_lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
-        bar = tqdm(_loader(job.train, epoch, config.batch, config.seed, device, config.workers, info),
-                   desc=f"epoch {epoch}/{epochs}", leave=False, disable=None if info.main else True,
-                   dynamic_ncols=True)
-        for batch in bar:
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            loss = job.loss(forward, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(weights)
-            last_lr = optimizer.param_groups[0]["lr"]
-            if config.schedule == "cosine":
-                scheduler.step()
-            step += 1
-            hr = batch[-1]
-            loss_sum += loss.item() * hr.shape[0]
-            seen += hr.shape[0]
-            hr_pixels += hr.shape[0] * hr.shape[-2] * hr.shape[-1]
-            bar.set_postfix(loss=f"{loss.item():.5f}", refresh=False)
-        if config.schedule != "cosine":
-            scheduler.step()
-        seconds = time.perf_counter() - t0
-        loss_sum, seen, hr_pixels = distributed.all_sum([loss_sum, seen, hr_pixels], info, device)
-        train_loss = loss_sum / max(seen, 1)
-        if not info.main:
-            continue
-
-        val_psnr, per_image = validate()
-        if val_psnr > best["psnr"]:
-            best = {"psnr": val_psnr, "epoch": epoch}
-            best_per_image = per_image
-            save_best(epoch, step)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_psnr": val_psnr, "lr": last_lr,
-                        "seconds": seconds, "samples": int(seen), "hr_pixels": int(hr_pixels)})
-        _write_curve(curve_path, history)
+    progress = load_or_start(run, resume_path)
+    resumed_from = progress.epoch
+    forward = _training_forward(run)
+    for epoch in range(resumed_from + 1, config.epochs + 1):
+        stats = train_epoch(run, forward, epoch)
+        progress.step += stats.steps
+        if not run.dist.main:
+            continue  # rank 0 alone validates, writes and logs
+        val_psnr, per_image = validate(run)
+        if val_psnr > progress.best["psnr"]:
+            progress.best, progress.best_per_image = _best(run, val_psnr, epoch, progress.step), per_image
+            _save_best(run, progress.best)
+        progress.epoch = epoch
+        progress.history.append({"epoch": epoch, "train_loss": stats.loss, "val_psnr": val_psnr, "lr": stats.lr,
+                                 "seconds": stats.seconds, "samples": stats.samples, "hr_pixels": stats.hr_pixels})
+        _write_curve(run.out_dir / layout.CURVE, progress.history)
         if resume_path is not None:
-            resume_path.parent.mkdir(parents=True, exist_ok=True)
-            resume = {"format": RESUME_FORMAT, "config": json.dumps(identity, sort_keys=True), "epoch": epoch,
-                      "step": step, "model": {k: v.detach().cpu() for k, v in weights.state_dict().items()},
-                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "rng": _rng_states(), "best": best, "best_per_image": best_per_image, "history": history}
-            if ema is not None:
-                resume["ema"] = ema.state()
-            torch.save(resume, resume_path.with_suffix(".pth.tmp"))
-            resume_path.with_suffix(".pth.tmp").replace(resume_path)  # atomic: a kill mid-save keeps the last
-        log.info("epoch %d/%d: train loss %.6f, val PSNR-Y %.4f dB (best %.4f @ %d), lr %.3g, %.1f s", epoch,
-                 epochs, train_loss, val_psnr, best["psnr"], best["epoch"], last_lr, seconds)
-        if log_metrics is not None:
-            log_metrics({"train_loss": train_loss, "val_psnr": val_psnr, "lr": last_lr, "epoch_seconds": seconds},
-                        epoch)
-
-    if not info.main:
-        return {"epochs": epochs, "steps": step, "world_size": info.world}
-    trained = [h for h in history if h["epoch"] > 0]
-    if trained and best["epoch"] == 0:
-        log.warning("no epoch beat the initial model on val (%.4f dB); best.pth keeps the initial weights",
-                    best["psnr"])
-    summary = {
-        "best_val_psnr": best["psnr"], "best_epoch": best["epoch"], "initial_val_psnr": history[0]["val_psnr"],
-        "final_val_psnr": history[-1]["val_psnr"],
-        "final_train_loss": trained[-1]["train_loss"] if trained else None,
-        "improved": best["epoch"] > 0, "epochs": history[-1]["epoch"], "steps": step,
-        "world_size": info.world, "best_per_image": best_per_image, "timing": _timing(trained, resumed_from),
-    }
-    if ema is not None:  # only when on: without EMA the metrics stay those of runs from before EMA existed
-        summary["ema_decay"] = config.ema_decay
-    return summary
+            save_state(resume_path, run, progress)
+        _log_epoch(run, progress.history[-1], progress.best)
+    return _summary(run, progress, resumed_from)
