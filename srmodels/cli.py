@@ -344,7 +344,7 @@ def cmd_bench(args) -> int:
             w, h = (int(v) for v in size.lower().split("x"))
             for name in args.models:
                 for dtype in dtypes(device):
-                    # the fusion net fuses self-ensembled candidates; it has no x8 of its own
+                    # the fusion net fuses self-ensembled members; it has no x8 of its own
                     for se in ([False, True] if args.self_ensemble and name != "fusion" else [False]):
                         rows.append(bench_one(name, h, w, device=device, dtype=dtype, self_ensemble=se,
                                               runs=args.runs, warmup=args.warmup, plain=args.plain))

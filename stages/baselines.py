@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def _split(items: list, members: list[str]) -> Any:
-    """(name, candidates (N, 3, H, W), HR uint8 HxWx3) of each image."""
+    """(name, members (N, 3, H, W), HR uint8 HxWx3) of each image."""
     for item in items:
         cands, _, hr = load_fusion_image(item, layout.SCALE)
         yield item.stem, cands.view(len(members), 3, *cands.shape[-2:]), hr

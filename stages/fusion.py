@@ -29,7 +29,7 @@ def main(params: dict[str, Any]) -> None:
     set_threads(params["threads"])
     seed_everything(params["seed"], device)
 
-    net = FUSION_KINDS[fp["kind"]](num_candidates=len(members), head=fp["head"])
+    net = FUSION_KINDS[fp["kind"]](num_members=len(members), head=fp["head"])
     # What the net adds to its members per output pixel (the score stage's cost column).
     cost = {"params": num_params(net), "macs_per_pixel": fusion_macs_per_output_pixel(net, fp["kind"])}
     # Built before any training: a crop larger than an image or a cut cache file stops the stage here.

@@ -65,7 +65,7 @@ def test_items_depend_only_on_seed_epoch_index(tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(*batches))
 
 
-def test_fusion_crops_align_candidates_lr_hr(tmp_path):
+def test_fusion_crops_align_member_outputs_lr_hr(tmp_path):
     rng = np.random.default_rng(3)
     lr = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
     hr = np.repeat(np.repeat(lr, SCALE, 0), SCALE, 1)

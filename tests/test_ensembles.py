@@ -275,7 +275,7 @@ def test_least_squares_errors():
         least_squares_weights([(torch.stack([a, a, b]), b.double())])
     with pytest.raises(ValueError, match="no images"):
         least_squares_weights([])
-    with pytest.raises(ValueError, match="candidates after"):
+    with pytest.raises(ValueError, match="members after"):
         least_squares_weights([(torch.stack([a, b]), a), (torch.stack([a, b, b]), a)])
 
 

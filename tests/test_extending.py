@@ -194,7 +194,7 @@ def test_a_fusion_loss_term_composes_the_recipe_way(tmp_path, monkeypatch):
     # Steps 1-2: the recipe's closure is the fusion job's loss at weight 0, and adds the weighted term above it.
     train, val = _fusion_data(tmp_path)
     torch.manual_seed(0)
-    net = AttentionWeightNet(num_candidates=2)
+    net = AttentionWeightNet(num_members=2)
     job = fusion_training.fusion_job(net, "pixel", train, val, l1_weight=0.8, mse_weight=0.2)
     assert job.identity["l1_weight"] == 0.8 and job.identity["mse_weight"] == 0.2  # where the knob is recorded
     batch = list(torch.utils.data.default_collate([train[i] for i in range(len(train))]))

@@ -9,7 +9,7 @@ import torch
 
 from srmodels.data.member_outputs import check_output, load_output, rerun_hint, save_output
 from srmodels.core.errors import DataError
-from srmodels.evaluation.evaluation import fuse_eval_sets, load_candidates, score_eval_sets
+from srmodels.evaluation.evaluation import fuse_eval_sets, load_member_outputs, score_eval_sets
 from srmodels.data.images import write_image
 
 
@@ -100,7 +100,7 @@ def test_members_of_different_sizes_are_named(tmp_path):
     dirs = [cache / m / "eval" / "test" for m in ("dat", "rfdn")]
     with pytest.raises(DataError, match=r"rfdn/eval/test/moon\.npy: cached output of shape \(3, 24, 28\) does "
                                         r"not match \(3, 24, 32\)"):
-        load_candidates(dirs, "moon")
+        load_member_outputs(dirs, "moon")
 
 
 def test_score_step_names_missing_and_stale_inputs(tmp_path):

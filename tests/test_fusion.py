@@ -1,4 +1,4 @@
-"""Team 27's AttentionWeightNet: structure, their released checkpoint on their own candidates, generalisation;
+"""Team 27's AttentionWeightNet: structure, their released checkpoint on their own members, generalisation;
 training the fusion nets (``srmodels.fusion_training``) on tiny synthetic caches."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from srmodels.models.checkpoint import checkpoint_meta, load_into, load_state_dict, read_checkpoint, unwrap_state_dict
 from srmodels.data.datasets import FusionCrops, fusion_images, load_fusion_image
-from srmodels.models.fusion import AttentionWeightNet, ImageWeightNet, fuse, start_at_anchor, start_at_candidate
+from srmodels.models.fusion import AttentionWeightNet, ImageWeightNet, fuse, start_at_anchor, start_at_member
 from srmodels.training.fusion import fusion_job, train_fusion
 from srmodels.data.images import write_image
 from srmodels.training.loop import TrainConfig
@@ -24,7 +24,7 @@ FUSION_CONFIG = TrainConfig(epochs=2, batch=8, lr=1e-3, crop_border=4, seed=0, t
 
 
 def test_structure_matches_team27():
-    net = AttentionWeightNet(num_candidates=3)
+    net = AttentionWeightNet(num_members=3)
     assert sum(p.numel() for p in net.parameters()) == 28_387
     assert list(net.state_dict()) == [
         "conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
@@ -35,7 +35,7 @@ def test_released_checkpoint_reproduces_fixture():
     sd = load_state_dict(reference_path("weights", "team27_fusionNet.pth"))
     net = AttentionWeightNet(3).eval()
     load_into(net, sd)
-    cand = load_pt(reference_path("fixtures", "fusion_seed", "inputs.pt"))["candidates"]
+    cand = load_pt(reference_path("fixtures", "fusion_seed", "inputs.pt"))["candidates"]  # the fixture's key
     expected = load_pt(reference_path("fixtures", "fusion_seed", "outputs.pt"))
     with torch.no_grad():
         w = net(cand)
@@ -44,9 +44,9 @@ def test_released_checkpoint_reproduces_fixture():
     assert torch.allclose(fused, expected["fused"], atol=1e-5, rtol=0)
 
 
-def test_n_candidates_and_softmax():
+def test_n_members_and_softmax():
     for n in (2, 4):
-        net = AttentionWeightNet(num_candidates=n)
+        net = AttentionWeightNet(num_members=n)
         x = torch.rand(2, 3 * n, 12, 10)
         w = net(x)
         assert w.shape == (2, n, 12, 10)
@@ -63,11 +63,11 @@ def test_fuse_is_weighted_sum_and_checks_channels():
     except ValueError as err:
         assert "9" in str(err)
     else:
-        raise AssertionError("mismatched candidate channels accepted")
+        raise AssertionError("mismatched member channels accepted")
 
 
 def test_image_weight_net_one_weight_per_image():
-    net = ImageWeightNet(num_candidates=2)
+    net = ImageWeightNet(num_members=2)
     w = net(torch.rand(3, 3, 16, 20))
     assert w.shape == (3, 2, 1, 1)
     assert torch.allclose(w.sum(1), torch.ones(3, 1, 1))
@@ -111,10 +111,10 @@ def fusion_sets(root: Path, lr_patch: int = 8) -> tuple[FusionCrops, list]:
     return train, val
 
 
-def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
+def test_fusion_learns_to_pick_the_right_member(fusion_data, tmp_path):
     train, val = fusion_sets(fusion_data)
     torch.manual_seed(0)
-    net = AttentionWeightNet(num_candidates=2)
+    net = AttentionWeightNet(num_members=2)
     metrics = train_fusion(net, train, val, replace(FUSION_CONFIG, epochs=4, lr=3e-3), tmp_path, kind="pixel",
                            l1_weight=0.8, mse_weight=0.2, provenance={"test": True})
     best_member = max(metrics["member_val_psnr"].values())
@@ -125,7 +125,7 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
     # The best checkpoint describes itself and, reloaded, weights 'a' on the left and 'b' on the right.
     raw = read_checkpoint(tmp_path / "best.pth")
     meta = checkpoint_meta(raw)
-    assert meta["arch"] == "fusion_pixel" and meta["kwargs"] == {"num_candidates": 2, "head": "softmax", "anchor": 0}
+    assert meta["arch"] == "fusion_pixel" and meta["kwargs"] == {"num_members": 2, "head": "softmax", "anchor": 0}
     assert meta["members"] == ["a", "b"] and meta["kind"] == "pixel" and meta["scale"] == SCALE
     assert meta["val_psnr"] == metrics["best_val_psnr"]
     reloaded = AttentionWeightNet(2)
@@ -138,9 +138,9 @@ def test_fusion_learns_to_pick_the_right_candidate(fusion_data, tmp_path):
 
 
 @pytest.mark.parametrize("net", [AttentionWeightNet(3), ImageWeightNet(3)], ids=["pixel", "image"])
-def test_start_at_candidate_is_that_candidate_to_8_bit(net):
+def test_start_at_member_is_that_member_to_8_bit(net):
     torch.manual_seed(0)
-    start_at_candidate(net, 1)
+    start_at_member(net, 1)
     cands, lr = torch.rand(2, 9, 24, 20), torch.rand(2, 3, 6, 5)
     with torch.no_grad():
         w = net(cands if isinstance(net, AttentionWeightNet) else lr)
@@ -156,7 +156,7 @@ def test_start_at_candidate_is_that_candidate_to_8_bit(net):
 def test_best_member_init_starts_at_the_best_member_and_still_learns(fusion_data, tmp_path):
     train, val = fusion_sets(fusion_data)
     torch.manual_seed(0)
-    metrics = train_fusion(AttentionWeightNet(num_candidates=2), train, val, replace(FUSION_CONFIG, epochs=4, lr=3e-3),
+    metrics = train_fusion(AttentionWeightNet(num_members=2), train, val, replace(FUSION_CONFIG, epochs=4, lr=3e-3),
                            tmp_path, kind="pixel", init="best_member", provenance={"test": True})
     best_member = max(metrics["member_val_psnr"].values())
     assert metrics["init"] == "best_member"
@@ -170,7 +170,7 @@ def test_best_member_init_starts_at_the_best_member_and_still_learns(fusion_data
 def test_image_fusion_checkpoint(fusion_data, tmp_path):
     train, val = fusion_sets(fusion_data)
     torch.manual_seed(0)
-    metrics = train_fusion(ImageWeightNet(num_candidates=2), train, val, replace(FUSION_CONFIG, epochs=1), tmp_path,
+    metrics = train_fusion(ImageWeightNet(num_members=2), train, val, replace(FUSION_CONFIG, epochs=1), tmp_path,
                            kind="image")
     meta = checkpoint_meta(read_checkpoint(tmp_path / "best.pth"))
     assert meta["arch"] == "fusion_image" and meta["members"] == ["a", "b"] and meta["kind"] == "image"
@@ -188,7 +188,7 @@ def test_fusion_resumes_exactly(fusion_data, tmp_path):
                 raise KeyboardInterrupt
 
         torch.manual_seed(0)
-        net = AttentionWeightNet(num_candidates=2)
+        net = AttentionWeightNet(num_members=2)
         metrics = train_fusion(net, train, val, FUSION_CONFIG, out, kind="pixel", resume_path=out / "resume.pth",
                                log_metrics=interrupt)
         return metrics, net
@@ -203,9 +203,9 @@ def test_fusion_resumes_exactly(fusion_data, tmp_path):
     assert (tmp_path / "run" / "curve.csv").read_bytes() == (tmp_path / "straight" / "curve.csv").read_bytes()
 
 
-def test_fusion_members_must_match_candidates(fusion_data):
+def test_fusion_members_must_match_the_nets_inputs(fusion_data):
     train, val = fusion_sets(fusion_data)
-    with pytest.raises(ValueError, match="3 member names for 2 candidates"):
+    with pytest.raises(ValueError, match="3 member names for 2 members"):
         fusion_job(AttentionWeightNet(2), "pixel", train, val, members=["a", "b", "c"])
 
 
@@ -247,7 +247,7 @@ def test_residual_head_is_the_anchor_exactly_and_every_member_has_a_gradient():
         fuse(cands, w).sub(torch.rand(2, 3, 16, 12)).abs().mean().backward()
         grad = net.output_layer().weight.grad.flatten(1).abs().sum(1)
         assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0  # the anchor's own logit is unused
-    assert AttentionWeightNet(3, head="residual", anchor=2).config() == {"num_candidates": 3, "head": "residual",
+    assert AttentionWeightNet(3, head="residual", anchor=2).config() == {"num_members": 3, "head": "residual",
                                                                          "anchor": 2}
     with pytest.raises(ValueError, match="unknown fusion head"):
         AttentionWeightNet(3, head="linear")
@@ -269,7 +269,7 @@ def test_residual_head_learns_where_the_best_member_is_wrong(anchor_data, tmp_pa
     assert metrics["initial_val_psnr"] == best_member  # epoch 0 is the anchor, to the bit
     assert metrics["best_val_psnr"] > best_member + 1.5, metrics  # the ideal is about +2.8 dB
     meta = checkpoint_meta(read_checkpoint(tmp_path / "best.pth"))
-    assert meta["kwargs"] == {"num_candidates": 3, "head": "residual", "anchor": 0}
+    assert meta["kwargs"] == {"num_members": 3, "head": "residual", "anchor": 0}
     # It corrected the anchor where the anchor is wrong (the left quarter) and stayed near it elsewhere.
     reloaded = AttentionWeightNet(**meta["kwargs"])
     load_into(reloaded, unwrap_state_dict(read_checkpoint(tmp_path / "best.pth")))

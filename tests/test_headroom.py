@@ -11,7 +11,7 @@ from srmodels.evaluation.evaluation import image_scores
 from srmodels.data.images import to_uint8
 
 
-def _candidates_and_hr(seed: int) -> tuple[torch.Tensor, np.ndarray]:
+def _outputs_and_hr(seed: int) -> tuple[torch.Tensor, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
     hr = torch.rand(3, 24, 20, generator=g)
     cands = torch.stack([(hr + 0.05 * torch.randn(3, 24, 20, generator=g)).clamp(0, 1) for _ in range(3)])
@@ -20,7 +20,7 @@ def _candidates_and_hr(seed: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def test_rivals_are_the_members_combined_and_the_oracles_bound_them():
-    cands, hr = _candidates_and_hr(0)
+    cands, hr = _outputs_and_hr(0)
     psnr = [image_scores(to_uint8(c), hr, crop_border=2)["psnr_y"] for c in cands]
     outputs, seconds = headroom.rival_outputs(cands, hr, [0.0, 0.0, 1.0], psnr)
     assert set(outputs) == {*headroom.BASELINES, *headroom.ORACLES} and set(seconds) == set(outputs)

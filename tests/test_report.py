@@ -15,7 +15,7 @@ NAMES = ["dat", "swinir", "rfdn"]
 
 
 def one_hot_weights(h: int = 64, w: int = 96) -> np.ndarray:
-    """Three vertical bands, each owned entirely by one candidate, and a 50/50 DAT/SwinIR band."""
+    """Three vertical bands, each owned entirely by one member, and a 50/50 DAT/SwinIR band."""
     wts = np.zeros((3, h, w), dtype=np.float32)
     wts[0, :, :24] = 1
     wts[1, :, 24:48] = 1

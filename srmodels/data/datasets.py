@@ -1,7 +1,7 @@
-"""Training data: paired LR/HR patches for the backbones, cached-candidate crops for the fusion net.
+"""Training data: paired LR/HR patches for the backbones, cached-member crops for the fusion net.
 
 Arguments name HR before LR everywhere (folders, files). Items put the model's inputs first and the HR target
-last: ``(lr, hr)`` and ``(candidates, lr, hr)``, which the training loop relies on.
+last: ``(lr, hr)`` and ``(member outputs, lr, hr)``, which the training loop relies on.
 
 Randomness: every random choice of item ``index`` in epoch ``epoch`` comes from
 ``np.random.default_rng((seed, epoch, index))``. An item is therefore a pure function of (seed, epoch, index):
@@ -111,7 +111,7 @@ class FusionImage:
     """One full image of a fusion split: its members' cached SR outputs plus the HR and LR files."""
 
     stem: str
-    candidates: tuple[Path, ...]  # one (3, H, W) float16 .npy per member, in member order
+    outputs: tuple[Path, ...]  # one (3, H, W) float16 .npy per member, in member order
     hr: Path
     lr: Path
 
@@ -143,9 +143,9 @@ def fusion_images(cache_dirs: Sequence[str | Path], hr_dir: str | Path, lr_dir: 
 
 
 def load_fusion_image(item: FusionImage, scale: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Whole-image inputs for validation: candidates (1, 3N, H, W) float32, LR (1, 3, h, w), HR uint8 HxWx3."""
+    """Whole-image inputs for validation: member outputs (1, 3N, H, W) float32, LR (1, 3, h, w), HR uint8 HxWx3."""
     hr, lr = read_pair(item.hr, item.lr, scale)
-    cands = np.concatenate([load_output(p).astype(np.float32) for p in item.candidates], axis=0)
+    cands = np.concatenate([load_output(p).astype(np.float32) for p in item.outputs], axis=0)
     return torch.from_numpy(cands).unsqueeze(0), _chw_tensor(lr.transpose(2, 0, 1)).unsqueeze(0), hr
 
 
@@ -153,17 +153,17 @@ class FusionCrops(Dataset):
     """Random crops of the members' cached SR outputs with the matching LR and HR crops.
 
     An epoch is ``crops_per_image`` crops of each training image (item ``index`` belongs to image
-    ``index // crops_per_image``). Items are ``(candidates (3N, P, P), lr (3, p, p), hr (3, P, P))`` float32
+    ``index // crops_per_image``). Items are ``(member outputs (3N, P, P), lr (3, p, p), hr (3, P, P))`` float32
     with ``p = lr_patch`` and ``P = p * scale``, one random flip/rotation applied to all three.
 
-    The candidates are memory-mapped per item (``np.load(mmap_mode='r')``), so only the crop is read: the NTIRE
+    The member outputs are memory-mapped per item (``np.load(mmap_mode='r')``), so only the crop is read: the NTIRE
     profile caches up to 800 images x 3 members x ~17 MB. The HR and LR images are decoded once here instead of
     once per crop (a 2K PNG takes tens of milliseconds to decode, several times a small net's step):
 
     * ``npy_cache_dir=None``: kept in memory as uint8, ~6.5 MB per 2K image (0.5 GB for the 80 disjoint
       DIV2K fusion images). DataLoader workers share them copy-on-write when forked.
     * ``npy_cache_dir``: written there once as uint8 .npy (reused while newer than the PNG) and memory-mapped
-      like the candidates; for the 800-image "shared" split, where holding them in RAM would cost ~5 GB per
+      like the members; for the 800-image "shared" split, where holding them in RAM would cost ~5 GB per
       process.
     """
 
@@ -198,7 +198,7 @@ class FusionCrops(Dataset):
                 self._lr.append(self._decoded_npy(item.lr, "lr", lr))
 
     @property
-    def num_candidates(self) -> int:
+    def num_members(self) -> int:
         return len(self.cache_dirs)
 
     def _decoded_npy(self, source: Path, kind: str, arr: np.ndarray) -> Path:
@@ -233,7 +233,7 @@ class FusionCrops(Dataset):
         hs = (slice(top * s, (top + p) * s), slice(left * s, (left + p) * s))
         # Slicing a memmap reads only the crop's rows; concatenate copies them out of the file.
         cands = np.concatenate([np.load(path, mmap_mode="r")[(slice(None), *hs)]
-                                for path in self.images[i].candidates], axis=0)
+                                for path in self.images[i].outputs], axis=0)
         lr = np.asarray(lr_img[top:top + p, left:left + p]).transpose(2, 0, 1)
         hr = np.asarray(hr_img[hs]).transpose(2, 0, 1)
         return (_chw_tensor(dihedral(cands, code, (1, 2))), _chw_tensor(dihedral(lr, code, (1, 2))),

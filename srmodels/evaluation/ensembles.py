@@ -62,20 +62,20 @@ _LUMA = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
 
 
 # ------------------------------------------------------------------------------------------ checks and helpers
-def _candidates(cands: torch.Tensor) -> torch.Tensor:
+def _checked_outputs(cands: torch.Tensor) -> torch.Tensor:
     if not isinstance(cands, torch.Tensor) or cands.ndim != 4 or cands.shape[1] != 3:
-        raise ValueError(f"candidates must be a (N, 3, H, W) tensor, got {getattr(cands, 'shape', type(cands))}")
+        raise ValueError(f"members must be a (N, 3, H, W) tensor, got {getattr(cands, 'shape', type(cands))}")
     if cands.shape[0] < 1:
-        raise ValueError("no candidates")
+        raise ValueError("no members")
     if not cands.is_floating_point():
-        raise ValueError(f"candidates must be floating point on the [0, 1] scale, got {cands.dtype}")
+        raise ValueError(f"members must be floating point on the [0, 1] scale, got {cands.dtype}")
     return cands.to(device="cpu", dtype=torch.float64)
 
 
 def _pair(cands: torch.Tensor, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c = _candidates(cands)
+    c = _checked_outputs(cands)
     if not isinstance(hr, torch.Tensor) or tuple(hr.shape) != tuple(c.shape[1:]):
-        raise ValueError(f"HR must be a (3, H, W) tensor matching the candidates' {tuple(c.shape[1:])}, got "
+        raise ValueError(f"HR must be a (3, H, W) tensor matching the members' {tuple(c.shape[1:])}, got "
                          f"{tuple(getattr(hr, 'shape', ()))}")
     if not hr.is_floating_point():
         raise ValueError(f"HR must be floating point on the [0, 1] scale (divide uint8 by 255), got {hr.dtype}")
@@ -121,8 +121,8 @@ def _row_chunks(height: int, width: int, chunk_rows: int | None) -> list[tuple[i
 
 # ------------------------------------------------------------------------------------------ fixed fusions
 def uniform_mean(cands: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) float64: the mean of the N candidates, per pixel and channel (summed in member order)."""
-    c = _candidates(cands)
+    """(3, H, W) float64: the mean of the N members, per pixel and channel (summed in member order)."""
+    c = _checked_outputs(cands)
     return _sum(list(c)) / c.shape[0]
 
 
@@ -131,10 +131,10 @@ def weighted(cands: torch.Tensor, w: torch.Tensor | Sequence[float]) -> torch.Te
 
     Not clamped: unconstrained least-squares weights can leave [0, 1].
     """
-    c = _candidates(cands)
+    c = _checked_outputs(cands)
     weights = [float(v) for v in (w.tolist() if isinstance(w, torch.Tensor) else w)]
     if len(weights) != c.shape[0]:
-        raise ValueError(f"{len(weights)} weights for {c.shape[0]} candidates")
+        raise ValueError(f"{len(weights)} weights for {c.shape[0]} members")
     return _sum([c[i] * weights[i] for i in range(c.shape[0])])
 
 
@@ -164,7 +164,7 @@ class NormalEquations:
             self.a = [[0.0] * n for _ in range(n)]
             self.b = [0.0] * n
         elif n != self.num_members:
-            raise ValueError(f"an image with {n} candidates after images with {self.num_members}")
+            raise ValueError(f"an image with {n} members after images with {self.num_members}")
         k = self.crop_border
         if k < 0:
             raise ValueError(f"crop_border must be >= 0, got {k}")
@@ -338,7 +338,7 @@ class _SymmetricSolver:
 
 
 def _convex_chunk(c: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The convex oracle on (N, 3, P) candidates and (3, P) HR: (image (3, P), weights (N, P))."""
+    """The convex oracle on (N, 3, P) members and (3, P) HR: (image (3, P), weights (N, P))."""
     n, _, p = c.shape
     inf = torch.full((p,), math.inf, dtype=torch.float64)
     zero = torch.zeros(p, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """Scoring: the pipeline's `test` and `score` steps, and one model on benchmark sets (`srmodels eval`).
 
 The pipeline fuses cached outputs of the scored sets, then scores every model on them; nothing there runs a
-backbone (candidates come from the cache, see ``srmodels.cache``). ``srmodels eval`` reads benchmark folders
+backbone (members come from the cache, see ``srmodels.cache``). ``srmodels eval`` reads benchmark folders
 with the same planning as the pipeline's ``benchmark@<name>`` stages (``srmodels.prepare.plan_set``), runs its
 model through a callable and scores each set. Both score an image with :func:`image_scores` and average a set
 with :func:`mean_scores`, so a number means the same in a metrics file and in an eval table.
@@ -25,7 +25,7 @@ from srmodels.core.errors import DataError
 from srmodels.models.fusion import fuse, fusion_inputs
 from srmodels.data.images import ImageError, list_images, read_image, to_tensor, to_uint8, write_image
 from srmodels.data.imresize import imresize_uint8
-from srmodels.core.layout import cached_eval as candidate_dir, eval_set, eval_sets
+from srmodels.core.layout import cached_eval as member_dir, eval_set, eval_sets
 from srmodels.metrics.psnr_ssim import calculate_psnr, calculate_ssim, rgb_to_y
 from srmodels.core.files import write_json, write_text
 from srmodels.core.params import flatten
@@ -37,7 +37,7 @@ from srmodels.metrics.statistics import LEVEL, model_comparisons
 log = logging.getLogger(__name__)
 
 
-def check_candidates(dirs: list[Path], stem: str) -> tuple[int, ...]:
+def check_member_outputs(dirs: list[Path], stem: str) -> tuple[int, ...]:
     """The common (3, H, W) of the members' cached outputs for one image; a ``DataError`` naming the bad file."""
     shapes = [(d / f"{stem}.npy", check_output(d / f"{stem}.npy")) for d in dirs]
     first_path, first = shapes[0]
@@ -48,9 +48,9 @@ def check_candidates(dirs: list[Path], stem: str) -> tuple[int, ...]:
     return first
 
 
-def load_candidates(dirs: list[Path], stem: str) -> torch.Tensor:
+def load_member_outputs(dirs: list[Path], stem: str) -> torch.Tensor:
     """(1, 3N, H, W) float32: the members' cached outputs for one image, concatenated on channels."""
-    check_candidates(dirs, stem)
+    check_member_outputs(dirs, stem)
     return torch.from_numpy(np.concatenate([load_output(d / f"{stem}.npy") for d in dirs]).astype(np.float32))[None]
 
 
@@ -62,19 +62,19 @@ def fuse_eval_sets(net: torch.nn.Module, kind: str, members: list[str], cache_ro
     missing or cut cache file stops the step with its name instead of half way through.
     """
     for set_name in eval_sets(prepared):
-        dirs = [candidate_dir(cache_root, m, set_name, self_ensemble) for m in members]
+        dirs = [member_dir(cache_root, m, set_name, self_ensemble) for m in members]
         for lr_path in list_images(eval_set(prepared, set_name).lr):
-            check_candidates(dirs, lr_path.stem)
+            check_member_outputs(dirs, lr_path.stem)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     net = net.to(device).eval()
     counts = {}
     with torch.inference_mode():
         for set_name in eval_sets(prepared):
-            dirs = [candidate_dir(cache_root, m, set_name, self_ensemble) for m in members]
+            dirs = [member_dir(cache_root, m, set_name, self_ensemble) for m in members]
             lr_files = list_images(eval_set(prepared, set_name).lr)
             for lr_path in tqdm(lr_files, desc=f"fuse {set_name}", leave=False):
-                cand = load_candidates(dirs, lr_path.stem).to(device)
+                cand = load_member_outputs(dirs, lr_path.stem).to(device)
                 lr = to_tensor(read_image(lr_path)).to(device)
                 weights = net(fusion_inputs(kind, cand, lr))
                 fused = fuse(cand, weights).clamp_(0, 1)
@@ -132,7 +132,7 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
                 for name, ensemble in ((m, False), (f"{m}+se", True)):
                     if ensemble and not self_ensemble:
                         continue
-                    path = candidate_dir(cache_root, m, set_name, ensemble) / f"{stem}.npy"
+                    path = member_dir(cache_root, m, set_name, ensemble) / f"{stem}.npy"
                     outputs[name] = to_uint8(torch.from_numpy(load_output(path).astype(np.float32)))
                     sources[name] = path
             fused = test_dir / layout.SR / set_name / f"{stem}.png"
@@ -336,7 +336,7 @@ def write_panels(members: list[str], cache_root: Path, prepared: Path, test_dir:
             hr = read_image(hr_path)
             outputs = {"bicubic": imresize_uint8(read_image(pairs.lr / f"{stem}.png"), scale=scale)}
             for m in members:
-                path = candidate_dir(cache_root, m, set_name, self_ensemble) / f"{stem}.npy"
+                path = member_dir(cache_root, m, set_name, self_ensemble) / f"{stem}.npy"
                 outputs[f"{m}+se" if self_ensemble else m] = to_uint8(
                     torch.from_numpy(load_output(path).astype(np.float32)))
             outputs["fusion"] = read_image(test_dir / layout.SR / set_name / f"{stem}.png")

@@ -68,7 +68,7 @@ def colours_for(names: Sequence[str]) -> list[tuple[int, int, int]]:
         if colour is None:
             if spare:
                 out[i] = spare.pop(0)
-            else:  # more candidates than colours: evenly spread hues, still deterministic
+            else:  # more members than colours: evenly spread hues, still deterministic
                 r, g, b = colorsys.hsv_to_rgb((extra * 0.618034) % 1.0, 0.75, 0.9)
                 out[i] = (round(r * 255), round(g * 255), round(b * 255))
                 extra += 1
@@ -79,10 +79,10 @@ def colours_for(names: Sequence[str]) -> list[tuple[int, int, int]]:
 # Weight map
 # --------------------------------------------------------------------------------------------------------------
 def weight_map_image(weights: np.ndarray, names: Sequence[str]) -> np.ndarray:
-    """RGB picture (HxWx3 uint8) of which candidate the fusion trusts where, with a legend strip below.
+    """RGB picture (HxWx3 uint8) of which member the fusion trusts where, with a legend strip below.
 
-    ``weights`` is (N, H, W), one map per candidate in the order of ``names``. Each pixel is the weight-mixed
-    colour of the candidates (a pixel with weight 1 on DAT is pure DAT colour); weights are normalised per
+    ``weights`` is (N, H, W), one map per member in the order of ``names``. Each pixel is the weight-mixed
+    colour of the members (a pixel with weight 1 on DAT is pure DAT colour); weights are normalised per
     pixel so maps that do not sum to one still read as shares. The legend shows each name, its colour and its
     mean weight over the image. The picture is widened (white) when the legend needs more room than the map.
     """

@@ -4,7 +4,7 @@ Forward: median wall time per forward over ``runs`` after ``warmup`` calls, unde
 model as inference runs it (``srmodels.accelerate`` applied) and of the plain port on the same weights and input,
 and their ratio (the accelerator's speed-up; about 1 where its kernels do not apply: CUDA, bf16); output megapixels
 per second; peak memory (CUDA: allocator peak; CPU: the process's peak RSS so far, which only
-grows). Fusion training: median time of one optimiser step of team 27's net on in-memory candidates, and the
+grows). Fusion training: median time of one optimiser step of team 27's net on in-memory members, and the
 projected time of the NTIRE recipe from it.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.dtype, self_ensemble: bool,
               runs: int, warmup: int, plain: bool = False) -> dict[str, Any]:
-    """Time one variant ('fusion' = team 27's net on three x4 candidates of an h x w LR image).
+    """Time one variant ('fusion' = team 27's net on three x4 members of an h x w LR image).
 
     ``ms`` is the accelerated model's median (``srmodels.accelerate``), ``plain_ms`` the plain port's on the same
     weights and input, ``speedup`` plain_ms / ms. With ``plain`` only the plain port is timed (``ms`` is its
@@ -102,7 +102,7 @@ def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.d
 def bench_fusion_train(batch: int, lr_patch: int, *, device: torch.device, dtype: torch.dtype, runs: int,
                        warmup: int, scale: int = 4) -> dict[str, Any]:
     """Time optimiser steps of ``AttentionWeightNet(3)`` (forward, 0.8 L1 + 0.2 MSE, backward, Adam) on a batch
-    of ``batch`` candidate triples of (lr_patch * scale)^2 pixels, as ``train_fusion`` runs them (bf16 autocast
+    of ``batch`` member triples of (lr_patch * scale)^2 pixels, as ``train_fusion`` runs them (bf16 autocast
     and channels_last on CUDA). Data loading is not included: the stage streams memory-mapped crops."""
     with torch.inference_mode(False), torch.enable_grad():  # callers (the CLI) may run under inference_mode
         return _fusion_train_steps(batch, lr_patch, device, dtype, runs, warmup, scale)

@@ -217,27 +217,27 @@ def export_official(weights: str | Path, out: str | Path, *, variant: str | None
 
 
 class _FusedPixel(nn.Module):
-    """The per-pixel fusion as one graph: candidates (B, 3N, H, W) -> fused image and the weights."""
+    """The per-pixel fusion as one graph: member outputs (B, 3N, H, W) -> fused image and the weights."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = self.net(candidates)
-        return fuse(candidates, weights), weights
+    def forward(self, member_outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = self.net(member_outputs)
+        return fuse(member_outputs, weights), weights
 
 
 class _FusedImage(nn.Module):
-    """The per-image fusion: candidates (B, 3N, H, W) and the LR image (B, 3, h, w) -> fused image and weights."""
+    """The per-image fusion: member outputs (B, 3N, H, W) and the LR image (B, 3, h, w) -> fused image and weights."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, candidates: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, member_outputs: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights = self.net(lr)
-        return fuse(candidates, weights), weights
+        return fuse(member_outputs, weights), weights
 
 
 @dataclass
@@ -294,13 +294,13 @@ def _graph_and_inputs(loaded: _Loaded, size: tuple[int, int], seed: int
     h, w = size
     if loaded.kind == "backbone":
         return loaded.module, (torch.rand(1, 3, h, w, generator=gen),), ["input"], ["output"]
-    n = loaded.module.num_candidates
+    n = loaded.module.num_members
     scale = int(loaded.meta["scale"])
-    candidates = torch.rand(1, 3 * n, h * scale, w * scale, generator=gen)
+    member_outputs = torch.rand(1, 3 * n, h * scale, w * scale, generator=gen)
     if loaded.meta["arch"] == "fusion_pixel":
-        return _FusedPixel(loaded.module), (candidates,), ["candidates"], ["fused", "weights"]
+        return _FusedPixel(loaded.module), (member_outputs,), ["members"], ["fused", "weights"]
     lr = torch.rand(1, 3, h, w, generator=gen)
-    return _FusedImage(loaded.module), (candidates, lr), ["candidates", "lr"], ["fused", "weights"]
+    return _FusedImage(loaded.module), (member_outputs, lr), ["members", "lr"], ["fused", "weights"]
 
 
 def _dynamic_shapes(loaded: _Loaded) -> tuple[dict[int, Any], ...]:
@@ -309,7 +309,7 @@ def _dynamic_shapes(loaded: _Loaded) -> tuple[dict[int, Any], ...]:
     height, width = Dim("height", min=ONNX_MIN_SIDE), Dim("width", min=ONNX_MIN_SIDE)
     if loaded.kind == "backbone":
         return ({2: height, 3: width},)
-    # The fusion nets are convolutions and a broadcast: any candidate size works, tied to the LR size or not.
+    # The fusion nets are convolutions and a broadcast: any member size works, tied to the LR size or not.
     sr = {2: Dim("sr_height", min=ONNX_MIN_SIDE), 3: Dim("sr_width", min=ONNX_MIN_SIDE)}
     return (sr,) if loaded.meta["arch"] == "fusion_pixel" else (sr, {2: height, 3: width})
 
@@ -320,7 +320,7 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
     """Export the plain model with symbolic height and width, then check it with onnxruntime.
 
     Backbones: ``input`` (B=1, 3, H, W) RGB in [0, 1] -> ``output`` (1, 3, sH, sW) on the [0, 1] scale
-    (not clamped), the input range applied inside. Fusion nets: ``candidates`` (1, 3N, sH, sW) (the members'
+    (not clamped), the input range applied inside. Fusion nets: ``members`` (1, 3N, sH, sW) (the members'
     outputs, concatenated on channels, as :func:`srmodels.fusion.fuse` takes them; the image kind also ``lr``)
     -> ``fused`` and ``weights``. The file is written only when onnxruntime matches PyTorch at every size in
     ``check_sizes`` (LR sides >= ``ONNX_MIN_SIDE``) within ``tolerance``; a mismatch raises AssertionError (a

@@ -75,13 +75,13 @@ def fusion_macs_per_output_pixel(net: nn.Module, kind: str, out_size: tuple[int,
                                  *, combine_macs: int | None = None) -> float:
     """MACs per output pixel of a fusion, members excluded: the weight net's forward plus the weighted sum.
 
-    ``kind`` 'pixel': the net sees the N candidates at output size, (1, 3N, H, W); 'image': it sees the LR
+    ``kind`` 'pixel': the net sees the N members at output size, (1, 3N, H, W); 'image': it sees the LR
     image, (1, 3, H / scale, W / scale). The weighted sum ``sum_i w_i c_i`` costs ``combine_macs`` per output
     pixel, by default 3N (one multiply-add per member and channel); a residual head
     ``anchor + sum_i w_i (c_i - anchor)`` can pass its own count. Add the members' own costs
     (:func:`macs_per_output_pixel`) for the whole pipeline.
     """
-    n = int(getattr(net, "num_candidates"))
+    n = int(getattr(net, "num_members"))
     h, w = out_size
     if kind == "pixel":
         x = torch.zeros(1, 3 * n, h, w)

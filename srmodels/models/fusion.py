@@ -1,21 +1,21 @@
-"""Fusion of several SR candidates by learned softmax weights.
+"""Fusion of the members' SR outputs by learned per-pixel (or per-image) weights.
 
 ``AttentionWeightNet`` is the per-pixel weight network of NTIRE 2025 image SR x4 team 27 ("Junyi"; released as
 ``models/team27_FusionNet.py`` in wentheart/cvpr2025sr): 3x3 convs 3N->64->32->16 with ReLU, a 1x1 conv to N, softmax
-over the candidates. With ``num_candidates=3`` it has the team's 28,387 parameters and loads their checkpoint
-strictly. ``ImageWeightNet`` is their comparative variant: one weight per candidate per image, predicted from the LR
+over the members. With ``num_members=3`` it has the team's 28,387 parameters and loads their checkpoint
+strictly. ``ImageWeightNet`` is their comparative variant: one weight per member per image, predicted from the LR
 input. Both only predict weights; ``fuse`` applies them, so the weights can be inspected and pictured.
 ``load_fusion`` rebuilds a trained net from its checkpoint (the test stage, ``srmodels export``).
 
-Each net ends in one of two heads (``head``), which turn its last layer's outputs (one logit per candidate) into
+Each net ends in one of two heads (``head``), which turn its last layer's outputs (one logit per member) into
 weights:
-- ``softmax``: team 27's, convex weights. It can start at one candidate only by saturating odds
-  (``start_at_candidate``), which training must then move away from.
+- ``softmax``: team 27's, convex weights. It can start at one member only by saturating odds
+  (``start_at_member``), which training must then move away from.
 - ``residual``: ``out = c_anchor + sum_i w_i * (c_i - c_anchor)`` with ``w_i = tanh(logit_i)`` for the other
-  candidates, i.e. weights ``w_i`` and ``1 - sum_i w_i`` for the anchor. With the last layer at zero
-  (``start_at_anchor``) the output is the anchor exactly, and every candidate's weight has the gradient
+  members, i.e. weights ``w_i`` and ``1 - sum_i w_i`` for the anchor. With the last layer at zero
+  (``start_at_anchor``) the output is the anchor exactly, and every member's weight has the gradient
   ``c_i - c_anchor`` from the first step. tanh bounds each pull to (-1, 1): an affine, not convex, combination,
-  able to reach any candidate and to extrapolate by at most as far again.
+  able to reach any member and to extrapolate by at most as far again.
 """
 from __future__ import annotations
 
@@ -30,23 +30,23 @@ from torch.nn import functional as F
 from srmodels.models.checkpoint import CheckpointError, checkpoint_meta, load_into, read_checkpoint, unwrap_state_dict
 
 
-def fuse(candidates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of N RGB candidates.
+def fuse(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of N RGB members.
 
-    candidates: (B, 3N, H, W), the candidates concatenated on channels; weights: (B, N, H, W) or (B, N, 1, 1).
+    members: (B, 3N, H, W), the members concatenated on channels; weights: (B, N, H, W) or (B, N, 1, 1).
     """
-    b, c, h, w = candidates.shape
+    b, c, h, w = outputs.shape
     n = weights.shape[1]
     if c != 3 * n:
-        raise ValueError(f"{c} candidate channels do not match {n} weights (expected {3 * n})")
-    return (candidates.view(b, n, 3, h, w) * weights.unsqueeze(2)).sum(dim=1)
+        raise ValueError(f"{c} member channels do not match {n} weights (expected {3 * n})")
+    return (outputs.view(b, n, 3, h, w) * weights.unsqueeze(2)).sum(dim=1)
 
 
 HEADS = ("softmax", "residual")
 
 
 def residual_weights(logits: torch.Tensor, anchor: int) -> torch.Tensor:
-    """The residual head's weights over the candidates: ``tanh(logit_i)`` for each candidate but the anchor,
+    """The residual head's weights over the members: ``tanh(logit_i)`` for each member but the anchor,
     ``1 - sum`` of those for the anchor (whose own logit is unused). (B, N, ...) -> (B, N, ...)."""
     pull = torch.tanh(logits)
     others = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
@@ -63,32 +63,32 @@ def _head_weights(logits: torch.Tensor, head: str, anchor: int) -> torch.Tensor:
     return residual_weights(logits, anchor)
 
 
-def _check_head(num_candidates: int, head: str, anchor: int) -> None:
-    if num_candidates < 2:
-        raise ValueError(f"fusion needs at least 2 candidates, got {num_candidates}")
+def _check_head(num_members: int, head: str, anchor: int) -> None:
+    if num_members < 2:
+        raise ValueError(f"fusion needs at least 2 members, got {num_members}")
     if head not in HEADS:
         raise ValueError(f"unknown fusion head {head!r}; valid: {', '.join(HEADS)}")
-    if not 0 <= anchor < num_candidates:
-        raise ValueError(f"anchor {anchor} is not one of the {num_candidates} candidates")
+    if not 0 <= anchor < num_members:
+        raise ValueError(f"anchor {anchor} is not one of the {num_members} members")
 
 
 class AttentionWeightNet(nn.Module):
-    """Per-pixel weights over ``num_candidates`` SR outputs (team 27's fusion net; ``head='softmax'`` is theirs).
+    """Per-pixel weights over ``num_members`` SR outputs (team 27's fusion net; ``head='softmax'`` is theirs).
 
-    ``anchor``: the candidate the residual head starts from (unused by the softmax head). The head is kept as
+    ``anchor``: the member the residual head starts from (unused by the softmax head). The head is kept as
     ``head_kind``: ``ImageWeightNet.head`` is a layer, under its upstream name.
     """
 
-    def __init__(self, num_candidates: int = 3, head: str = "softmax", anchor: int = 0) -> None:
+    def __init__(self, num_members: int = 3, head: str = "softmax", anchor: int = 0) -> None:
         super().__init__()
-        _check_head(num_candidates, head, anchor)
-        self.num_candidates, self.head_kind, self.anchor = num_candidates, head, anchor
-        self.conv1 = nn.Conv2d(3 * num_candidates, 64, 3, padding=1)
+        _check_head(num_members, head, anchor)
+        self.num_members, self.head_kind, self.anchor = num_members, head, anchor
+        self.conv1 = nn.Conv2d(3 * num_members, 64, 3, padding=1)
         self.conv2 = nn.Conv2d(64, 32, 3, padding=1)
         self.attention = nn.Sequential(
             nn.Conv2d(32, 16, 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(16, num_candidates, 1),
+            nn.Conv2d(16, num_members, 1),
         )
 
     def output_layer(self) -> nn.Conv2d:
@@ -97,22 +97,22 @@ class AttentionWeightNet(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments: what a checkpoint records to rebuild the net."""
-        return {"num_candidates": self.num_candidates, "head": self.head_kind, "anchor": self.anchor}
+        return {"num_members": self.num_members, "head": self.head_kind, "anchor": self.anchor}
 
-    def forward(self, candidates: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(candidates))
+    def forward(self, outputs: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(outputs))
         x = F.relu(self.conv2(x))
         return _head_weights(self.attention(x), self.head_kind, self.anchor)
 
 
 class ImageWeightNet(nn.Module):
-    """One weight per candidate per image, predicted from the LR input (team 27's comparison)."""
+    """One weight per member per image, predicted from the LR input (team 27's comparison)."""
 
-    def __init__(self, num_candidates: int = 2, in_chans: int = 3, num_feat: int = 64, head: str = "softmax",
+    def __init__(self, num_members: int = 2, in_chans: int = 3, num_feat: int = 64, head: str = "softmax",
                  anchor: int = 0) -> None:
         super().__init__()
-        _check_head(num_candidates, head, anchor)
-        self.num_candidates, self.head_kind, self.anchor = num_candidates, head, anchor
+        _check_head(num_members, head, anchor)
+        self.num_members, self.head_kind, self.anchor = num_members, head, anchor
         self.in_chans, self.num_feat = in_chans, num_feat
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, num_feat, 3, padding=1),
@@ -123,7 +123,7 @@ class ImageWeightNet(nn.Module):
         self.head = nn.Sequential(
             nn.Conv2d(num_feat, num_feat, 1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(num_feat, num_candidates, 1),
+            nn.Conv2d(num_feat, num_members, 1),
         )
 
     def output_layer(self) -> nn.Conv2d:
@@ -132,7 +132,7 @@ class ImageWeightNet(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments: what a checkpoint records to rebuild the net."""
-        return {"num_candidates": self.num_candidates, "in_chans": self.in_chans, "num_feat": self.num_feat,
+        return {"num_members": self.num_members, "in_chans": self.in_chans, "num_feat": self.num_feat,
                 "head": self.head_kind, "anchor": self.anchor}
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
@@ -162,30 +162,33 @@ def load_fusion(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{path}: not a fusion checkpoint of this pipeline (re-run the fusion stage)")
     if kind not in FUSION_KINDS:
         raise CheckpointError(f"{path}: unknown fusion kind {kind!r}; known: {', '.join(FUSION_KINDS)}")
-    net = FUSION_KINDS[kind](**meta["kwargs"])
+    kwargs = dict(meta["kwargs"])
+    if "num_candidates" in kwargs:  # the key's name in fusion checkpoints of srmodels 0.1.0
+        kwargs["num_members"] = kwargs.pop("num_candidates")
+    net = FUSION_KINDS[kind](**kwargs)
     load_into(net, unwrap_state_dict(raw, source=str(path)), source=str(path))
     return net.eval(), meta
 
 
-# How the fusion net starts (params: fusion.init). best_member: the candidate that scores best on validation, so
+# How the fusion net starts (params: fusion.init). best_member: the member that scores best on validation, so
 # epoch 0 is that member and selection on validation can only keep or improve it; random: team 27's init.
 INITS = ("best_member", "random")
-# Odds of the chosen candidate at the start: weight 1 - 1/512, so the fused value is within 1/512 of the member's
-# and its 8-bit rounding within one level, whatever the other candidates are (all in [0, 1]).
+# Odds of the chosen member at the start: weight 1 - 1/512, so the fused value is within 1/512 of the member's
+# and its 8-bit rounding within one level, whatever the other members are (all in [0, 1]).
 _SELECT_ODDS = 511
 
 
-def start_at_candidate(net: nn.Module, index: int) -> None:
-    """Make ``net`` weight candidate ``index`` by 1 - 1/512 everywhere, in a way training moves away from.
+def start_at_member(net: nn.Module, index: int) -> None:
+    """Make ``net`` weight member ``index`` by 1 - 1/512 everywhere, in a way training moves away from.
 
-    The output layer's weights become zero and its bias favours the candidate: the softmax is then constant and
+    The output layer's weights become zero and its bias favours the member: the softmax is then constant and
     far from saturated (its gradient is 1/512 of its largest, which Adam's per-parameter scaling turns into steps
     of the usual size). The first step gives the output layer non-zero weights, after which every layer learns.
     """
     layer = net.output_layer()
     n = layer.out_channels
     if not 0 <= index < n:
-        raise ValueError(f"candidate {index} of {n}")
+        raise ValueError(f"member {index} of {n}")
     with torch.no_grad():
         layer.weight.zero_()
         layer.bias.zero_()
@@ -193,20 +196,20 @@ def start_at_candidate(net: nn.Module, index: int) -> None:
 
 
 def start_at_anchor(net: nn.Module, index: int) -> None:
-    """Make a residual-head ``net`` output candidate ``index`` exactly: it becomes the anchor and the last
+    """Make a residual-head ``net`` output member ``index`` exactly: it becomes the anchor and the last
     layer starts at zero (weights and bias), so every pull is tanh(0) = 0 until the first step moves it."""
     if net.head_kind != "residual":
         raise ValueError(f"start_at_anchor needs the residual head, not {net.head_kind!r}")
-    _check_head(net.num_candidates, "residual", index)
+    _check_head(net.num_members, "residual", index)
     net.anchor = index
     with torch.no_grad():
         net.output_layer().weight.zero_()
         net.output_layer().bias.zero_()
 
 
-def fusion_inputs(kind: str, candidates: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-    """What each kind of weight net looks at: the candidates (pixel) or the LR image (image)."""
-    return candidates if kind == "pixel" else lr
+def fusion_inputs(kind: str, outputs: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """What each kind of weight net looks at: the members (pixel) or the LR image (image)."""
+    return outputs if kind == "pixel" else lr
 
 
 def fusion_loss(fused: torch.Tensor, hr: torch.Tensor, l1_weight: float = 0.8, mse_weight: float = 0.2) -> torch.Tensor:
