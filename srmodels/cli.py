@@ -8,7 +8,7 @@ variable SRMODELS_DEBUG=1) shows the traceback instead.
 Inputs are all-or-nothing: eval, upscale and downscale first read and check every input image (one at a time,
 nothing kept), and stop at the first bad one, naming it, before any model is loaded or any output written. eval
 and upscale then check ``--tile`` and every input's size against the smallest input the model processes
-(``srmodels.model.min_input_size``) before its first forward, and check up front that their output folders can be
+(``srmodels.models.model.min_input_size``) before its first forward, and check up front that their output folders can be
 written. Their outputs appear all at once when every image is done: a failure leaves nothing new behind.
 """
 from __future__ import annotations
@@ -506,7 +506,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
     p.add_argument("--plain", action="store_true",
-                   help="run the plain port, without the CPU inference kernels of srmodels.accelerate")
+                   help="run the plain port, without the CPU inference kernels of srmodels.models.accelerate")
     _cpu_isa_arg(p)
 
 

@@ -1,4 +1,4 @@
-"""Parameters and MACs per output pixel (srmodels.costs)."""
+"""Parameters and MACs per output pixel (srmodels.models.costs)."""
 from __future__ import annotations
 
 import torch

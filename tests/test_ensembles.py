@@ -1,4 +1,4 @@
-"""Training-free fusions and HR oracles (srmodels.ensembles): exactness, definitions, determinism."""
+"""Training-free fusions and HR oracles (srmodels.evaluation.ensembles): exactness, definitions, determinism."""
 from __future__ import annotations
 
 import itertools

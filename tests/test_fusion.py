@@ -1,5 +1,5 @@
 """Team 27's AttentionWeightNet: structure, their released checkpoint on their own members, generalisation;
-training the fusion nets (``srmodels.fusion_training``) on tiny synthetic caches."""
+training the fusion nets (``srmodels.training.fusion``) on tiny synthetic caches."""
 from __future__ import annotations
 
 import csv

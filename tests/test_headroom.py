@@ -1,4 +1,4 @@
-"""The fusion's rivals as the score stage scores them (srmodels.headroom): baselines, oracles, the paired
+"""The fusion's rivals as the score stage scores them (srmodels.evaluation.headroom): baselines, oracles, the paired
 comparison with the best member, the share of the headroom, and costs."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 forward), upsampling heads, the residual conv, and our own versions of three small timm helpers.
 
 Everything here is a plain PyTorch port. The CPU inference kernels (packed oneDNN weights, Winograd) live in
-``srmodels.accelerate`` and are applied to a built model explicitly.
+``srmodels.models.accelerate`` and are applied to a built model explicitly.
 
 timm is deliberately not a dependency: it imports torchvision, which has no CPU build on our machines.
 """

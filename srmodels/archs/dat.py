@@ -20,7 +20,7 @@ The forward is organised for CPU speed instead of following the official op sequ
 * the channel attention divides its small (d x d) score matrix by the token norms of q and k instead
   of normalising q and k along their strided token axis;
 
-The layers themselves are plain ``nn.Linear`` / ``nn.Conv2d``; ``srmodels.accelerate`` swaps in CPU inference
+The layers themselves are plain ``nn.Linear`` / ``nn.Conv2d``; ``srmodels.models.accelerate`` swaps in CPU inference
 kernels explicitly.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ What differs is how the work is laid out, for CPU inference speed:
 * ``SwinTransformerBlock.forward`` therefore takes window-ordered tokens and a mask, not ``(x, x_size)``;
   ``BasicLayer`` and the model keep the official call signatures.
 
-The layers themselves are plain ``nn.Linear`` / ``nn.Conv2d``; ``srmodels.accelerate`` swaps in CPU inference
+The layers themselves are plain ``nn.Linear`` / ``nn.Conv2d``; ``srmodels.models.accelerate`` swaps in CPU inference
 kernels explicitly.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ of the dataset when the iterator starts, so a later ``set_epoch`` does not reach
 
 Augmentation is one of the 8 flips/rotations (the dihedral group), applied identically to every array of an
 item: code ``t`` in 0..7 means "flip the width axis if ``t & 1``, then rotate by ``t >> 1`` quarter turns",
-the same order as ``srmodels.inference.apply_transform``.
+the same order as ``srmodels.models.inference.apply_transform``.
 """
 from __future__ import annotations
 

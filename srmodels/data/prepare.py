@@ -9,7 +9,7 @@ Layout written under ``out_dir`` (8-bit RGB PNG throughout)::
     splits.json                                              the manifest (which stems went where, and how)
 
 Every HR image is mod-cropped to a multiple of ``scale`` and its LR image is exactly HR / scale. An LR image
-that is not on disk is made from the HR one with the MATLAB-compatible bicubic of :mod:`srmodels.imresize`,
+that is not on disk is made from the HR one with the MATLAB-compatible bicubic of :mod:`srmodels.data.imresize`,
 the degradation that produced the DIV2K / Set5 ``LR_bicubic`` files, so made and released LR images agree.
 
 Nothing in ``out_dir`` is touched until every input has been checked: planning lists folders and checks

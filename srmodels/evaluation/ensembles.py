@@ -4,7 +4,7 @@ against.
 Every function takes the members' outputs for one image as ``cands``, a tensor (N, 3, H, W) of RGB values on the
 [0, 1] scale (float32 from the cache, or any float dtype), and, for the least-squares fit and the oracles, the
 ground truth ``hr`` (3, H, W) on the same scale. Everything is computed in float64 and returned in float64, not
-clamped and not rounded: quantise to 8 bit (``srmodels.images.to_uint8``) before scoring, as for every other row.
+clamped and not rounded: quantise to 8 bit (``srmodels.data.images.to_uint8``) before scoring, as for every other row.
 
 Definitions (the scored metric is PSNR-Y / SSIM-Y; these work in RGB unless said otherwise):
 

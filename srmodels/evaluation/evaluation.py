@@ -1,8 +1,8 @@
 """Scoring: the pipeline's `test` and `score` steps, and one model on benchmark sets (`srmodels eval`).
 
 The pipeline fuses cached outputs of the scored sets, then scores every model on them; nothing there runs a
-backbone (members come from the cache, see ``srmodels.cache``). ``srmodels eval`` reads benchmark folders
-with the same planning as the pipeline's ``benchmark@<name>`` stages (``srmodels.prepare.plan_set``), runs its
+backbone (their outputs come from the cache, ``srmodels.data.member_outputs``). ``srmodels eval`` reads benchmark folders
+with the same planning as the pipeline's ``benchmark@<name>`` stages (``srmodels.data.prepare.plan_set``), runs its
 model through a callable and scores each set. Both score an image with :func:`image_scores` and average a set
 with :func:`mean_scores`, so a number means the same in a metrics file and in an eval table.
 """
@@ -153,7 +153,7 @@ def score_eval_sets(members: list[str], cache_root: Path, prepared: Path, test_d
 
 
 # ------------------------------------------------------------------------------ one model on benchmark sets
-SSIM_WINDOW = 11  # srmodels.metrics' SSIM needs this many pixels per side after the border crop
+SSIM_WINDOW = 11  # srmodels.metrics.psnr_ssim's SSIM needs this many pixels per side after the border crop
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def score_benchmark_sets(sets: Sequence[BenchmarkSet], predict: Callable[[np.nda
 
 def set_comparisons(psnr_y: dict[str, dict[str, list[float]]], members: list[str], *, self_ensemble: bool,
                     resamples: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Paired PSNR-Y comparisons (``srmodels.statistics``) on every scored set."""
+    """Paired PSNR-Y comparisons (``srmodels.metrics.statistics``) on every scored set."""
     return {set_name: model_comparisons(scores, members, self_ensemble=self_ensemble, resamples=resamples,
                                         seed=seed)
             for set_name, scores in psnr_y.items()}

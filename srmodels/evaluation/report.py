@@ -1,6 +1,6 @@
 """Pictures, tables and plots for the ``test`` and ``score`` stages. Pure functions; no MLflow here.
 
-* :func:`weight_map_image`: where each backbone wins, as an RGB picture with a legend.
+* :func:`weight_map_image`: where each member wins, as an RGB picture with a legend.
 * :func:`markdown_table`: the model comparison table (one row per model, PSNR-Y / SSIM-Y / PSNR-RGB per scored
   set, best value bold), in the spirit of team 27's Table 3.
 * :func:`sets_table`: one model (or several) on benchmark sets, a column per set, ``PSNR / SSIM`` cells: the
@@ -29,7 +29,7 @@ from srmodels.core.files import write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
-# Colours (RGB) of the models the project knows, from the Okabe-Ito colour-blind-safe palette, so a backbone
+# Colours (RGB) of the models the project knows, from the Okabe-Ito colour-blind-safe palette, so a member
 # keeps its colour in every picture and every run whatever the order of fusion.members.
 KNOWN_COLOURS: dict[str, tuple[int, int, int]] = {
     "dat": (213, 94, 0),        # vermillion
@@ -242,7 +242,7 @@ def sets_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]], counts: M
 
 
 def comparison_table(comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    """Markdown table of paired comparisons (``srmodels.statistics``): one row per set and pair of models."""
+    """Markdown table of paired comparisons (``srmodels.metrics.statistics``): one row per set and pair of models."""
     lines = ["| set | a vs b | mean PSNR-Y a - b (dB) | 95% interval | wins / losses / ties of a | verdict |",
              "|:---|:---|---:|:---:|:---:|:---|"]
     notes = set()
@@ -360,7 +360,7 @@ def curves_png(path: str | Path, curves: Mapping[str, Sequence[tuple[float, floa
             xs, ys = zip(*pts)
             whole = whole and all(x.is_integer() for x in xs)
             ax.plot(xs, ys, marker="o" if len(pts) <= 50 else None, markersize=3, linewidth=1.2, label=name,
-                    color=tuple(c / 255 for c in rgb))  # a backbone's curve wears its weight-map colour
+                    color=tuple(c / 255 for c in rgb))  # a member's curve wears its weight-map colour
             drawn += 1
         if drawn and whole:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.25 ticks

@@ -8,7 +8,7 @@ runs back and reports, for each configuration:
   the validation PSNR of every member and of the fusion likewise;
 * the fusion's gain over its best member, the member chosen per seed on validation (as ``fusion.init:
   best_member`` chooses it, never on the scored set): per image and seed, with a 95% interval from
-  :func:`srmodels.statistics.crossed_bootstrap` (seeds and images both resampled) and a verdict;
+  :func:`srmodels.metrics.statistics.crossed_bootstrap` (seeds and images both resampled) and a verdict;
 * between configurations that ran the same seeds (e.g. ``fusion.init`` random vs best_member), the fusion's
   paired difference, resampled the same way.
 

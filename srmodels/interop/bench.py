@@ -1,7 +1,7 @@
 """Speed benchmarks: what `srmodels bench` prints.
 
 Forward: median wall time per forward over ``runs`` after ``warmup`` calls, under ``torch.inference_mode``, of the
-model as inference runs it (``srmodels.accelerate`` applied) and of the plain port on the same weights and input,
+model as inference runs it (``srmodels.models.accelerate`` applied) and of the plain port on the same weights and input,
 and their ratio (the accelerator's speed-up; about 1 where its kernels do not apply: CUDA, bf16); output megapixels
 per second; peak memory (CUDA: allocator peak; CPU: the process's peak RSS so far, which only
 grows). Fusion training: median time of one optimiser step of team 27's net on in-memory members, and the
@@ -62,7 +62,7 @@ def bench_one(name: str, h: int, w: int, *, device: torch.device, dtype: torch.d
               runs: int, warmup: int, plain: bool = False) -> dict[str, Any]:
     """Time one variant ('fusion' = team 27's net on three x4 members of an h x w LR image).
 
-    ``ms`` is the accelerated model's median (``srmodels.accelerate``), ``plain_ms`` the plain port's on the same
+    ``ms`` is the accelerated model's median (``srmodels.models.accelerate``), ``plain_ms`` the plain port's on the same
     weights and input, ``speedup`` plain_ms / ms. With ``plain`` only the plain port is timed (``ms`` is its
     median, ``plain_ms`` and ``speedup`` are None).
     """

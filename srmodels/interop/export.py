@@ -1,7 +1,7 @@
 """Writing a checkpoint in other formats: safetensors (ours, self-describing), the official layouts, ONNX.
 
 ``srmodels export WEIGHTS --to {safetensors,official,onnx} -o OUT`` calls these functions; every checkpoint
-:func:`srmodels.model.load_model` reads (ours, released, any wrapping, ``.pth`` or ``.safetensors``) can be
+:func:`srmodels.models.model.load_model` reads (ours, released, any wrapping, ``.pth`` or ``.safetensors``) can be
 exported, and the fusion net's ``best.pth`` too.
 
 * ``safetensors``: the tensors plus our description (arch, variant, kwargs, scale, input range, provenance) as
@@ -10,7 +10,7 @@ exported, and the fusion net's ``best.pth`` too.
   SwinIR and RRDBNet (BasicSR's layout, on [0, 1] inputs), RFDN's bare state dict on the 0-255 pixel scale its
   official test script feeds, team 27's ``{'weight_net_state_dict': ...}`` for the fusion net. Key names are
   already the upstream ones (the ports keep them).
-* ``onnx``: the plain port (the CPU kernels of :mod:`srmodels.accelerate` step aside while exporting) traced by
+* ``onnx``: the plain port (the CPU kernels of :mod:`srmodels.models.accelerate` step aside while exporting) traced by
   ``torch.export`` with symbolic height and width, opset >= 17, RGB in [0, 1] in and out whatever the weights'
   input range. The file is kept only after onnxruntime reproduced PyTorch on two input sizes within
   ``tolerance`` (max absolute difference, on the [0, 1] output scale).
@@ -321,7 +321,7 @@ def export_onnx(weights: str | Path, out: str | Path, *, variant: str | None = N
 
     Backbones: ``input`` (B=1, 3, H, W) RGB in [0, 1] -> ``output`` (1, 3, sH, sW) on the [0, 1] scale
     (not clamped), the input range applied inside. Fusion nets: ``members`` (1, 3N, sH, sW) (the members'
-    outputs, concatenated on channels, as :func:`srmodels.fusion.fuse` takes them; the image kind also ``lr``)
+    outputs, concatenated on channels, as :func:`srmodels.models.fusion.fuse` takes them; the image kind also ``lr``)
     -> ``fused`` and ``weights``. The file is written only when onnxruntime matches PyTorch at every size in
     ``check_sizes`` (LR sides >= ``ONNX_MIN_SIDE``) within ``tolerance``; a mismatch raises AssertionError (a
     bug in the export, not in the user's input) and leaves nothing behind.

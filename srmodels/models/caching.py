@@ -25,8 +25,6 @@ def cache_outputs(model: torch.nn.Module, prepared: Path, out_dir: Path, *, scal
     """Upscale fusion_train, val and every eval set; returns how many images each output folder got.
 
     ``seconds``, when given, collects each image's forward time under 'plain' or 'x8' (for the run record)."""
-    # Local: the fusion, test and score stages read caches through this module and must not depend on the
-    # backbones' code (dvc.yaml), which srmodels.model brings.
     # out_dir is one member's cache folder: the paths below are layout.cached_* with the member's folder as root.
     root, member = out_dir.parent, out_dir.name
     jobs: list[tuple[Path, Path, bool]] = [

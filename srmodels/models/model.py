@@ -109,7 +109,7 @@ def infer_variant(state_dict: dict[str, torch.Tensor]) -> list[str]:
 
 def load_model(weights: str | Path, variant: str | None = None, input_range: float | None = None) -> SRModel:
     """Rebuild a model from a checkpoint: ours describe themselves (``.pth`` or ``.safetensors`` with our
-    metadata); released ones (any wrapping :mod:`srmodels.checkpoint` reads) need or imply a variant.
+    metadata); released ones (any wrapping :mod:`srmodels.models.checkpoint` reads) need or imply a variant.
 
     For released weights the variant's input range applies (``rfdn`` -> 0-255, the scale of RFDN_AIM.pth)
     unless ``input_range`` is given.
