@@ -17,6 +17,16 @@ def _threads():
     yield
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made and nothing logged. Making the tables runs MLflow's migrations
+    (seconds); a test module copies this file to start its own store."""
+    mlflow = pytest.importorskip("mlflow")
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
 @pytest.fixture(scope="module")
 def sr_data(tmp_path_factory) -> dict:
     """test_train's and test_ema's fine-tuning data (helpers.write_sr_data), written once per module."""

@@ -205,7 +205,7 @@ def test_batch_is_independent() -> None:
 
 def test_too_small_input_is_refused() -> None:
     model = SwinIR(**TINY).eval()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="Padding size should be less than the corresponding input dimension"):
         model(torch.rand(1, 3, 4, 9))  # reflect padding by 4 needs at least 5 rows
 
 
@@ -227,10 +227,24 @@ def test_strict_loading(public_swinir: SwinIR) -> None:
 # --- other heads and training ----------------------------------------------------------------------------
 
 
+# The official SwinIR's modules after the body for each head (their state_dict names, weight and bias each).
+_HEADS = {"pixelshuffledirect": ["upsample.0"],
+          "nearest+conv": ["conv_before_upsample.0", "conv_up1", "conv_up2", "conv_hr", "conv_last"],
+          "": ["conv_last"],
+          "pixelshuffle": ["conv_before_upsample.0", "upsample.0", "conv_last"]}
+_RESI = {"1conv": ["conv_after_body"], "3conv": ["conv_after_body.0", "conv_after_body.2", "conv_after_body.4"]}
+
+
 @pytest.mark.parametrize("upsampler, upscale, resi", [("pixelshuffledirect", 3, "3conv"), ("nearest+conv", 4, "1conv"),
                                                       ("", 1, "1conv"), ("pixelshuffle", 2, "3conv")])
 def test_other_heads_shapes(upsampler: str, upscale: int, resi: str) -> None:
+    """Each head and residual connection has the official modules (so released weights of that kind load) and
+    gives the x``upscale`` output."""
     model = SwinIR(**{**TINY, "upsampler": upsampler, "upscale": upscale, "resi_connection": resi}).eval()
+    after_body = [k.rsplit(".", 1)[0] for k in model.state_dict()
+                  if k.startswith(("conv_after_body", "conv_before_upsample", "upsample", "conv_up", "conv_hr",
+                                   "conv_last"))]
+    assert after_body == [m for m in _RESI[resi] + _HEADS[upsampler] for _ in ("weight", "bias")]
     with torch.no_grad():
         out = model(torch.rand(1, 3, 10, 13))
     assert out.shape == (1, 3, 10 * upscale, 13 * upscale)

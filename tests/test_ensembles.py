@@ -190,7 +190,7 @@ def test_per_image_best_index():
     assert per_image_best_index([27.1, 27.3, 27.2]) == 1
     assert per_image_best_index([27.3, 27.1, 27.3]) == 0
     assert per_image_best_index([float("-inf"), float("inf")]) == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="NaN among the scores"):
         per_image_best_index([27.0, float("nan")])
 
 
@@ -215,7 +215,7 @@ def test_uniform_mean_and_weighted():
     assert torch.allclose(uniform_mean(cands), cands.double().mean(0), atol=1e-15, rtol=0)
     assert torch.allclose(weighted(cands, [1 / 3] * 3), uniform_mean(cands), atol=1e-15, rtol=0)
     assert torch.equal(weighted(cands, torch.tensor([0.0, 1.0, 0.0])), cands[1].double())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2 weights for 3 members"):
         weighted(cands, [0.5, 0.5])
 
 

@@ -293,12 +293,13 @@ def _assert_runs_at_any_size(path, model):
         assert (torch.from_numpy(got) - want).abs().max() <= ONNX_ATOL, (h, w)
 
 
-# RFDN goes through the CLI (test_onnx_cli_exports_rfdn_...). DAT's export takes 10-15 s on 2 cores: slow; in the
-# fast subset test_accelerated_layers_step_aside_under_export[dat_tiny] traces the same model with symbolic sizes
-# (torch.export, the exporter's first half) and checks its numbers at another size.
+# RFDN goes through the CLI in the fast subset (test_onnx_cli_exports_rfdn_...: the whole export, onnxruntime at
+# three more sizes). The other backbones' exports take 3-15 s each on 2 cores: slow. In the fast subset
+# test_accelerated_layers_step_aside_under_export[...] traces each of them with symbolic sizes (torch.export, the
+# ONNX exporter's first half) and checks its numbers at another size.
 @needs_ort
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v == "dat_tiny" else v
-                                     for v in _ONNX_MODELS if v != "rfdn_tiny"])
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [v for v in _ONNX_MODELS if v != "rfdn_tiny"])
 def test_onnx_backbone_dynamic_size(tmp_path, variant):
     model, path = _ours(tmp_path, variant, **_ONNX_MODELS[variant])
     check = export_onnx(path, tmp_path / "m.onnx")
@@ -328,7 +329,8 @@ def test_onnx_fusion_net(tmp_path, kind):
 @needs_ort
 def test_onnx_cli_exports_rfdn_reports_the_difference_and_refuses_old_opsets(tmp_path, capsys):
     """`srmodels export --to onnx` of RFDN: the printed check (two sizes, each within the tolerance), opset >= 17,
-    and the graph runs at any size (test_onnx_backbone_dynamic_size's checks, for the fourth architecture)."""
+    and the graph runs at any size (test_onnx_backbone_dynamic_size's checks, which are slow for the other
+    backbones: this is the fast subset's whole backbone export)."""
     import onnx
 
     model, path = _ours(tmp_path, "rfdn_tiny", **_ONNX_MODELS["rfdn_tiny"])
@@ -345,7 +347,8 @@ def test_onnx_cli_exports_rfdn_reports_the_difference_and_refuses_old_opsets(tmp
 
 
 @pytest.mark.parametrize("variant, overrides", [("swinir_tiny", _ONNX_MODELS["swinir_tiny"]), ("rrdbnet_tiny", {}),
-                                                ("dat_tiny", _ONNX_MODELS["dat_tiny"])], ids=["swinir", "rrdbnet", "dat"])
+                                                ("dat_tiny", _ONNX_MODELS["dat_tiny"])],
+                         ids=["swinir", "rrdbnet", "dat"])
 def test_accelerated_layers_step_aside_under_export(variant, overrides):
     """An accelerated model traces to the plain port's ops (no oneDNN kernels), with symbolic height and width, and
     gives the plain model's numbers at a size other than the traced one."""

@@ -34,7 +34,8 @@ from srmodels.training import fusion as fusion_training
 
 from . import procs
 from . import test_dvc_deps as dvc_deps  # its import walk and coverage check (a module object: not re-collected)
-from .helpers import BACKBONE_STAGES, DVC, ROOT, SCALE, downscale, ran_stages, smooth_image, stale_stages
+from .helpers import (BACKBONE_STAGES, DVC, ROOT, SCALE, downscale, minimal_params, ran_stages, smooth_image,
+                     stale_stages)
 
 DOC = ROOT / "docs" / "extending.md"
 TOY = "toynet"
@@ -64,18 +65,6 @@ def _run(cmd: list[str], repo: Path, env: dict[str, str], timeout: float = 120):
     return procs.run(cmd, cwd=repo, env=env, timeout=timeout, check=True)
 
 
-def _minimal_params() -> dict:
-    """The committed params on a few small images, one epoch, one thread (bit-reproducible across processes)."""
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["data"]["samples"] = {"backbone_train": ["camera", "brick"], "fusion_train": ["grass", "gravel"],
-                            "val": ["coins"], "test": ["clock"]}
-    p["data"]["patches"] = {"hr_size": 96, "step": 96}
-    p["threads"] = 1
-    p["backbone_defaults"].update(epochs=1, batch=4, lr_patch=16)
-    p["fusion"].update(epochs=1, batch=4, lr_patch=16, crops_per_image=2)
-    return p
-
-
 def add_architecture(repo: Path, name: str, module_text: str, archs_line: str) -> None:
     """Recipe (a), steps 1-3: the architecture's file, its ARCHS line and its inputs folder."""
     (repo / "srmodels/archs" / f"{name}.py").write_text(module_text)
@@ -103,7 +92,7 @@ def pipeline(tmp_path_factory):
         if (ROOT / rel).is_file():
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, repo / rel)
-    (repo / "params.yaml").write_text(yaml.safe_dump(_minimal_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(minimal_params(), sort_keys=False))
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "minimal profile"], repo, env)

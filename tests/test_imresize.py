@@ -103,13 +103,13 @@ def test_uint8_path_rounds_each_pass():
     np.testing.assert_array_equal(downscale_uint8(img, 4), out)
     # Within one grey level of rounding the float result (the two roundings can each move it by half a level).
     assert np.abs(out.astype(np.float64) - imresize(img, scale=0.25)).max() <= 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expects a uint8 image, got float32"):
         imresize_uint8(img.astype(np.float32), scale=0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
         downscale_uint8(img, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give exactly one of scale and output_shape"):
         imresize(img)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give exactly one of scale and output_shape"):
         imresize(img, scale=0.5, output_shape=(3, 3))
 
 

@@ -195,13 +195,13 @@ def test_tiled_batch_safe_and_errors(tiny_sr):
         both = tiled_forward(tiny_sr, x, SCALE, 8, 4)
         one = torch.cat([tiled_forward(tiny_sr, x[i : i + 1], SCALE, 8, 4) for i in range(2)])
     torch.testing.assert_close(both, one, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="overlap must be >= 0, got -1"):
         tiled_forward(tiny_sr, x, SCALE, 8, -1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="tile must be >= 1, got 0"):
         tiled_forward(tiny_sr, x, SCALE, 0, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected \(2, C, 32, 28\) for scale 2"):
         tiled_forward(tiny_sr, x, 2, 8, 4)  # wrong scale for the model
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor, got shape \(3, 19, 14\)"):
         tiled_forward(tiny_sr, x[0], SCALE, 8, 4)
 
 
@@ -217,7 +217,7 @@ def test_upscale_combinations(tiny_sr):
     for bt in (False, True):
         got = upscale(tiny_sr, x, SCALE, self_ensemble=True, tile=8, tile_overlap=4, batch_transforms=bt)
         torch.testing.assert_close(got, ens, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"output shape \(1, 3, 60, 88\) does not match input \(1, 3, 15, 22\) x2"):
         upscale(tiny_sr, x, 2)
 
 

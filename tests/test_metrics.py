@@ -36,7 +36,7 @@ def test_rgb_to_y_values():
     assert y[1, 2] != round(y[1, 2])
     # The [0, 1] convention gives the same Y (on 0-255).
     np.testing.assert_allclose(rgb_to_y(img.astype(np.float32) / 255.0, data_range=1.0), y, atol=1e-4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expects an HxWx3 RGB image, got shape \(2, 3, 2\)"):
         rgb_to_y(img[..., :2], data_range=255)
 
 
@@ -117,13 +117,13 @@ def test_input_conventions_and_errors():
         calculate_psnr(a, b[:-1], 0, False, data_range=255)
     with pytest.raises(ValueError, match="shapes differ"):
         calculate_ssim(a, b[..., :1], 0, False, data_range=255)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="uint8 images are on the 0-255 scale; got data_range=1.0"):
         calculate_psnr(a, b, 0, False, data_range=1.0)  # uint8 is never on a 0-1 scale
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="crop_border 20 leaves nothing"):
         calculate_psnr(a, b, 20, False, data_range=255)  # crop leaves nothing
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="SSIM needs at least 11x11 pixels after cropping"):
         calculate_ssim(a[:14], b[:14], 2, False, data_range=255)  # smaller than the 11x11 window
     # The default convention is 0-255; data_range is keyword-only so a positional slip cannot set it.
     assert calculate_psnr(a, b, 4, True) == p255
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="takes 4 positional arguments but 5 were given"):
         calculate_psnr(a, b, 0, False, 255)  # type: ignore[misc]

@@ -270,7 +270,7 @@ def test_errors_leave_previous_output_untouched(base_data, div2k, tmp_path):
     out = tmp_path / "out"
     prepare(_div2k_data(base_data, div2k), SCALE, out)
     before = _files(out)
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="0007.png"):  # as in test_missing_folders_and_images_are_named
         prepare(_div2k_data(base_data, div2k, val=[6, 9]), SCALE, out)
     assert _files(out) == before
 

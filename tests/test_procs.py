@@ -22,10 +22,10 @@ time.sleep(60)
 def test_a_hanging_child_fails_in_time_naming_what_was_awaited_and_its_group_is_killed():
     start = time.monotonic()
     with pytest.raises(pytest.fail.Exception) as failure:
-        procs.run([sys.executable, "-c", HANG], timeout=2, what="the queue to drain")
+        procs.run([sys.executable, "-c", HANG], timeout=1, what="the queue to drain")
     assert time.monotonic() - start < 20
     message = str(failure.value)
-    assert "timed out after 2 s waiting for: the queue to drain" in message
+    assert "timed out after 1 s waiting for: the queue to drain" in message
     grandchild = int(message.split("--- stdout ---\n")[1].split()[0])
     deadline = time.monotonic() + 5
     while _alive(grandchild) and time.monotonic() < deadline:

@@ -72,7 +72,7 @@ def test_crossed_bootstrap_counts_the_seeds_spread_that_an_images_only_bootstrap
 def test_crossed_bootstrap_warns_with_few_seeds_or_images_and_refuses_a_bad_table():
     assert "only 3 seeds and 4 images" in crossed_bootstrap(np.ones((3, 4)), resamples=10, seed=0)["warning"]
     assert "warning" not in crossed_bootstrap(np.ones((5, 10)), resamples=10, seed=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"a seeds x images table needed, got shape \(4,\)"):
         crossed_bootstrap(np.ones(4), resamples=10, seed=0)
 
 
@@ -222,12 +222,12 @@ def test_dvc_experiments_are_read_back_and_summarised_by_the_command(tmp_path, c
     assert list(json.loads((out / "summary.json").read_text())["configurations"]) == ["all runs"]
 
 
-def test_mlflow_pipeline_runs_are_read_back(tmp_path):
-    pytest.importorskip("mlflow")
+def test_mlflow_pipeline_runs_are_read_back(tmp_path, empty_mlflow_db):
     from mlflow.tracking import MlflowClient
 
     from srmodels import tracking
 
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("sweep", artifact_location=(tmp_path / "art").as_uri())

@@ -1,8 +1,9 @@
 """srmodels.tracking: one parent per pipeline run, stages as children, and never a failed stage because of MLflow.
 
-One sqlite store per module (creating an MLflow database runs its migrations, seconds each); every test uses its
-own MLflow experiment in it, so the tests do not see each other's runs. Tests that need separate processes start
-them concurrently where they can, because each pays the mlflow import.
+One sqlite store per module, a copy of conftest's empty_mlflow_db (creating an MLflow database runs its
+migrations, seconds each); every test uses its own MLflow experiment in it, so the tests do not see each other's
+runs. Tests that need separate processes start them concurrently where they can, because each pays the mlflow
+import.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,9 +41,12 @@ def make_params(experiment: str, seed: int = 0, uri: str = "sqlite:///mlflow.db"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """The 'repository root' holding mlflow.db and mlartifacts/ for the whole module."""
-    return tmp_path_factory.mktemp("repo")
+def store(tmp_path_factory, empty_mlflow_db) -> Path:
+    """The 'repository root' holding mlflow.db (a copy of conftest's empty store) and mlartifacts/ for the whole
+    module."""
+    root = tmp_path_factory.mktemp("repo")
+    shutil.copyfile(empty_mlflow_db, root / "mlflow.db")
+    return root
 
 
 @pytest.fixture
