@@ -361,7 +361,7 @@ def _no_forward(monkeypatch):
 
 
 def test_upscale_checks_every_size_before_writing_anything(tiny, cli, monkeypatch):
-    # A good 72x72 image used to be written before a 10x10 one stopped the command.
+    # A good 72x72 image comes first: nothing may be written when the 10x10 one after it is refused.
     rng = np.random.default_rng(1)
     (tiny / "mixed").mkdir()
     cv2.imwrite(str(tiny / "mixed" / "a_good.png"), rng.integers(0, 256, (72, 72, 3), dtype=np.uint8))

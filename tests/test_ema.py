@@ -256,7 +256,7 @@ for key, tensor in ckpt["state_dict"].items():
 digest.update((root / "out" / "curve.csv").read_bytes())
 print(digest.hexdigest())
 """
-# What the probe gave with settings {} at the commit before EMA existed (b1f1722), under the avx2 pin, by CPU
+# What the probe gave with settings {} at commit b1f1722 (training code without EMA), under the avx2 pin, by CPU
 # vendor (the pin does not make AMD and Intel CPUs round alike: docs/reproducibility.md).
 BEFORE_EMA_DIGESTS = {"AuthenticAMD": "802fd3b919d00a5c80c34344dddd6aeb80daf5c9e159e21845625bad74091c05",
                       "GenuineIntel": "271177a68b0fb15cd7014b14f8d2fad778da46897c6f1da386d1b910090fb843"}

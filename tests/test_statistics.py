@@ -48,7 +48,7 @@ def test_refuses_unpaired_scores():
         paired_bootstrap([1.0, 2.0], [1.0], resamples=100, seed=0)
 
 
-def test_comparisons_a_reviewer_asks_for_reach_metrics_table_and_mlflow():
+def test_fusion_comparisons_reach_metrics_table_and_mlflow():
     psnr = {"dat": [30.0, 31.0, 29.0], "dat+se": [30.2, 31.1, 29.1], "rfdn": [29.0, 30.0, 28.5],
             "rfdn+se": [29.1, 30.2, 28.6], "fusion": [30.3, 31.1, 29.0], "bicubic": [27.0, 28.0, 26.0]}
     cmp = model_comparisons(psnr, ["dat", "rfdn"], self_ensemble=True, resamples=1000, seed=0)

@@ -44,7 +44,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int, 
 
 def model_comparisons(psnr: dict[str, Sequence[float]], members: Sequence[str], *, self_ensemble: bool,
                       resamples: int, seed: int) -> dict[str, dict[str, Any]]:
-    """What a reviewer asks of a fusion: against each member (plain and x8), and what x8 gives each member.
+    """The comparisons that judge a fusion: against each member (plain and x8), and what x8 gives each member.
 
     ``psnr[model]`` holds per-image PSNR-Y in one image order; keys read ``"<a> vs <b>"`` (differences a - b).
     """
