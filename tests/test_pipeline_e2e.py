@@ -300,10 +300,10 @@ def test_every_documented_experiment_keeps_every_backbone_and_going_back_is_clea
 
 def test_a_code_change_that_changes_no_number_reruns_only_its_stage(repo):
     """The checkpoints hold nothing of the git state, so a re-run that gives the same numbers gives the same
-    bytes, and DVC stops there: editing a module only finetune reads re-runs finetune and nothing after it."""
+    bytes, and DVC stops there: editing the finetune stage's script re-runs finetune and nothing after it."""
     repo, env, _ = repo
     before = _digests(repo)
-    module = repo / "srmodels/training/finetune.py"
+    module = repo / "stages/finetune.py"
     original = module.read_text()
     module.write_text(original + "\n# a comment changes no number\n")
     _run_in(["git", "commit", "-qam", "a comment"], repo, env)
