@@ -327,6 +327,7 @@ def test_onnx_fusion_net(tmp_path, kind):
 
 
 @needs_ort
+@pytest.mark.slow  # a whole backbone through the ONNX exporter and onnxruntime at four sizes
 def test_onnx_cli_exports_rfdn_reports_the_difference_and_refuses_old_opsets(tmp_path, capsys):
     """`srmodels export --to onnx` of RFDN: the printed check (two sizes, each within the tolerance), opset >= 17,
     and the graph runs at any size (test_onnx_backbone_dynamic_size's checks, which are slow for the other

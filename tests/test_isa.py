@@ -99,6 +99,7 @@ def test_a_level_the_cpu_lacks_is_refused(monkeypatch):
 
 
 @needs_avx2
+@pytest.mark.slow  # four child processes, one per kernel level
 def test_the_avx2_pin_gives_the_recorded_bits_whatever_the_isa_and_the_ambient_environment():
     capability, digest = run_probe("avx2")
     assert capability == "AVX2"
@@ -132,6 +133,7 @@ def test_provenance_names_the_pin_the_kernels_and_the_versions():
 
 
 @needs_avx2
+@pytest.mark.slow  # the command line in its own process
 def test_the_command_line_pins_before_torch_loads(tmp_path):
     import numpy as np
     import torch

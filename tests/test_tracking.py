@@ -90,6 +90,7 @@ print(json.dumps({"run": run.run_id, "parent": run.parent_run_id, "active": run.
 """
 
 
+@pytest.mark.slow  # stage processes against a real MLflow store
 def test_two_processes_same_key_share_one_parent(env, store, client):
     params = make_params("t-processes")
     proc_env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -176,6 +177,7 @@ def _communicate(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str
         pytest.fail(f"timed out after {timeout} s waiting for {what}\n{out[-2000:]}\n{err[-2000:]}", pytrace=False)
 
 
+@pytest.mark.slow  # stage processes against a real MLflow store
 def test_one_parent_per_dvc_invocation(env, store, client, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -247,6 +249,7 @@ with StageRun(json.loads(sys.argv[1]), "fusion") as run:
 """
 
 
+@pytest.mark.slow  # stage processes against a real MLflow store
 def test_signals_mark_runs_killed(env, client):
     client.search_experiments(max_results=1)  # the store exists: the children's stderr holds only their own lines
     proc_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
@@ -338,6 +341,7 @@ print(json.dumps({"run": run.run_id, "parent": run.parent_run_id}))
 """
 
 
+@pytest.mark.slow  # stage processes against a real MLflow store
 def test_stage_runs_carry_the_machine_provenance(env, client, tmp_path):
     (tmp_path / "params.yaml").write_text("cpu_isa: native\n")
     proc_env = {**os.environ, "PYTHONPATH": str(ROOT), "SRMODELS_PARAMS": str(tmp_path / "params.yaml")}

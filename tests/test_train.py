@@ -265,6 +265,7 @@ def _stage(cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedPro
         pytest.fail(f"{' '.join(args)} still running after {timeout} s; its output so far: {err.stderr}")
 
 
+@pytest.mark.slow  # the stage in its own process
 def test_finetune_stage_with_epochs_0(sr_data, tmp_path):
     """finetune@<b> with epochs 0: validation (epoch 0), curve.csv with that row, metrics.json, and best.pth holding
     the pretrained weights; a missing pretrained file is one line naming its key."""
