@@ -481,7 +481,22 @@ def cmd_summarize(args) -> int:
     return 0
 
 
+def _weights_option(args) -> None:
+    """``--weights`` names the weights in every subcommand. ``export`` also takes them as its first argument,
+    the older form, with a warning; naming them both ways, differently, is an error."""
+    positional = getattr(args, "weights_positional", None)
+    if positional is None:
+        if args.weights is None:
+            raise UserError("--weights: required (the checkpoint to use)")
+        return
+    if args.weights is not None and args.weights != positional:
+        raise UserError(f"--weights {args.weights} and the argument {positional}: name the weights once")
+    log.warning("`srmodels %s WEIGHTS` is deprecated; write `--weights %s`", args.command, positional)
+    args.weights = positional
+
+
 def cmd_export(args) -> int:
+    _weights_option(args)
     _check_arch(args.arch)
     # torch.export traces with autograd's ordinary tensors; main() runs commands under inference_mode.
     with torch.inference_mode(False):
@@ -596,7 +611,8 @@ def _summarize_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("weights", help="checkpoint to export")
+    p.add_argument("--weights", help="checkpoint to export (required)")
+    p.add_argument("weights_positional", nargs="?", metavar="WEIGHTS", help="deprecated: use --weights")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument("--arch", help="variant name for released weights (ours describe themselves)")

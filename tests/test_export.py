@@ -2,6 +2,7 @@
 onnxruntime on sizes other than the traced one; the CLI's one-line errors."""
 import errno
 import importlib.util
+import logging
 import os
 import re
 
@@ -152,8 +153,8 @@ def test_official_fusion_is_team27_layout(tmp_path):
 
 def test_cli_export_round_trip(tmp_path, capsys):
     model, path = _ours(tmp_path, "rrdbnet_tiny")
-    assert main(["export", str(path), "--to", "safetensors", "-o", str(tmp_path / "m.safetensors")]) == 0
-    assert main(["export", str(tmp_path / "m.safetensors"), "--to", "official", "-o", str(tmp_path / "o.pth")]) == 0
+    assert main(["export", "--weights", str(path), "--to", "safetensors", "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["export", "--weights", str(tmp_path / "m.safetensors"), "--to", "official", "-o", str(tmp_path / "o.pth")]) == 0
     assert str(tmp_path / "o.pth") in capsys.readouterr().out
     raw = torch.load(tmp_path / "o.pth", weights_only=True)
     assert all(torch.equal(raw["params"][k], v) for k, v in model.net.state_dict().items())
@@ -170,11 +171,11 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
     _, path = _ours(tmp_path, "rfdn_tiny")
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     (tmp_path / "dir").mkdir()
-    args = {"missing": [str(tmp_path / "nope.pth"), "-o", str(tmp_path / "x.safetensors")],
-            "folder": [str(path), "-o", str(tmp_path / "dir")],
-            "arch": [str(path), "-o", str(tmp_path / "x.safetensors"), "--arch", "dat_huge"],
-            "garbage": [str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.safetensors")],
-            "under-a-file": [str(path), "-o", str(path / "x.safetensors")]}[case]
+    args = {"missing": ["--weights", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "x.safetensors")],
+            "folder": ["--weights", str(path), "-o", str(tmp_path / "dir")],
+            "arch": ["--weights", str(path), "-o", str(tmp_path / "x.safetensors"), "--arch", "dat_huge"],
+            "garbage": ["--weights", str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.safetensors")],
+            "under-a-file": ["--weights", str(path), "-o", str(path / "x.safetensors")]}[case]
     assert main(["export", "--to", "safetensors", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("srmodels: error:") and message in err[0], err
@@ -202,7 +203,7 @@ def test_cli_export_into_a_read_only_folder_is_one_line_before_any_work(tmp_path
     _, path = _ours(tmp_path, "rfdn_tiny", nf=8)
     _no_export_work(monkeypatch)
     out = read_only_folder / (f"m.{to}" if where == "in-it" else f"sub/m.{to}")
-    assert main(["export", str(path), "--to", to, "-o", str(out)]) == 2
+    assert main(["export", "--weights", str(path), "--to", to, "-o", str(out)]) == 2
     line = _one_line(capsys)
     assert line.startswith(f"srmodels: error: {read_only_folder}: cannot write") and "Permission denied" in line
     assert f"m.{to}" in line and list(read_only_folder.iterdir()) == []
@@ -213,7 +214,7 @@ def test_cli_export_under_a_file_is_one_line_before_any_work(tmp_path, capsys, m
     _, path = _ours(tmp_path, "rfdn_tiny", nf=8)
     (tmp_path / "notes.txt").write_text("a file")
     _no_export_work(monkeypatch)
-    assert main(["export", str(path), "--to", to, "-o", str(tmp_path / "notes.txt" / f"m.{to}")]) == 2
+    assert main(["export", "--weights", str(path), "--to", to, "-o", str(tmp_path / "notes.txt" / f"m.{to}")]) == 2
     assert f"{tmp_path / 'notes.txt'}: is a file, so" in _one_line(capsys)
     assert (tmp_path / "notes.txt").read_text() == "a file"
 
@@ -243,12 +244,12 @@ def test_cli_export_failing_half_way_leaves_nothing(tmp_path, capsys, monkeypatc
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / f"m.{to}").write_bytes(b"the user's file")
     _writer_fails_half_way(monkeypatch, to)
-    assert main(["export", str(path), "--to", to, "-o", str(tmp_path / "out" / f"m.{to}")]) == 2
+    assert main(["export", "--weights", str(path), "--to", to, "-o", str(tmp_path / "out" / f"m.{to}")]) == 2
     line = _one_line(capsys)
     assert f"m.{to}: cannot write the export" in line and "No space left on device" in line
     assert [p.name for p in (tmp_path / "out").iterdir()] == [f"m.{to}"]  # no temporary file left
     assert (tmp_path / "out" / f"m.{to}").read_bytes() == b"the user's file"  # and the old file kept
-    assert main(["export", str(path), "--to", to, "-o", str(tmp_path / "new" / "sub" / f"m.{to}")]) == 2
+    assert main(["export", "--weights", str(path), "--to", to, "-o", str(tmp_path / "new" / "sub" / f"m.{to}")]) == 2
     assert not (tmp_path / "new").exists()  # the folders made for it are gone again
 
 
@@ -335,7 +336,7 @@ def test_onnx_cli_exports_rfdn_reports_the_difference_and_refuses_old_opsets(tmp
     import onnx
 
     model, path = _ours(tmp_path, "rfdn_tiny", **_ONNX_MODELS["rfdn_tiny"])
-    assert main(["export", str(path), "--to", "onnx", "-o", str(tmp_path / "r.onnx")]) == 0
+    assert main(["export", "--weights", str(path), "--to", "onnx", "-o", str(tmp_path / "r.onnx")]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime vs PyTorch max |diff|" in out and (tmp_path / "r.onnx").is_file()
     diffs = re.findall(r"LR (\d+)x(\d+): ([0-9.e+-]+)", out)
@@ -343,7 +344,7 @@ def test_onnx_cli_exports_rfdn_reports_the_difference_and_refuses_old_opsets(tmp
     opset = max(o.version for o in onnx.load(str(tmp_path / "r.onnx")).opset_import if o.domain in ("", "ai.onnx"))
     assert opset >= 17
     _assert_runs_at_any_size(tmp_path / "r.onnx", model)
-    assert main(["export", str(path), "--to", "onnx", "--opset", "13", "-o", str(tmp_path / "old.onnx")]) == 2
+    assert main(["export", "--weights", str(path), "--to", "onnx", "--opset", "13", "-o", str(tmp_path / "old.onnx")]) == 2
     assert "opset >= 17" in capsys.readouterr().err and not (tmp_path / "old.onnx").exists()
 
 
@@ -371,3 +372,24 @@ def test_accelerated_layers_step_aside_under_export(variant, overrides):
         got, want = program.module()(x), model(x)
     assert got.shape == want.shape == (1, 3, 92, 148)
     assert (got - want).abs().max() <= ONNX_ATOL
+
+
+def test_export_names_its_weights_like_every_subcommand(tmp_path, capsys, caplog):
+    """--weights, as eval and upscale take them; the positional form still works, with a deprecation warning."""
+    _, path = _ours(tmp_path, "rfdn_tiny")
+    assert main(["export", "--weights", str(path), "--to", "safetensors", "-o", str(tmp_path / "a.safetensors")]) == 0
+    with caplog.at_level(logging.WARNING, logger="srmodels"):
+        assert main(["export", str(path), "--to", "safetensors", "-o", str(tmp_path / "b.safetensors")]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"`srmodels export WEIGHTS` is deprecated; write `--weights {path}`"]
+    a, b = (read_checkpoint(tmp_path / f"{x}.safetensors") for x in "ab")  # safetensors orders metadata freely
+    assert checkpoint_meta(a) == checkpoint_meta(b)
+    sa, sb = (load_state_dict(tmp_path / f"{x}.safetensors") for x in "ab")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    capsys.readouterr()
+    assert main(["export", "--to", "safetensors", "-o", str(tmp_path / "c.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == "srmodels: error: --weights: required (the checkpoint to use)"
+    assert main(["export", str(path), "--weights", str(tmp_path / "other.pth"), "--to", "safetensors",
+                 "-o", str(tmp_path / "c.safetensors")]) == 2
+    assert "name the weights once" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
