@@ -79,7 +79,7 @@ def test_self_ensemble_raises_psnr_and_tiling_stays_close(set5, rfdn_weights, pl
 
 
 def test_bf16_autocast_stays_within_stated_tolerance(set5, rfdn_weights, plain_eval, tmp_path):
-    # The CUDA path trains and caches under bf16 autocast; README states 0.05 dB mean / 0.1 dB per image on Set5.
+    # The CUDA path trains and caches under bf16 autocast; docs/speed.md states 0.05 dB mean / 0.1 dB per image on Set5.
     out = tmp_path / "bf16.json"
     assert main(["eval", "--weights", str(rfdn_weights), "--arch", "rfdn", "--hr", str(set5 / "HR"),
                  "--lr", str(set5 / "LR_bicubic" / "X4"), "--bf16", "--device", "cpu", "--json", str(out)]) == 0
