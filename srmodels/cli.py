@@ -40,7 +40,7 @@ from srmodels.data.images import ImageError, image_size, list_images, read_image
 from srmodels.data.imresize import downscale_uint8
 from srmodels.models.inference import upscale
 from srmodels.models.model import check_input_size, load_model, min_input_size
-from srmodels.core.files import atomic, check_writable, remove, swap_in, write_json
+from srmodels.core.files import atomic, check_output_file, check_writable, remove, swap_in, write_json
 from srmodels.core.params import flatten
 from srmodels.data.prepare import SET_NAME_RULE, plan_set, valid_set_name
 from srmodels.evaluation.report import sets_table
@@ -191,15 +191,8 @@ def _sr(model, lr: np.ndarray, args, device: torch.device, path: Path) -> np.nda
 
 def _output_file(path: str | None, what: str) -> None:
     """An output file that can be written: checked up front, so that a bad path costs no model work."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{target}: {what} must be a file, but it is an existing folder")
-    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UserError(f"{blocker}: is a file, so the {what} {target} cannot be written under it")
-    check_writable(target.parent, f"the {what} {target.name}")
+    if path is not None:
+        check_output_file(path, what)
 
 
 def _folder_set_name(hr_dir: Path) -> str:

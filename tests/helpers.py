@@ -234,6 +234,22 @@ def minimal_params() -> dict:
     return p
 
 
+def copy_checkout(dst: Path, *, outputs: bool = True) -> Path:
+    """The files of this checkout that git tracks or would track (untracked, not ignored), copied into ``dst``.
+    ``outputs=False`` leaves out the committed pipeline outputs and dvc.lock: a repository that never ran."""
+    from . import procs
+
+    listed = procs.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                       timeout=60, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if not outputs and ((rel.startswith("data/") and not rel.endswith(".gitignore")) or rel == "dvc.lock"):
+            continue
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    return dst
+
+
 def ran_stages(out: str) -> set[str]:
     """The stages a ``dvc repro`` output says it ran."""
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}

@@ -6,14 +6,13 @@ and every stage it then reports comes from the edit alone.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from . import procs
-from .helpers import BACKBONE_STAGES, DVC, ROOT, stale_stages
+from .helpers import BACKBONE_STAGES, DVC, copy_checkout, stale_stages
 
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -28,11 +27,7 @@ def _run_checked(args: list[str], cwd: Path) -> str:
 def stand_in_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git and DVC copy of this checkout whose every output is a stand-in recorded by `dvc commit`: clean."""
     tmp_path = tmp_path_factory.mktemp("repo")
-    listed = _run_checked(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT).split("\0")
-    for rel in filter(None, listed):
-        if (ROOT / rel).is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, tmp_path / rel)
+    copy_checkout(tmp_path)
     # Stand-ins for every output (the committed dvc.lock says which are folders); `dvc commit` records them
     # with the dependencies as they are, which makes `dvc status` clean.
     for stage in yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"].values():

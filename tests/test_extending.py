@@ -14,7 +14,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -34,7 +33,7 @@ from srmodels.training import fusion as fusion_training
 
 from . import procs
 from . import test_dvc_deps as dvc_deps  # its import walk and coverage check (a module object: not re-collected)
-from .helpers import (BACKBONE_STAGES, DVC, ROOT, SCALE, downscale, minimal_params, ran_stages, smooth_image,
+from .helpers import (BACKBONE_STAGES, DVC, ROOT, SCALE, copy_checkout, downscale, minimal_params, ran_stages, smooth_image,
                      stale_stages)
 
 DOC = ROOT / "docs" / "extending.md"
@@ -84,14 +83,7 @@ def pipeline(tmp_path_factory):
     with the toy architecture; `dvc repro`; the results committed. Returns (repo, env, repro output)."""
     repo = tmp_path_factory.mktemp("extending")
     env = _git_env(repo)
-    listed = procs.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                       timeout=60, check=True).stdout.split("\0")
-    for rel in filter(None, listed):
-        if (rel.startswith("data/") and not rel.endswith(".gitignore")) or rel == "dvc.lock":
-            continue  # start without any outputs
-        if (ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
+    copy_checkout(repo, outputs=False)
     (repo / "params.yaml").write_text(yaml.safe_dump(minimal_params(), sort_keys=False))
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)

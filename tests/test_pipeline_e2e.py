@@ -26,7 +26,7 @@ import yaml
 from srmodels.data.images import write_image
 
 from . import procs
-from .helpers import DVC, ROOT, minimal_params, ran_stages
+from .helpers import DVC, ROOT, copy_checkout, minimal_params, ran_stages
 
 UP_TO_DATE = "Data and pipelines are up to date."
 DOWNSTREAM = ("fusion", "test", "score")
@@ -99,15 +99,7 @@ def _parents(repo: Path) -> list:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("pipeline")
-    tracked = procs.run(["git", "ls-files"], cwd=ROOT, timeout=60, check=True).stdout.split()
-    for rel in tracked:
-        if rel.startswith("data/") and not rel.endswith(".gitignore"):
-            continue  # start without any committed outputs or lock
-        if rel == "dvc.lock":
-            continue
-        dst = repo / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst)
+    copy_checkout(repo, outputs=False)  # start without any committed outputs or lock
     (repo / "params.yaml").write_text(yaml.safe_dump(_e2e_params(), sort_keys=False))
     rng = np.random.default_rng(3)
     for i in range(2):  # a benchmark set of two smooth 96x96 images, LR made by the stage

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from . import procs
-from .helpers import DVC, ROOT, minimal_params, ran_stages, stale_stages
+from .helpers import DVC, copy_checkout, minimal_params, ran_stages, stale_stages
 
 pytestmark = pytest.mark.slow
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -52,14 +52,7 @@ def hub(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("remote")
     env = _env(tmp)
     origin = tmp / "origin"
-    listed = procs.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                       timeout=60, check=True).stdout.split("\0")
-    for rel in filter(None, listed):
-        if (rel.startswith("data/") and not rel.endswith(".gitignore")) or rel == "dvc.lock":
-            continue
-        if (ROOT / rel).is_file():
-            (origin / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, origin / rel)
+    copy_checkout(origin, outputs=False)
     (origin / "params.yaml").write_text(yaml.safe_dump(minimal_params(), sort_keys=False))
     _run(["git", "init", "-q", "-b", "main"], origin, env)
     _run(["git", "add", "-A"], origin, env)
@@ -104,6 +97,9 @@ def test_directory_remote_moves_a_run_and_an_experiment(hub, tmp_path):
     _run([DVC, "exp", "run", "-n", "two-epochs", "-S", "fusion.epochs=2"], origin, env, timeout=600)
     made = (origin / "data/fusion/metrics.json").read_bytes()
     _run([DVC, "exp", "push", "hub", "two-epochs"], origin, env)
+    _run(["git", "checkout", "--", "."], origin, env)  # origin's workspace back at its commit, for later tests
+    _run([DVC, "checkout"], origin, env)
+    assert stale_stages(origin, env) == set()
     _run([DVC, "remote", "default", "--local", "shared"], clone, env)
     _run([DVC, "exp", "pull", "origin", "two-epochs"], clone, env)
     _run([DVC, "exp", "apply", "two-epochs"], clone, env)

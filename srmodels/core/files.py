@@ -51,6 +51,19 @@ def check_writable(folder: str | Path, what: str, error: type[UserError] = UserE
         raise error(f"{existing}: cannot write {wanted} ({err.strerror or err})") from None
 
 
+def check_output_file(path: str | Path, what: str, error: type[UserError] = UserError) -> Path:
+    """``path`` as a file to write, checked before any work: not a folder, no file among its parents, and files
+    can be made in its folder (or the folder can be made); each a one-line ``error`` naming ``what``."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: {what} must be a file, but it is a folder")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise error(f"{blocker}: is a file, so the {what} {path} cannot be written under it")
+    check_writable(path.parent, f"the {what} {path.name}", error)
+    return path
+
+
 def swap_in(staging: Path, out_dir: Path, retired: Path, names: Sequence[str]) -> None:
     """Replace the entries ``names`` of ``out_dir`` (nested ones such as ``eval/test`` too) by those in
     ``staging``; other entries of ``out_dir`` stay (DVC's ``.gitignore``, another stage's outputs).

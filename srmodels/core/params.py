@@ -221,14 +221,15 @@ def _backbone_checks(p: dict[str, Any], name: str, bb: dict[str, Any]) -> None:
     from srmodels import archs
 
     key = f"backbones.{name}"
-    variants = archs.variants()
-    if bb["variant"] not in variants:
+    try:
+        arch = archs.variant_spec(bb["variant"])[0]  # imports that architecture only
+    except KeyError:
         raise ParamsError(f"{key}.variant: unknown variant {bb['variant']!r}; "
-                          f"valid: {', '.join(sorted(variants))}")
-    if variants[bb["variant"]][0] != name:
+                          f"valid: {', '.join(sorted(archs.variants()))}") from None
+    if arch != name:
         # A backbone's stages depend on srmodels/archs/<b>.py (dvc.yaml), the file of its architecture.
-        raise ParamsError(f"{key}.variant: {bb['variant']!r} is a {variants[bb['variant']][0]} variant; a "
-                          f"backbone is named after its architecture (one of {', '.join(archs.ARCHS)})")
+        raise ParamsError(f"{key}.variant: {bb['variant']!r} is a {arch} variant; a backbone is named after "
+                          f"its architecture (one of {', '.join(archs.ARCHS)})")
     # epochs 0: the pretrained weights as they are (validated, saved as best.pth and cached).
     _at_least(f"{key}.epochs", bb["epochs"], 0, "; 0 uses the pretrained weights unchanged")
     for field in ("batch", "lr_patch", "nprocs"):

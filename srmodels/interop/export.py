@@ -36,7 +36,7 @@ from srmodels.models.checkpoint import checkpoint_meta, read_checkpoint, save_sa
 from srmodels.core.errors import UserError
 from srmodels.models.fusion import fuse, fusion_kind, load_fusion
 from srmodels.models.model import SRModel, load_model
-from srmodels.core.files import atomic, check_writable
+from srmodels.core.files import atomic, check_output_file
 
 __all__ = ["FORMATS", "ExportError", "OnnxCheck", "export_safetensors", "export_official", "export_onnx",
            "official_state", "ONNX_TOLERANCE", "ONNX_OPSET", "ONNX_MIN_SIDE"]
@@ -101,13 +101,7 @@ def _load(weights: str | Path, variant: str | None) -> _Loaded:
 def _check_output(out: str | Path, suffix: str | None = None) -> Path:
     """The file to write, checked before any work: not a folder, no file in its path, and files can be made in
     its folder (or the folder can be made); each a one-line error. Nothing is made yet (:func:`_written`)."""
-    out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"{out}: -o names the file to write, but it is a folder")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ExportError(f"{blocker}: is a file, so {out} cannot be written under it")
-    check_writable(out.parent, f"the export {out.name}", ExportError)
+    out = check_output_file(out, "export (-o)", ExportError)
     if suffix is not None and out.suffix.lower() != suffix:
         log.warning("%s: written as %s despite its name", out, suffix)
     return out
