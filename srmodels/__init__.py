@@ -13,8 +13,8 @@ The packages follow the data, lowest layer first; each may import only the packa
 - ``evaluation``: fusing and scoring the scored sets, baselines and oracles, reports, seed-sweep summaries.
 - ``interop``: weights for other tools (safetensors, ONNX, the official layouts) and speed against upstream.
 
-``srmodels.tracking`` (MLflow, the only module importing it) records runs and changes no result, so no stage
-depends on it; it may import ``core``. ``srmodels.cli`` (the ``srmodels`` command) and the stage scripts in
+``srmodels.tracking`` (MLflow, the only package importing it) records runs and the trained ensemble as an
+MLflow model, and changes no result, so no stage depends on it; it may import ``core`` and ``models``. ``srmodels.cli`` (the ``srmodels`` command) and the stage scripts in
 ``stages/`` sit on top and may import any package.
 """
 
@@ -30,5 +30,5 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "training": ("core", "archs", "data", "metrics", "models"),
     "evaluation": ("core", "archs", "data", "metrics", "models"),
     "interop": ("core", "archs", "data", "models"),
-    "tracking": ("core",),
+    "tracking": ("core", "models"),
 }

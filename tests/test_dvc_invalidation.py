@@ -83,7 +83,7 @@ def test_a_new_architecture_reruns_no_existing_backbone(clean_copy):
 
 
 REPORTING_AND_INTEROP = ["srmodels/interop/export.py", "srmodels/evaluation/report.py",
-                         "srmodels/evaluation/summarize.py", "srmodels/cli.py", "srmodels/tracking.py"]
+                         "srmodels/evaluation/summarize.py", "srmodels/cli.py", "srmodels/tracking/__init__.py"]
 
 
 def test_reporting_and_interop_code_reruns_no_training_and_no_caching(clean_copy):

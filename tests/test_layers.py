@@ -8,7 +8,7 @@ import srmodels
 
 PACKAGE = Path(srmodels.__file__).resolve().parent
 TOP_LEVEL = {"__init__.py", "__main__.py", "cli.py"}  # the command line sits on top of every package
-MODULES = {"tracking.py"}  # top-level modules that have a layer of their own
+MODULES: set[str] = set()  # top-level modules that have a layer of their own
 
 
 def imported_packages(source: str) -> set[str]:

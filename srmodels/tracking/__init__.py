@@ -1,6 +1,6 @@
 """MLflow tracking for the DVC pipeline: one parent run per pipeline run, one nested child run per stage.
 
-The only module that imports mlflow, and only once a stage tracks (the import costs seconds). Each stage process
+May import: core, models (the ensemble logged as an MLflow model). The only package that imports mlflow, and only once a stage tracks (the import costs seconds). Each stage process
 finds or creates the top-level run tagged with its pipeline key (:func:`srmodels.core.provenance.pipeline_key`)
 and params hash (less the ``mlflow`` section: where results are logged does not change them). The first MLflow
 error logs one warning and turns the run into a no-op: tracking never changes a result.
