@@ -463,3 +463,70 @@ def test_code_version_ignores_dvc_bookkeeping(tmp_path):
     assert code_version(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert code_version(tmp_path) == clean + "+dirty"
+
+
+# A DVC pipeline's definition and lock after `prepare` and `train@x` ran: `score` reads a folder holding two outputs
+# and one output of a stage that reads prepared data (not source data); `raw` and code.py come from outside.
+DVC_YAML = """
+stages:
+  prepare: {cmd: 'true', deps: [raw], outs: [data/prepared/a, data/prepared/b]}
+  train:
+    foreach: [x]
+    do: {cmd: 'true', deps: [data/prepared/a, code.py], outs: ['data/train/${item}']}
+  score: {cmd: 'true', deps: [data/prepared, data/train/x, code.py], outs: [data/score]}
+"""
+DVC_LOCK = """
+schema: '2.0'
+stages:
+  prepare:
+    cmd: 'true'
+    deps: [{path: raw, hash: md5, md5: 00000000000000000000000000000000.dir}]
+    outs: [{path: data/prepared/a, hash: md5, md5: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.dir},
+           {path: data/prepared/b, hash: md5, md5: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb}]
+  train@x:
+    cmd: 'true'
+    deps: [{path: data/prepared/a, hash: md5, md5: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.dir}]
+    outs: [{path: data/train/x, hash: md5, md5: cccccccccccccccccccccccccccccccc}]
+"""
+
+
+def _inputs(client, run_id: str) -> dict[str, tuple[str, str]]:
+    """A run's dataset inputs: name -> (digest, context)."""
+    return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+            for i in client.get_run(run_id).inputs.dataset_inputs}
+
+
+def test_runs_list_the_data_versions_they_read(env, client, monkeypatch):
+    subprocess.run(["git", "init", "-q"], cwd=env, check=True, timeout=30)
+    (env / ".dvc").mkdir()
+    (env / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    (env / "dvc.yaml").write_text(DVC_YAML)
+    (env / "dvc.lock").write_text(DVC_LOCK)
+    monkeypatch.setenv("DVC_STAGE", "score")
+    with StageRun(make_params("t-data"), "score") as score:
+        pass
+    monkeypatch.setenv("DVC_STAGE", "train@x")
+    with StageRun(make_params("t-data"), "train@x") as train:
+        pass
+    a, b, x = "a" * 32 + ".dir", "b" * 32, "c" * 32
+    assert _inputs(client, score.run_id) == {"data/prepared/a": (a, "input"), "data/prepared/b": (b, "input"),
+                                             "data/train/x": (x, "input")}
+    assert _inputs(client, train.run_id) == {"data/prepared/a": (a, "input")}
+    # The pipeline's row: the source data once, however many stages read it.
+    assert _inputs(client, score.parent_run_id) == {"data/prepared/a": (a, "source"), "data/prepared/b": (b, "source")}
+    dataset = client.get_run(score.run_id).inputs.dataset_inputs[0].dataset
+    assert json.loads(dataset.source)["dvc_stage"] == "prepare" and dataset.source_type == "dvc"
+    exp = client.get_experiment_by_name("t-data")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs table, not GenAI traces
+    tags = client.get_run(score.parent_run_id).data.tags
+    assert tags["mlflow.source.name"] == "dvc.yaml" and tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_a_stage_outside_its_pipeline_logs_no_data_versions(env, client, caplog):
+    (env / "dvc.lock").write_text(DVC_LOCK)  # a lock, but no DVC repository: the stage is tracked all the same
+    with caplog.at_level(logging.INFO, logger="srmodels.tracking"):
+        with StageRun(make_params("t-nodata"), "score") as run:
+            run.log_metrics({"x": 1.0})
+    assert run.active and client.get_run(run.run_id).data.metrics["x"] == 1.0
+    assert not client.get_run(run.run_id).inputs.dataset_inputs
+    assert any("no data versions for stage score" in r.getMessage() for r in caplog.records)

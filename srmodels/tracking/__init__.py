@@ -4,6 +4,13 @@ May import: core, models (the ensemble logged as an MLflow model). The only pack
 finds or creates the top-level run tagged with its pipeline key (:func:`srmodels.core.provenance.pipeline_key`)
 and params hash (less the ``mlflow`` section: where results are logged does not change them). The first MLflow
 error logs one warning and turns the run into a no-op: tracking never changes a result.
+
+Each run points at exact data versions: a stage's run lists, as MLflow dataset inputs, the outputs of other stages
+it reads with the md5 dvc.lock holds for them (DVC writes dvc.lock after each stage, so these are the versions it
+reads); the pipeline's run lists the source data (the outputs of stages that read no other stage's outputs). A
+stage's own outputs are hashed by DVC after it ends: they appear in the runs of the stages that read them.
+Inputs from outside the pipeline (``data.div2k.root``, pretrained weights) are left out: dvc.lock holds the
+hash of their previous read until the stage ends.
 """
 from __future__ import annotations
 
@@ -12,11 +19,12 @@ import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from srmodels.core.errors import UserError
 from srmodels.core.layout import METRICS, PER_IMAGE, artifact_location, tracking_uri
@@ -29,6 +37,10 @@ log = logging.getLogger(__name__)
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 TAG_ROLE, TAG_KEY, TAG_COMMIT = "srmodels.role", "srmodels.pipeline_key", "srmodels.git_commit"
 TAG_PARAMS_HASH = "srmodels.params_hash"
+# MLflow 3's UI opens an experiment by this tag; untagged, one without traces opens as a GenAI one (its traces
+# overview) instead of the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+TAG_DATA_CONTEXT = "mlflow.data.context"  # the Dataset column shows it beside each input
 # MLflow rejects longer values and bigger batches: one long list-valued param must not end tracking.
 _MAX_VALUE, _MAX_KEY, _BATCH = 6000, 250, 100
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
@@ -102,24 +114,46 @@ class StageRun:
         from mlflow import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
-        name = self.params.get("mlflow", {}).get("experiment", "srmodels")
-        exp = self._client.get_experiment_by_name(name)
-        try:
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(
-                name, artifact_location=artifact_location(self.uri))
-        except Exception:
-            if not (exp := self._client.get_experiment_by_name(name)):  # else another stage created it just now
-                raise
-            exp_id = exp.experiment_id
+        exp_id = self._experiment(self.params.get("mlflow", {}).get("experiment", "srmodels"))
         code, phash = git_commit(), params_hash(pipeline_params(self.params))
         key = pipeline_key(code, phash)
         self.parent_run_id = self._parent(exp_id, key, code, phash)
         self.run_id = self._client.create_run(exp_id, run_name=self.stage, tags=_present({
             TAG_ROLE: "stage", "srmodels.stage": self.stage, TAG_KEY: key, TAG_COMMIT: code,
-            "mlflow.parentRunId": self.parent_run_id, "srmodels.dvc_stage": os.environ.get("DVC_STAGE")})).info.run_id
+            "mlflow.parentRunId": self.parent_run_id, "srmodels.dvc_stage": os.environ.get("DVC_STAGE"),
+            **_source_tags(_script(), code)})).info.run_id
         log.info("MLflow: stage %s is run %s under %s (%s)", self.stage, self.run_id, self.parent_run_id, self.uri)
         # By every stage, as the one that created the parent may have died first; MLflow accepts equal re-logs.
         self.log_params(pipeline_params(self.params), parent=True)
+        self._log_data(code)
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created if missing, tagged so that MLflow's UI opens it as model training."""
+        exp = self._client.get_experiment_by_name(name)
+        try:
+            if exp is None:
+                return self._client.create_experiment(name, artifact_location=artifact_location(self.uri),
+                                                      tags=EXPERIMENT_TAGS)
+        except Exception:
+            if not (exp := self._client.get_experiment_by_name(name)):  # else another stage created it just now
+                raise
+        for tag, value in EXPERIMENT_TAGS.items():
+            if exp.tags.get(tag) != value:
+                self._client.set_experiment_tag(exp.experiment_id, tag, value)
+        return exp.experiment_id
+
+    def _log_data(self, code: str) -> None:
+        """The data versions this stage reads on its run, the source data among them on the pipeline's."""
+        try:
+            versions = data_read(Path.cwd(), os.environ.get("DVC_STAGE") or self.stage)
+        except Exception as err:  # noqa: BLE001 - a stage run outside its DVC pipeline: no data versions
+            return log.info("MLflow: no data versions for stage %s (%s: %s)", self.stage, type(err).__name__,
+                            (str(err).strip().splitlines() or [""])[0])
+        for run_id, chosen, context in ((self.run_id, versions, "input"),
+                                        (self.parent_run_id, [v for v in versions if v.source], "source")):
+            if chosen:
+                self._guarded("log data versions", lambda: self._client.log_inputs(
+                    run_id, [_dataset_input(v, code, context) for v in chosen]), "data versions", len(chosen))
 
     def _parent(self, exp_id: str, key: str, code: str, phash: str) -> str:
         quote = '"' if "'" in key else "'"  # MLflow filters have no escapes
@@ -137,8 +171,7 @@ class StageRun:
         name = exp_name or f"repro-{code[:7]}{'+dirty' if code.endswith('+dirty') else ''}-{phash[:8]}"
         ours = self._client.create_run(exp_id, run_name=name, tags=_present({
             TAG_ROLE: "pipeline", TAG_KEY: key, TAG_PARAMS_HASH: phash, TAG_COMMIT: code,
-            "mlflow.source.git.commit": None if code.startswith("unknown") else code.split("+")[0],
-            "srmodels.dvc_exp_name": exp_name, "srmodels.dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}))
+            **_source_tags("dvc.yaml", code), "srmodels.dvc_exp_name": exp_name, "srmodels.dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}))
         if (winner := oldest()) != ours.info.run_id:
             self._client.delete_run(ours.info.run_id)
         return winner
@@ -194,6 +227,87 @@ class StageRun:
                 self.run_id, str(path), artifact_path)
 
         self._guarded(f"log artifact {path}", send, "artifacts")
+
+    def log_ensemble(self, path: str | Path, *, registered_name: str | None, scores: Mapping[str, float]) -> None:
+        """The ensemble file as one MLflow model of the pipeline's run, with ``scores`` as its metrics, registered
+        under ``registered_name`` unless None (:mod:`srmodels.tracking.registry`)."""
+        from srmodels.tracking.registry import log_ensemble_model
+
+        self._guarded("log the ensemble's model", lambda: log_ensemble_model(
+            self.uri, self.parent_run_id, Path(path), registered_name=registered_name, scores=scores), "models")
+
+
+def _script() -> str:
+    """The running script as MLflow's own runs name it: its path, relative to the current directory if under it."""
+    path = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] not in ("", "-c") else None
+    if path is None or not path.is_file():
+        return "python"
+    return str(path.relative_to(Path.cwd().resolve())) if path.is_relative_to(Path.cwd().resolve()) else str(path)
+
+
+def _source_tags(name: str, code: str) -> dict[str, Any]:
+    """The tags of the runs table's Source and Version columns."""
+    return {"mlflow.source.name": name, "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": None if code.startswith("unknown") else code.split("+")[0]}
+
+
+class DataVersion(NamedTuple):
+    """An output of a pipeline stage at the version dvc.lock records: its path, md5, the stage that wrote it, and
+    whether that stage reads no other stage's outputs (source data)."""
+
+    path: str
+    md5: str
+    stage: str
+    source: bool
+
+
+def _covers(a: str, b: str) -> bool:
+    """``b`` is the path ``a`` or lies under it."""
+    return a == b or b.startswith(a.rstrip("/") + "/")
+
+
+def _overlap(a: str, b: str) -> bool:
+    return _covers(a, b) or _covers(b, a)
+
+
+def data_read(root: Path, stage: str) -> list[DataVersion]:
+    """The outputs of other stages in ``root``'s dvc.lock that ``stage`` (a dvc.yaml stage name) depends on: the
+    whole output when the dependency lies inside it, each output under a dependency that is a parent folder."""
+    lock_file = root / "dvc.lock"
+    if not lock_file.exists():
+        return []
+    import yaml
+
+    lock = (yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}
+    outs = {o["path"]: (o["md5"], name) for name, entry in lock.items() for o in entry.get("outs") or ()
+            if o.get("md5")}
+    if not outs:
+        return []
+
+    def is_source(name: str) -> bool:
+        return not any(_overlap(d["path"], p) for d in lock[name].get("deps") or () for p, (_, other) in outs.items()
+                       if other != name)
+
+    deps = _stage_deps(root, stage)
+    return [DataVersion(path, md5, name, is_source(name)) for path, (md5, name) in sorted(outs.items())
+            if name != stage and any(_overlap(d, path) for d in deps)]
+
+
+def _stage_deps(root: Path, stage: str) -> list[str]:
+    """The dependency paths of a stage as DVC resolves dvc.yaml (templates, foreach) now."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return [dep.def_path for found in repo.stage.collect(stage) for dep in found.deps]
+
+
+def _dataset_input(version: DataVersion, code: str, context: str) -> Any:
+    """An MLflow dataset input naming a DVC path at its md5, the stage that wrote it and the git commit."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps({"path": version.path, "dvc_stage": version.stage, "git_commit": code})
+    return DatasetInput(Dataset(name=version.path, digest=version.md5, source_type="dvc", source=source),
+                        [InputTag(TAG_DATA_CONTEXT, context)])
 
 
 def finished_pipelines(params: Mapping[str, Any], names: list[str] | None = None,
