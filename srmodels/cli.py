@@ -33,6 +33,7 @@ from srmodels.models.accelerate import accelerate
 from srmodels.interop.bench import (DEFAULT_VARIANTS, NTIRE_FUSION_SAMPLES, bench_fusion_train, bench_one, format_table,
                     format_train_table)
 from srmodels.models.checkpoint import CheckpointError
+from srmodels.models.ensemble import Ensemble, find_ensemble, load_ensemble
 from srmodels.core.errors import UserError
 from srmodels.evaluation.evaluation import BenchmarkSet, benchmark_set, check_benchmark_sets, score_benchmark_sets
 from srmodels.interop.export import FORMATS, ONNX_OPSET, export_official, export_onnx, export_safetensors
@@ -242,16 +243,26 @@ def cmd_eval(args) -> int:
     count = check_benchmark_sets(sets, scale=scale, crop_border=crop_border, sizes=sizes)
     log.info("checked %d image(s) in %d set(s)", count, len(sets))
     device = _device(args.device)
-    model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
+    ensemble = _ensemble(args)
+    model = ensemble.to(device) if ensemble is not None else accelerate(
+        load_model(args.weights, args.arch).to(device), enabled=not args.plain)
     if model.scale != scale:
         raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
     # LR = mod-cropped HR / scale; one made from HR is named by its HR file
-    _check_model_limits(model, args, ((entry.lr_path or entry.origin, h // scale, w // scale)
-                                      for entry, (h, w) in sizes))
-    label = args.label or f"{model.variant or model.arch}{'+se' if args.self_ensemble else ''}"
-    scored = score_benchmark_sets(
-        sets, lambda lr, entry: _sr(model, lr, args, device, entry.lr_path or Path(entry.origin)),
-        scale=scale, crop_border=crop_border)
+    lr_sizes = [(entry.lr_path or entry.origin, h // scale, w // scale) for entry, (h, w) in sizes]
+    if ensemble is not None:
+        for name, h, w in lr_sizes:
+            ensemble.check_input(h, w, name)
+        label = args.label or f"fusion({'+'.join(ensemble.names)}){'+se' if ensemble.self_ensemble else ''}"
+        predict = lambda lr, entry: ensemble.upscale_image(lr)  # noqa: E731
+        described = {"arch": "ensemble", "variant": None, **ensemble.describe()}
+    else:
+        _check_model_limits(model, args, lr_sizes)
+        label = args.label or f"{model.variant or model.arch}{'+se' if args.self_ensemble else ''}"
+        predict = lambda lr, entry: _sr(model, lr, args, device, entry.lr_path or Path(entry.origin))  # noqa: E731
+        described = {"arch": model.arch, "variant": model.variant}
+    scored = score_benchmark_sets(sets, predict, scale=scale, crop_border=crop_border)
+    x8 = ensemble.self_ensemble if ensemble is not None else args.self_ensemble
     channel = "y" if args.y_channel else "rgb"
     table = sets_table({label: {s: r["mean"] for s, r in scored.items()}},
                        {s: r["num_images"] for s, r in scored.items()},
@@ -260,12 +271,13 @@ def cmd_eval(args) -> int:
     caption = (f"PSNR (dB) / SSIM on {channel.upper()}, x{scale}, {crop_border}-pixel "
                f"border cropped; (n) = images per set"
                + (f"; LR made from HR with the MATLAB bicubic: {', '.join(made)}" if made else "")
-               + ("; x8 self-ensemble" if args.self_ensemble else "") + ".\n")
+               + ("; x8 self-ensemble" if x8 else "") + ".\n")
     print(table + "\n" + caption, end="")
     result = {
-        "model": {"label": label, "weights": args.weights, "arch": model.arch, "variant": model.variant},
-        "protocol": {"scale": scale, "crop_border": crop_border, "y_channel": args.y_channel,
-                     "self_ensemble": args.self_ensemble, "tile": args.tile, "tile_overlap": args.tile_overlap,
+        "model": {"label": label, "weights": args.weights, **described},
+        "protocol": {"scale": scale, "crop_border": crop_border, "y_channel": args.y_channel, "self_ensemble": x8,
+                     "tile": ensemble.tile if ensemble is not None else args.tile,
+                     "tile_overlap": ensemble.tile_overlap if ensemble is not None else args.tile_overlap,
                      "bf16": args.bf16, "plain": args.plain, "table": f"psnr_{channel} / ssim_{channel}"},
         "sets": scored,
         "machine": isa.provenance(),  # the kernels' pin, CPU and library versions behind these numbers
@@ -274,6 +286,20 @@ def cmd_eval(args) -> int:
     _write_texts(([(args.json, json.dumps(result, indent=1) + "\n", "--json results")] if args.json else [])
                  + ([(args.table, table + "\n" + caption, "--table")] if args.table else []))
     return 0
+
+
+def _ensemble(args) -> Ensemble | None:
+    """The ensemble ``--weights`` names (an ensemble file, its folder, or an MLflow model's folder), or None for
+    a single model's checkpoint. An ensemble runs with the settings it was trained and tested with."""
+    file = find_ensemble(args.weights) if Path(args.weights).exists() else None
+    if file is None:
+        return None
+    own = [flag for flag, given in (("--arch", args.arch), ("--self-ensemble", args.self_ensemble),
+                                    ("--tile", args.tile is not None), ("--bf16", args.bf16)) if given]
+    if own:
+        raise UserError(f"--weights {args.weights}: an ensemble runs with its own settings (x8, tiles, members' "
+                        f"variants); drop {', '.join(own)}")
+    return load_ensemble(file, accelerated=not args.plain)
 
 
 def cmd_upscale(args) -> int:
@@ -285,8 +311,14 @@ def cmd_upscale(args) -> int:
     # the input policy: all checked before the model is built
     sizes = [(path, *_checked_size(path)) for path in files]
     device = _device(args.device)
-    model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
-    _check_model_limits(model, args, sizes)
+    ensemble = _ensemble(args)
+    if ensemble is not None:
+        model = ensemble.to(device)
+        for name, h, w in sizes:
+            ensemble.check_input(h, w, name)
+    else:
+        model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
+        _check_model_limits(model, args, sizes)
 
     def target(path: Path) -> Path:
         stem = path.stem
@@ -299,7 +331,9 @@ def cmd_upscale(args) -> int:
         seen[target(path)] = path
     with _all_at_once(out) as staging:
         for path in files:
-            write_image(staging / target(path).name, _sr(model, read_image(path), args, device, path))
+            lr = read_image(path)
+            sr = ensemble.upscale_image(lr) if ensemble is not None else _sr(model, lr, args, device, path)
+            write_image(staging / target(path).name, sr)
             log.info("%s -> %s", path, target(path))
     return 0
 
@@ -505,7 +539,8 @@ def cmd_export(args) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     """What eval and upscale share: the model and how it runs."""
-    p.add_argument("--weights", required=True, help="checkpoint (ours, or released weights)")
+    p.add_argument("--weights", required=True,
+                   help="checkpoint (ours, or released weights), or the trained ensemble (file or folder)")
     p.add_argument("--arch", help="variant name for released weights (ours describe themselves); one of "
                    + ", ".join(sorted(archs.variants())))
     p.add_argument("--self-ensemble", action="store_true", help="x8 flips/rotations, averaged")
@@ -620,7 +655,12 @@ _COMMANDS: tuple[tuple[str, dict[str, str], Callable[[argparse.ArgumentParser], 
         description="Score a model on one or more benchmark sets and print one Markdown table in the layout of SR "
                     "papers: a column per set (in the order given), cells PSNR / SSIM on Y with the crop border. "
                     "--json writes per-set means and per-image PSNR/SSIM on Y and RGB."), _eval_args, cmd_eval),
-    ("upscale", dict(help="super-resolve images", epilog=INPUT_POLICY), _upscale_args, cmd_upscale),
+    ("upscale", dict(
+        help="super-resolve images with a model or the trained ensemble", epilog=INPUT_POLICY,
+        description="Upscale images x4 with one model's checkpoint, or with the trained ensemble (--weights "
+                    "data/ensemble/ensemble.safetensors, its folder, or an MLflow model's folder): its members, "
+                    "fusion net, x8 and tiling as the pipeline ran them; with --cpu-isa avx2 (the pipeline's pin) "
+                    "its PNGs are the test stage's, bit for bit."), _upscale_args, cmd_upscale),
     ("downscale", dict(help="MATLAB-bicubic LR images ({stem}x4.png, the DIV2K naming)", epilog=INPUT_POLICY),
      _downscale_args, cmd_downscale),
     ("bench", dict(help="median ms per forward of each model (CPU, and CUDA when present)"), _bench_args, cmd_bench),

@@ -200,7 +200,7 @@ def test_checks_that_need_no_data_run_before_any_work(raw, path, value, message)
                                             "accepts (at least 15 px on each side)"),
     # typos anywhere, including sections no stage hashes (mlflow) and the top level
     (("sede",), 1, "sede: unknown key"),
-    (("mlflow", "experimnt"), "x", "mlflow.experimnt: unknown key (known here: tracking_uri, experiment)"),
+    (("mlflow", "experimnt"), "x", "mlflow.experimnt: unknown key (known here: tracking_uri, experiment, registered_model)"),
     (("paths", "pretraind"), "x", "paths.pretraind: unknown key"),
     (("metrics", "bootstrap", "resample"), 10, "metrics.bootstrap.resample: unknown key"),
     # members and trained against backbones: the key, the name and the names known

@@ -37,6 +37,7 @@ WEIGHTS = "weights"               # paths.test/weights/<set>/: who wins where
 PER_IMAGE = "per_image.csv"        # paths.score: every scored image's PSNR/SSIM per model (srmodels summarize reads it)
 SCORE_TABLE = "table.md"          # paths.score: the model table and the paired comparisons
 BASELINES = "baselines.json"      # paths.baselines: best validation member, least-squares weights, costs
+ENSEMBLE = "ensemble.safetensors"  # paths.ensemble: members, fusion net and settings in one file
 
 
 @dataclass(frozen=True)

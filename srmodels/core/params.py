@@ -73,7 +73,7 @@ SCHEMA: dict[str, Any] = {
     "device": OneOf("auto", "cpu", "cuda"),
     "threads": int,
     "paths": {"prepared": str, "finetune": str, "cache": str, "baselines": str, "fusion": str, "test": str,
-              "score": str, "pretrained": str, "runs": str, "work": str},
+              "score": str, "ensemble": str, "pretrained": str, "runs": str, "work": str},
     "data": {
         "source": OneOf("samples", "div2k"),
         "fusion_split": OneOf("disjoint", "shared"),
@@ -104,7 +104,7 @@ SCHEMA: dict[str, Any] = {
     },
     "inference": {"self_ensemble": bool, "tile": Optional_(int), "tile_overlap": int, "compile": bool},
     "metrics": {"crop_border": int, "bootstrap": {"resamples": int, "seed": int}},
-    "mlflow": {"tracking_uri": str, "experiment": str},
+    "mlflow": {"tracking_uri": str, "experiment": str, "registered_model": Optional_(str)},
 }
 
 

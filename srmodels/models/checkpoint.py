@@ -158,6 +158,16 @@ def _decode_metadata(path: Path, metadata: Mapping[str, str] | None) -> dict[str
 def read_safetensors(path: str | Path) -> dict[str, Any] | dict[str, torch.Tensor]:
     """A safetensors file as :func:`read_checkpoint` returns it: our wrapping when its metadata describes it,
     the bare tensor dict otherwise. Reads only JSON and raw tensor bytes (nothing executes)."""
+    metadata, tensors = read_safetensors_file(path)
+    meta = _decode_metadata(Path(path), metadata)
+    if meta is None:
+        return tensors
+    return {"format": FORMAT, "meta": meta, "state_dict": tensors}
+
+
+def read_safetensors_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata (string -> string) and tensors; a damaged or foreign file is a
+    ``CheckpointError`` saying what is wrong with it."""
     # Imported here, as in save_safetensors: reading or writing a .pth never needs safetensors installed.
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load as load_bytes
@@ -175,10 +185,7 @@ def read_safetensors(path: str | Path) -> dict[str, Any] | dict[str, torch.Tenso
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         reason = _safetensors_damage(path) or _describe(err)
         raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
-    meta = _decode_metadata(path, metadata)
-    if meta is None:
-        return tensors
-    return {"format": FORMAT, "meta": meta, "state_dict": tensors}
+    return dict(metadata or {}), tensors
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any] | Mapping[str, torch.Tensor]:

@@ -107,6 +107,18 @@ def infer_variant(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return matches
 
 
+def model_from_description(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str) -> SRModel:
+    """The model a description (:meth:`SRModel.describe`) and its weights give, in eval mode; ``source`` names
+    them in errors."""
+    if meta.get("arch") not in archs.ARCHS:
+        raise CheckpointError(f"{source}: describes a {meta.get('arch')!r} model, not one of the backbones "
+                              f"{', '.join(archs.ARCHS)}")
+    net = archs.arch_class(meta["arch"])(**meta["kwargs"])
+    model = SRModel(net, meta["arch"], meta["kwargs"], meta["input_range"], meta.get("variant"))
+    load_into(model.net, state_dict, strict=True, source=source)
+    return model.eval()
+
+
 def load_model(weights: str | Path, variant: str | None = None, input_range: float | None = None) -> SRModel:
     """Rebuild a model from a checkpoint: ours describe themselves (``.pth`` or ``.safetensors`` with our
     metadata); released ones (any wrapping :mod:`srmodels.models.checkpoint` reads) need or imply a variant.
@@ -118,25 +130,20 @@ def load_model(weights: str | Path, variant: str | None = None, input_range: flo
     state_dict = unwrap_state_dict(raw, source=str(weights))
     meta = checkpoint_meta(raw)
     if meta is not None:
-        if meta.get("arch") not in archs.ARCHS:
-            raise CheckpointError(f"{weights}: describes a {meta.get('arch')!r} model, not one of the backbones "
-                                  f"{', '.join(archs.ARCHS)}")
-        if variant is not None and variant not in (meta.get("variant"), meta["arch"]):
+        if variant is not None and variant not in (meta.get("variant"), meta.get("arch")):
             log.warning("%s describes itself as %s (%s); ignoring --arch %s", weights, meta.get("variant"),
-                        meta["arch"], variant)
-        net = archs.arch_class(meta["arch"])(**meta["kwargs"])
-        model = SRModel(net, meta["arch"], meta["kwargs"], meta["input_range"], meta.get("variant"))
-    else:
-        if variant is None:
-            found = infer_variant(state_dict)
-            if len(found) != 1:
-                raise CheckpointError(
-                    f"{weights}: a released checkpoint without a description; pass --arch "
-                    f"({'it fits: ' + ', '.join(found) if found else 'it fits none of the known variants'})")
-            variant = found[0]
-            log.info("%s: recognised as variant %s", weights, variant)
-        arch, kwargs, default_range = archs.variant_spec(variant)
-        net = archs.arch_class(arch)(**kwargs)
-        model = SRModel(net, arch, kwargs, default_range if input_range is None else input_range, variant)
+                        meta.get("arch"), variant)
+        return model_from_description(meta, state_dict, str(weights))
+    if variant is None:
+        found = infer_variant(state_dict)
+        if len(found) != 1:
+            raise CheckpointError(
+                f"{weights}: a released checkpoint without a description; pass --arch "
+                f"({'it fits: ' + ', '.join(found) if found else 'it fits none of the known variants'})")
+        variant = found[0]
+        log.info("%s: recognised as variant %s", weights, variant)
+    arch, kwargs, default_range = archs.variant_spec(variant)
+    net = archs.arch_class(arch)(**kwargs)
+    model = SRModel(net, arch, kwargs, default_range if input_range is None else input_range, variant)
     load_into(model.net, state_dict, strict=True, source=str(weights))
     return model.eval()

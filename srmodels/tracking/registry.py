@@ -1,0 +1,73 @@
+"""The trained ensemble as one MLflow model: logged from code into the pipeline's run and registered by name.
+
+The model (``srmodels/tracking/ensemble_model.py`` plus the ensemble's safetensors file) is linked to the
+pipeline's parent run, so the runs table's Model column shows it, and carries the fusion's scores as its
+metrics; the registered version carries them as tags. Load it anywhere srmodels is installed with
+``mlflow.pyfunc.load_model("models:/<name>/<version>")``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).with_name("ensemble_model.py")
+MODEL_NAME = "ensemble"  # the logged model's name in its run
+ARTIFACT = "ensemble"  # ensemble_model.py reads the file under this key
+
+
+def signature() -> Any:
+    """uint8 RGB images in (N, H, W, 3), their 4x SR images out (N, 4H, 4W, 3)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def images() -> Any:
+        return Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
+
+    return ModelSignature(inputs=images(), outputs=images())
+
+
+def requirements() -> list[str]:
+    """srmodels (which brings the rest) and the torch release whose kernels the pipeline's bits come from."""
+    import torch
+
+    import srmodels
+
+    return [f"srmodels=={srmodels.__version__}", f"torch=={torch.__version__.split('+')[0]}"]
+
+
+def log_ensemble_model(uri: str, run_id: str, path: Path, *, registered_name: str | None,
+                       scores: Mapping[str, float]) -> Any:
+    """Log the ensemble file ``path`` as a pyfunc model of run ``run_id`` in the store ``uri``, with ``scores``
+    as its metrics, and register it as a new version of ``registered_name`` (None: not registered). Returns
+    MLflow's ``ModelInfo``."""
+    import mlflow
+
+    from srmodels.models.ensemble import read_ensemble
+
+    description = read_ensemble(path)[0]
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(path)}, signature=signature(),
+            pip_requirements=requirements(), registered_model_name=registered_name,
+            metadata={"srmodels_ensemble": description},
+            params={"members": ",".join(m["name"] for m in description["members"]),
+                    **{f"inference.{k}": str(v) for k, v in description["inference"].items()},
+                    **{f"kernels.{k}": str(v) for k, v in description.get("kernels", {}).items()}})
+        if scores:
+            mlflow.log_metrics(dict(scores), model_id=info.model_id)
+    version = info.registered_model_version
+    if registered_name and version is not None:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        for key, value in scores.items():
+            client.set_model_version_tag(registered_name, str(version), key, str(value))
+        log.info("MLflow: the ensemble is model %s, registered as models:/%s/%s", info.model_uri, registered_name,
+                 version)
+    else:
+        log.info("MLflow: the ensemble is model %s (not registered: mlflow.registered_model is null)", info.model_uri)
+    return info
