@@ -42,7 +42,8 @@ from srmodels.core.layout import ENSEMBLE
 from srmodels.interop.export import ExportError
 from srmodels.models.ensemble import find_ensemble, load_ensemble, read_ensemble
 
-__all__ = ["export_ntire", "NtireSubmission", "srmodels_imports", "DEFAULT_TEAM", "DEFAULT_NAME", "EXTRACTS"]
+__all__ = ["export_ntire", "NtireSubmission", "package_files", "srmodels_imports", "DEFAULT_TEAM", "DEFAULT_NAME",
+           "EXTRACTS"]
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,9 @@ def _srmodels_module(node: ast.AST) -> list[str]:
 
 
 def _rewrite_imports(source: str, module: str, importer: str, is_package: bool,
-                     provides: dict[str, set[str] | None]) -> tuple[str, set[str]]:
+                     provides: dict[str, set[str]]) -> tuple[str, set[str]]:
     """``source`` with every ``from srmodels.x import ...`` (at any depth) made package-relative, and the
-    srmodels modules it imports. ``provides``: module -> the names an extracted module holds (None: whole)."""
+    srmodels modules it imports. ``provides``: extracted module -> the names it holds."""
     lines = source.splitlines(keepends=True)
     imported: set[str] = set()
     for node in ast.walk(ast.parse(source)):
@@ -140,7 +141,7 @@ def _rewrite_imports(source: str, module: str, importer: str, is_package: bool,
             targets = [f"srmodels.{a.name}" for a in node.names]
         else:
             targets = [target]
-            names = provides.get(target, None)
+            names = provides.get(target)
             if names is not None:
                 missing = [a.name for a in node.names if a.name not in names]
                 if missing:
@@ -232,9 +233,7 @@ def package_files(archs: Iterable[str]) -> dict[str, str]:
     """The team package's srmodels-derived files (package-relative path -> text) for members of ``archs``:
     the modules of :data:`ROOTS`, the members' architectures and every srmodels module those import, whole or
     (:data:`EXTRACTS`) in part, imports made package-relative."""
-    provides: dict[str, set[str] | None] = {}
-    for module, names in EXTRACTS.items():
-        provides[module] = set(names)
+    provides = {module: set(names) for module, names in EXTRACTS.items()}
     files: dict[str, str] = {}
     todo = [*ROOTS, *(f"srmodels.archs.{a}" for a in archs), *EXTRACTS]
     done: set[str] = set()
@@ -302,11 +301,12 @@ def _readme(team: int, name: str, spec: dict, files: Iterable[str], weights_byte
         pin = ""
     members = ", ".join(f"{m['name']} ({m['model'].get('variant') or m['model']['arch']})" for m in spec["members"])
     inf = spec["inference"]
+    tiling = "whole images" if inf["tile"] is None else f"LR tiles of {inf['tile']} px"
     lines = [
         f"# {package}",
         "",
         f"The srmodels ensemble ({members}, fused by the `{spec['fusion']['arch']}` net; x8 self-ensemble "
-        f"{'on' if inf['self_ensemble'] else 'off'}, tile {inf['tile']}) for the NTIRE 2025 image SR x4 "
+        f"{'on' if inf['self_ensemble'] else 'off'}, {tiling}) for the NTIRE 2025 image SR x4 "
         "challenge. Its `main(model_dir, input_path, output_path, device)` upscales every PNG/JPEG in "
         "`input_path` by 4 and writes `output_path/<input stem>.png`; `model_dir` is "
         f"`model_zoo/{package}` (or the `.safetensors` file in it).",
@@ -323,10 +323,12 @@ def _readme(team: int, name: str, spec: dict, files: Iterable[str], weights_byte
         "Needs torch, numpy, opencv-python and safetensors; not srmodels.",
         "",
     ]
-    if level and level != "native":
-        lines += [f"On the CPU the outputs equal the srmodels pipeline's test-stage PNGs bit for bit when run as "
-                  f"it ran: kernels pinned before torch loads ({pin or level}) and {threads} intra-op threads "
-                  "(`main` sets the threads on the CPU). On CUDA they differ from those in the last bits.", ""]
+    run_as = f"the kernels pinned before torch loads ({pin})" if pin else "the same kind of CPU"
+    if threads:
+        run_as += f" and {threads} intra-op threads (`main` sets them on the CPU)"
+    lines += [f"On the CPU the outputs are the srmodels pipeline's test-stage PNGs bit for bit when run as it ran: "
+              f"{run_as}. On CUDA the members run on other kernels and the outputs may differ in the last bits.",
+              ""]
     if weights_bytes > LINK_ABOVE_BYTES:
         lines += [f"The weights ({weights_bytes / 1e6:.0f} MB) exceed the challenge's 100 MB: put a download link "
                   f"in `model_zoo/{package}/{package}.txt`.", ""]
@@ -425,9 +427,9 @@ def export_ntire(weights: str | Path, out: str | Path, *, team: int = DEFAULT_TE
         for rel, text in files.items():
             (code / rel).parent.mkdir(parents=True, exist_ok=True)
             (code / rel).write_text(text, encoding="utf-8")
-        for template in sorted(TEMPLATE.glob("*.py.in")):
-            shutil.copyfile(template, code / template.name[: -len(".in")])
-        templates = sorted(t.name[: -len(".in")] for t in TEMPLATE.glob("*.py.in"))
+        templates = {t.name[: -len(".in")]: t for t in sorted(TEMPLATE.glob("*.py.in"))}
+        for rel, template in templates.items():
+            shutil.copyfile(template, code / rel)
         (code / "README.md").write_text(_readme(team, name, spec, files, size), encoding="utf-8")
         found = srmodels_imports(code)
         if found:
@@ -442,5 +444,5 @@ def export_ntire(weights: str | Path, out: str | Path, *, team: int = DEFAULT_TE
     if size > LINK_ABOVE_BYTES:
         log.warning("%s: %.0f MB; the challenge wants a download link for weights above 100 MB (README.md)",
                     zoo_dir / ENSEMBLE, size / 1e6)
-    log.info("%s -> %s (%s), %s", file, code_dir, ", ".join(templates + sorted(files)), zoo_dir / ENSEMBLE)
+    log.info("%s -> %s (%s), %s", file, code_dir, ", ".join([*templates, *sorted(files)]), zoo_dir / ENSEMBLE)
     return NtireSubmission(code_dir, zoo_dir / ENSEMBLE, package)
