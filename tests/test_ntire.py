@@ -19,7 +19,7 @@ from srmodels.core.layout import ENSEMBLE, SCALE, eval_set, fusion_train, val
 from srmodels.data.images import write_image
 from srmodels.evaluation.evaluation import fuse_eval_sets
 from srmodels.interop.export import ExportError
-from srmodels.interop.ntire import export_ntire, package_files, srmodels_imports
+from srmodels.interop.ntire import _unresolved_imports, export_ntire, package_files, srmodels_imports
 from srmodels.models.accelerate import accelerate
 from srmodels.models.caching import cache_outputs
 from srmodels.models.checkpoint import save_checkpoint
@@ -143,8 +143,11 @@ def test_the_package_imports_no_srmodels_and_every_module_it_names(trained, tmp_
     assert written == {"__init__.py", "ensemble.py", "README.md", "accelerate.py", "inference.py", "fusion.py",
                        "model.py", "images.py", "archs/__init__.py", "archs/_layers.py", "archs/dat.py",
                        "archs/swinir.py", "archs/rfdn.py", "archs/rrdbnet.py"}
-    assert srmodels_imports(code) == []
+    assert srmodels_imports(code) == [] and _unresolved_imports(code) == []
     assert "from models.team27_SRModels import main" in (code / "README.md").read_text()
+    # a module the package lacks is named where it is imported
+    (code / "archs" / "rrdbnet.py").unlink()
+    assert [m.split(":")[0] for m in _unresolved_imports(code)] == ["accelerate.py"]
     # the check sees an import of srmodels wherever it is
     (code / "archs" / "rfdn.py").write_text((code / "archs" / "rfdn.py").read_text()
                                             + "\n\ndef late():\n    from srmodels import archs\n    return archs\n")
@@ -205,8 +208,24 @@ def test_refusals_are_one_line_and_write_nothing(trained, tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return real_copy(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with monkeypatch.context() as patched:
+        patched.setattr(shutil, "copyfile", full_disk)
+        with pytest.raises(ExportError) as err:
+            export_ntire(ensemble, out / "deeper")
+        assert os.strerror(errno.ENOSPC) in _one_line(err)
+        assert not out.exists()  # neither the folders made for it nor the staging folder remain
+
+    # the weights' folder cannot be renamed into place: the code's rename is undone
+    real_replace = os.replace
+
+    def refuse_weights(src, dst):
+        if os.path.basename(os.path.dirname(dst)) == "model_zoo":
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(dst))
+        return real_replace(src, dst)
+
+    (out / "models").mkdir(parents=True)
+    monkeypatch.setattr(os, "replace", refuse_weights)
     with pytest.raises(ExportError) as err:
-        export_ntire(ensemble, out / "deeper")
-    assert os.strerror(errno.ENOSPC) in _one_line(err)
-    assert not out.exists()  # neither the folders made for it nor the staging folder remain
+        export_ntire(ensemble, out)
+    assert os.strerror(errno.EXDEV) in _one_line(err)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["models"]
