@@ -289,17 +289,39 @@ def cmd_eval(args) -> int:
 
 
 def _ensemble(args) -> Ensemble | None:
-    """The ensemble ``--weights`` names (an ensemble file, its folder, or an MLflow model's folder), or None for
-    a single model's checkpoint. An ensemble runs with the settings it was trained and tested with."""
+    """The ensemble ``--weights`` names (an ensemble file, its folder, an MLflow model's folder, or a
+    ``models:/`` URI of the MLflow store), or None for a single model's checkpoint. An ensemble runs with the
+    settings it was trained and tested with."""
+    if args.weights.startswith(("models:/", "runs:/")):  # a model of the MLflow store (MLFLOW_TRACKING_URI)
+        return _registered_ensemble(args)
     file = find_ensemble(args.weights) if Path(args.weights).exists() else None
     if file is None:
         return None
+    _check_ensemble_flags(args)
+    return load_ensemble(file, accelerated=not args.plain)
+
+
+def _registered_ensemble(args) -> Ensemble:
+    import tempfile
+
+    from srmodels.core.layout import tracking_uri
+    from srmodels.tracking.registry import download_model
+
+    _check_ensemble_flags(args)
+    with tempfile.TemporaryDirectory() as tmp:  # the ensemble is read whole into memory
+        folder = download_model(args.weights, tracking_uri({}), Path(tmp))
+        file = find_ensemble(folder)
+        if file is None:
+            raise UserError(f"--weights {args.weights}: not an ensemble model of srmodels")
+        return load_ensemble(file, accelerated=not args.plain)
+
+
+def _check_ensemble_flags(args) -> None:
     own = [flag for flag, given in (("--arch", args.arch), ("--self-ensemble", args.self_ensemble),
                                     ("--tile", args.tile is not None), ("--bf16", args.bf16)) if given]
     if own:
         raise UserError(f"--weights {args.weights}: an ensemble runs with its own settings (x8, tiles, members' "
                         f"variants); drop {', '.join(own)}")
-    return load_ensemble(file, accelerated=not args.plain)
 
 
 def cmd_upscale(args) -> int:

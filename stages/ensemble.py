@@ -20,9 +20,9 @@ def main(params: dict[str, Any]) -> None:
     paths, members, inf = params["paths"], params["fusion"]["members"], params["inference"]
     with staged(Path(paths["ensemble"]), paths["work"]) as out_dir:
         checkpoints = {m: Path(paths["finetune"]) / m / layout.BEST for m in members}
-        spec = write_ensemble(out_dir / layout.ENSEMBLE, checkpoints, Path(paths["fusion"]) / layout.BEST, self_ensemble=inf["self_ensemble"],
-                              tile=inf["tile"], tile_overlap=inf["tile_overlap"], cpu_isa=params["cpu_isa"],
-                              threads=params["threads"])
+        spec = write_ensemble(out_dir / layout.ENSEMBLE, checkpoints, Path(paths["fusion"]) / layout.BEST,
+                              self_ensemble=inf["self_ensemble"], tile=inf["tile"],
+                              tile_overlap=inf["tile_overlap"], cpu_isa=params["cpu_isa"], threads=params["threads"])
     file = Path(paths["ensemble"]) / layout.ENSEMBLE
     scores = model_scores(json.loads((Path(paths["score"]) / layout.METRICS).read_text()))
     with tracked(params, "ensemble") as tracking:

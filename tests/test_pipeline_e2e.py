@@ -29,7 +29,7 @@ from . import procs
 from .helpers import DVC, ROOT, copy_checkout, minimal_params, ran_stages
 
 UP_TO_DATE = "Data and pipelines are up to date."
-DOWNSTREAM = ("fusion", "test", "score")
+DOWNSTREAM = ("fusion", "test", "score", "ensemble")
 UPSTREAM = ("prepare", "benchmark@mini", "finetune@dat", "finetune@swinir", "finetune@rfdn", "cache@dat",
             "cache@swinir", "cache@rfdn", "baselines")
 
@@ -139,6 +139,50 @@ def test_all_stages_run_under_one_mlflow_parent(repo):
     assert _status(repo, env) == UP_TO_DATE
 
 
+_PREDICT = """
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from srmodels.data.images import list_images, read_image
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+for lr_dir in sorted(Path("data/prepared/eval").glob("*/lr")):
+    for lr in list_images(lr_dir):
+        [sr] = model.predict(read_image(lr)[None])
+        fused = read_image(Path("data/test/sr") / lr_dir.parent.name / f"{lr.stem}.png")
+        print(lr_dir.parent.name, lr.stem, sr.shape == fused.shape and bool(np.array_equal(sr, fused)))
+"""
+
+
+def test_the_registered_ensemble_gives_the_test_stage_pngs(repo):
+    """The ensemble stage's registered MLflow model, loaded by name in a process on the pipeline's kernels,
+    predicts every scored LR image as the test stage's PNG, bit for bit; `srmodels upscale` does the same."""
+    from mlflow import MlflowClient
+
+    from srmodels.core import isa
+
+    repo, env, _ = repo
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    [version] = client.search_model_versions("name = 'srmodels-ensemble'")
+    fusion_psnr = json.loads((repo / "data/score/metrics.json").read_text())["sets"]["test"]["fusion"]["psnr_y"]
+    assert float(version.tags["test.psnr_y"]) == fusion_psnr
+    parent = client.get_run(version.run_id)
+    assert parent.data.tags["srmodels.role"] == "pipeline"  # the pipeline's row shows the model
+    pinned = {**env, **isa.environment("avx2")}
+    out = _out([sys.executable, "-c", _PREDICT, f"models:/srmodels-ensemble/{version.version}"], repo, pinned)
+    rows = [line.split() for line in out.splitlines() if line.count(" ") == 2]
+    assert {(s, ok) for s, _, ok in rows} == {("test", "True"), ("mini", "True")}, out[-2000:]
+    sr = repo / "sr-cli"
+    _run_in([sys.executable, "-m", "srmodels", "upscale", "--cpu-isa", "avx2", "--weights", "data/ensemble",
+             "data/prepared/eval/test/lr", "-o", str(sr)], repo, env)
+    for png in sorted((repo / "data/test/sr/test").glob("*.png")):
+        assert (sr / png.name).read_bytes() == png.read_bytes(), png.name
+    shutil.rmtree(sr)
+
+
 def test_tracking_settings_invalidate_nothing_and_inputs_invalidate_their_readers(repo):
     repo, env, _ = repo
     params = repo / "params.yaml"
@@ -185,10 +229,12 @@ def test_a_failed_stage_is_one_line_and_keeps_its_previous_outputs(repo):
     # A cut cache file: the stage names it and what rebuilds it.
     npy = repo / "data/cache/dat/val_se/coins.npy"
     whole = npy.read_bytes()
+    npy.unlink()  # a new file: the output shares its file with DVC's cache (cache.type), which must stay whole
     npy.write_bytes(whole[: len(whole) // 2])
     try:
         res = _run_in([sys.executable, "-m", "stages.fusion"], repo, env, ok=False)
     finally:
+        npy.unlink()
         npy.write_bytes(whole)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith(f"fusion: error: {npy.relative_to(repo)}: truncated")

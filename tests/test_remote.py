@@ -7,6 +7,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +44,31 @@ def _digests(repo: Path) -> dict[str, str]:
         if path.is_file() and not rel.startswith(("data/runs/", "data/.work/")) and path.name != ".gitignore":
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+def _pushed(out: str) -> int:
+    """How many files a `dvc push` says it moved."""
+    found = re.search(r"(\d+) files? pushed", out)
+    assert found, out
+    return int(found[1])
+
+
+def _cache_intact(repo: Path) -> None:
+    """Every object in the repository's DVC cache still hashes to its name: no output written in place reached
+    the files the workspace shares with the cache."""
+    objects = [p for p in (repo / ".dvc/cache/files/md5").rglob("*") if p.is_file()]
+    assert objects
+    for path in objects:
+        name = path.parent.name + path.name.removesuffix(".dir")
+        assert hashlib.md5(path.read_bytes()).hexdigest() == name, path
+
+
+def _shares_files_with_cache(repo: Path) -> None:
+    """The workspace's DVC outputs are the cache's files (cache.type: hardlinks here), not second copies."""
+    cache = {p.stat().st_ino for p in (repo / ".dvc/cache/files/md5").rglob("*") if p.is_file()}
+    outputs = [p for p in (repo / "data").rglob("*.png") if p.is_file()] + list((repo / "data").rglob("*.npy"))
+    copies = [str(p) for p in outputs if p.stat().st_ino not in cache]
+    assert outputs and not copies, copies[:3]
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +110,22 @@ def test_directory_remote_moves_a_run_and_an_experiment(hub, tmp_path):
     origin, bare, env, _ = hub
     store = tmp_path / "store"  # an NFS mount on a lab's machines
     _run([DVC, "remote", "add", "--local", "-f", "shared", str(store)], origin, env)
-    out = _run([DVC, "push", "-r", "shared"], origin, env)
-    assert "pushed" in out, out
+    first = _pushed(_run([DVC, "push", "-r", "shared"], origin, env))
     assert "Everything is up to date" in _run([DVC, "push", "-r", "shared"], origin, env)  # only what changed
 
     clone = _clone(bare, tmp_path / "clone", env)
     _run([DVC, "remote", "add", "--local", "shared", str(store)], clone, env)  # each machine names its mount
     _pull_and_check(origin, clone, env, "shared")
+    _shares_files_with_cache(clone)
 
     # An experiment made in one clone, fetched and applied in the other.
     _run([DVC, "remote", "default", "--local", "shared"], origin, env)
     _run([DVC, "exp", "run", "-n", "two-epochs", "-S", "fusion.epochs=2"], origin, env, timeout=600)
     made = (origin / "data/fusion/metrics.json").read_bytes()
+    # The stages replaced shared files by staging and swapping: the cache holds both runs, intact.
+    _cache_intact(origin)
+    # Only the experiment's new outputs travel (the fusion's, test's, score's and ensemble's).
+    assert 0 < _pushed(_run([DVC, "push", "-r", "shared"], origin, env)) < first
     _run([DVC, "exp", "push", "hub", "two-epochs"], origin, env)
     _run(["git", "checkout", "--", "."], origin, env)  # origin's workspace back at its commit, for later tests
     _run([DVC, "checkout"], origin, env)
@@ -162,6 +192,15 @@ def test_ssh_remote_moves_a_run(hub, sshd, tmp_path):
         # Credentials stay out of git: .dvc/config.local is ignored.
         _run([DVC, "remote", "modify", "--local", "lab", "keyfile", str(sshd["key"])], repo, env)
         assert "keyfile" not in (repo / ".dvc/config").read_text()
+    # A key the server does not accept: DVC's one error line, nothing moves.
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True, timeout=30)
+    _run([DVC, "remote", "modify", "--local", "lab", "keyfile", str(stranger)], origin, env)
+    done = procs.run([DVC, "push", "-r", "lab"], cwd=origin, env=env, timeout=120, check=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    assert done.returncode != 0 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "store" / "files").exists()
+    _run([DVC, "remote", "modify", "--local", "lab", "keyfile", str(sshd["key"])], origin, env)
     out = _run([DVC, "push", "-r", "lab"], origin, env)
     assert "pushed" in out, f"{out}\nsshd: {sshd['log'].read_text()}"
     _pull_and_check(origin, tmp_path / "clone", env, "lab")
@@ -174,5 +213,6 @@ def test_an_unreachable_remote_fails_and_changes_nothing(hub, tmp_path):
     _run([DVC, "remote", "add", "--local", "-f", "gone", f"ssh://nobody@127.0.0.1:{_free_port()}/x"], origin, env)
     done = procs.run([DVC, "push", "-r", "gone"], cwd=origin, env=env, timeout=120, check=False)
     assert done.returncode != 0
-    assert "ERROR" in done.stderr and "127.0.0.1" in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "127.0.0.1" in errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert _digests(origin) == before

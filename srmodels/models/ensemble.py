@@ -171,9 +171,9 @@ def read_ensemble(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
         spec = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: its {METADATA_KEY} metadata is not JSON ({err.msg})") from None
-    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: an ensemble of format {spec.get('format') if isinstance(spec, dict) else spec!r}"
-                              f", this srmodels reads {FORMAT}")
+    found = spec.get("format") if isinstance(spec, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{path}: an ensemble of format {found!r}; this srmodels reads {FORMAT}")
     missing = [k for k in ("members", "fusion", "inference") if k not in spec]
     if missing:
         raise CheckpointError(f"{path}: its description lacks {', '.join(missing)}")

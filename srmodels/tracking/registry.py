@@ -8,10 +8,13 @@ metrics; the registered version carries them as tags. Load it anywhere srmodels 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from srmodels.tracking import HTTP_ENV_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +74,33 @@ def log_ensemble_model(uri: str, run_id: str, path: Path, *, registered_name: st
     else:
         log.info("MLflow: the ensemble is model %s (not registered: mlflow.registered_model is null)", info.model_uri)
     return info
+
+
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def download_model(model_uri: str, tracking_uri: str | None, dst: Path) -> Path:
+    """The files of the logged model ``model_uri`` (``models:/<name>/<version>``, ``models:/<name>@<alias>``,
+    ``runs:/<run id>/ensemble``) from the MLflow store ``tracking_uri``, in ``dst``; a ``UserError`` in one line
+    when the store cannot be reached or has no such model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from srmodels.core.errors import UserError
+
+    where = tracking_uri or "the default MLflow store"
+    if (tracking_uri or "").startswith(("http://", "https://")):
+        for name, value in HTTP_ENV_DEFAULTS.items():  # a server that is down costs seconds, not minutes
+            os.environ.setdefault(name, value)
+    try:
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except MlflowException as err:
+        reason = " ".join(str(err.message).split())[:300]
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            raise UserError(f"{model_uri}: no such model in {where} ({reason})") from None
+        raise UserError(f"{model_uri}: could not fetch it from {where} ({reason})") from None
+    except OSError as err:  # the server down, a refused connection, a missing artifact file
+        raise UserError(f"{model_uri}: could not fetch it from {where} ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:300]})") from None
