@@ -37,6 +37,7 @@ from srmodels.models.ensemble import Ensemble, find_ensemble, load_ensemble
 from srmodels.core.errors import UserError
 from srmodels.evaluation.evaluation import BenchmarkSet, benchmark_set, check_benchmark_sets, score_benchmark_sets
 from srmodels.interop.export import FORMATS, ONNX_OPSET, export_official, export_onnx, export_safetensors
+from srmodels.interop.ntire import DEFAULT_NAME, DEFAULT_TEAM, export_ntire
 from srmodels.data.images import ImageError, image_size, list_images, read_image, to_tensor, to_uint8, write_image
 from srmodels.data.imresize import downscale_uint8
 from srmodels.models.inference import upscale
@@ -547,6 +548,12 @@ def _weights_option(args) -> None:
 def cmd_export(args) -> int:
     _weights_option(args)
     _check_arch(args.arch)
+    if args.to == "ntire":
+        print(export_ntire(args.weights, args.output, team=args.team, name=args.team_name).summary())
+        return 0
+    if Path(args.weights).exists() and find_ensemble(args.weights) is not None:
+        raise UserError(f"--weights {args.weights}: the trained ensemble exports --to ntire; export one member's "
+                        f"checkpoint (data/finetune/<b>/best.pth) --to {args.to}")
     # torch.export traces with autograd's ordinary tensors; main() runs commands under inference_mode.
     with torch.inference_mode(False):
         if args.to == "onnx":
@@ -663,8 +670,11 @@ def _summarize_args(p: argparse.ArgumentParser) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="checkpoint to export (required)")
     p.add_argument("weights_positional", nargs="?", metavar="WEIGHTS", help="deprecated: use --weights")
-    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
-    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("--to", required=True, choices=(*FORMATS, "ntire"), help="output format")
+    p.add_argument("-o", "--output", required=True,
+                   help="file to write (ntire: the folder that gets models/ and model_zoo/)")
+    p.add_argument("--team", type=int, default=DEFAULT_TEAM, help=f"ntire: team number (default {DEFAULT_TEAM})")
+    p.add_argument("--team-name", default=DEFAULT_NAME, help=f"ntire: team name (default {DEFAULT_NAME})")
     p.add_argument("--arch", help="variant name for released weights (ours describe themselves)")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (>= 17; default {ONNX_OPSET})")
 
@@ -714,12 +724,16 @@ _COMMANDS: tuple[tuple[str, dict[str, str], Callable[[argparse.ArgumentParser], 
                     "compared pairwise: summary.md (also printed), summary.json, summary.png."), _summarize_args,
      cmd_summarize),
     ("export", dict(
-        help="a checkpoint as safetensors (self-describing), the official layout, or ONNX",
+        help="a checkpoint as safetensors (self-describing), the official layout, or ONNX; the ensemble as an "
+             "NTIRE submission",
         description="Write WEIGHTS (ours, released, any wrapping, .pth or .safetensors; or the fusion net's "
                     "best.pth) as: safetensors with our description in its metadata (loads with no --arch); the "
                     "official layout ({'params': ...} for DAT, SwinIR, RRDBNet; RFDN's bare dict on 0-255 "
                     "pixels; team 27's fusion layout); or ONNX with dynamic height and width, checked against "
-                    "PyTorch with onnxruntime on two sizes (needs the onnx extra)."), _export_args, cmd_export),
+                    "PyTorch with onnxruntime on two sizes (needs the onnx extra). --to ntire writes the trained "
+                    "ensemble (the ensemble stage's file or folder) as an NTIRE 2025 SR x4 submission: "
+                    "models/teamNN_Name/ (code that imports no srmodels, with main(model_dir, input_path, "
+                    "output_path, device)) and model_zoo/teamNN_Name/ (the weights)."), _export_args, cmd_export),
 )
 
 

@@ -179,3 +179,12 @@ def test_the_registered_model_predicts_the_same_pixels(trained, tmp_path, cli, m
     code, _, err = cli("upscale", "--weights", "models:/sr-ensemble/1", str(lr), "-o", str(tmp_path / "c"))
     assert code == 2 and err.startswith("srmodels: error: models:/sr-ensemble/1: could not fetch it from "
                                         "http://127.0.0.1:9") and not (tmp_path / "c").exists()
+
+
+def test_export_takes_the_ensemble_to_ntire_only(trained, tmp_path, cli):
+    code, out, _ = cli("export", "--weights", str(trained["file"]), "--to", "ntire", "-o", str(tmp_path / "sub"),
+                       "--team", "5", "--team-name", "Lab")
+    assert code == 0 and "from models.team05_Lab import main" in out
+    assert (tmp_path / "sub/model_zoo/team05_Lab" / layout.ENSEMBLE).read_bytes() == trained["file"].read_bytes()
+    code, _, err = cli("export", "--weights", str(trained["file"]), "--to", "onnx", "-o", str(tmp_path / "x.onnx"))
+    assert code == 2 and "the trained ensemble exports --to ntire" in err and not (tmp_path / "x.onnx").exists()
