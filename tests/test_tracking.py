@@ -518,6 +518,8 @@ def test_runs_list_the_data_versions_they_read(env, client, monkeypatch):
     assert json.loads(dataset.source)["dvc_stage"] == "prepare" and dataset.source_type == "dvc"
     exp = client.get_experiment_by_name("t-data")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs table, not GenAI traces
+    view = json.loads(json.loads(exp.tags["mlflow.sharedViewState.scores"])["state"])
+    assert {"attributes.`Dataset`", "metrics.`test.fusion.psnr_y`"} <= set(view["selectedColumns"])
     tags = client.get_run(score.parent_run_id).data.tags
     assert tags["mlflow.source.name"] == "dvc.yaml" and tags["mlflow.source.type"] == "LOCAL"
 

@@ -37,10 +37,30 @@ log = logging.getLogger(__name__)
 HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 TAG_ROLE, TAG_KEY, TAG_COMMIT = "srmodels.role", "srmodels.pipeline_key", "srmodels.git_commit"
 TAG_PARAMS_HASH = "srmodels.params_hash"
-# MLflow 3's UI opens an experiment by this tag; untagged, one without traces opens as a GenAI one (its traces
-# overview) instead of the runs table.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 TAG_DATA_CONTEXT = "mlflow.data.context"  # the Dataset column shows it beside each input
+# What the score stage logs on the pipeline's run: the fusion's test PSNR-Y and SSIM-Y.
+HEADLINE = ("test.fusion.psnr_y", "test.fusion.ssim_y")
+VIEW = "scores"  # the experiment's saved view of the runs table: data versions, source, model, headline scores
+# The experiment's kind: MLflow 3 UIs before the GenAI / Model training switch open a "custom_model_development"
+# experiment on its runs table, an untagged one without traces as GenAI (its traces overview). Set on every start.
+KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs table in the UI of the MLflow server at ``server``, as the saved view shows it."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={VIEW}")
+
+
+def _default_experiment_tags() -> dict[str, str]:
+    """Set where missing, so that a user's edits stay: the charts' primary metric and the saved view (the UI
+    keeps a view in the experiment tag ``mlflow.sharedViewState.<id>``: a name, times, and the view's state)."""
+    now = int(time.time() * 1000)
+    columns = [f"attributes.`{name}`" for name in ("Dataset", "Source", "Models")]
+    columns += [f"metrics.`{m}`" for m in HEADLINE]
+    view = {"name": VIEW, "createdAt": now, "updatedAt": now, "state": json.dumps({"selectedColumns": columns})}
+    return {"mlflow.experiment.primaryMetric.name": HEADLINE[0], "mlflow.experiment.primaryMetric.greaterIsBetter":
+            "true", f"mlflow.sharedViewState.{VIEW}": json.dumps(view)}
 # MLflow rejects longer values and bigger batches: one long list-valued param must not end tracking.
 _MAX_VALUE, _MAX_KEY, _BATCH = 6000, 250, 100
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
@@ -128,18 +148,18 @@ class StageRun:
         self._log_data(code)
 
     def _experiment(self, name: str) -> str:
-        """The experiment's id, created if missing, tagged so that MLflow's UI opens it as model training."""
+        """The experiment's id, created if missing, tagged so that MLflow's UI shows it as model training."""
         exp = self._client.get_experiment_by_name(name)
         try:
             if exp is None:
                 return self._client.create_experiment(name, artifact_location=artifact_location(self.uri),
-                                                      tags=EXPERIMENT_TAGS)
+                                                      tags={**_default_experiment_tags(), **KIND_TAGS})
         except Exception:
             if not (exp := self._client.get_experiment_by_name(name)):  # else another stage created it just now
                 raise
-        for tag, value in EXPERIMENT_TAGS.items():
-            if exp.tags.get(tag) != value:
-                self._client.set_experiment_tag(exp.experiment_id, tag, value)
+        missing = {k: v for k, v in _default_experiment_tags().items() if k not in exp.tags}
+        for tag, value in {**missing, **{k: v for k, v in KIND_TAGS.items() if exp.tags.get(k) != v}}.items():
+            self._client.set_experiment_tag(exp.experiment_id, tag, value)
         return exp.experiment_id
 
     def _log_data(self, code: str) -> None:
@@ -171,7 +191,8 @@ class StageRun:
         name = exp_name or f"repro-{code[:7]}{'+dirty' if code.endswith('+dirty') else ''}-{phash[:8]}"
         ours = self._client.create_run(exp_id, run_name=name, tags=_present({
             TAG_ROLE: "pipeline", TAG_KEY: key, TAG_PARAMS_HASH: phash, TAG_COMMIT: code,
-            **_source_tags("dvc.yaml", code), "srmodels.dvc_exp_name": exp_name, "srmodels.dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}))
+            **_source_tags("dvc.yaml", code), "srmodels.dvc_exp_name": exp_name,
+            "srmodels.dvc_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}))
         if (winner := oldest()) != ours.info.run_id:
             self._client.delete_run(ours.info.run_id)
         return winner
