@@ -10,7 +10,8 @@ it reads with the md5 dvc.lock holds for them (DVC writes dvc.lock after each st
 reads); the pipeline's run lists the source data (the outputs of stages that read no other stage's outputs). A
 stage's own outputs are hashed by DVC after it ends: they appear in the runs of the stages that read them.
 Inputs from outside the pipeline (``data.div2k.root``, pretrained weights) are left out: dvc.lock holds the
-hash of their previous read until the stage ends.
+hash of their previous read until the stage ends. A stage run by hand lists what dvc.lock holds, which is what it
+reads when the workspace matches dvc.lock (``dvc status`` clean upstream).
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ VIEW = "scores"  # the experiment's saved view of the runs table: data versions,
 # experiment on its runs table, an untagged one without traces as GenAI (its traces overview). Set on every start.
 KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
+# MLflow rejects longer values and bigger batches: one long list-valued param must not end tracking.
+_MAX_VALUE, _MAX_KEY, _BATCH = 6000, 250, 100
+_BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
+
 
 def ui_url(server: str, experiment_id: str) -> str:
     """The experiment's runs table in the UI of the MLflow server at ``server``, as the saved view shows it."""
@@ -59,11 +64,9 @@ def _default_experiment_tags() -> dict[str, str]:
     columns = [f"attributes.`{name}`" for name in ("Dataset", "Source", "Models")]
     columns += [f"metrics.`{m}`" for m in HEADLINE]
     view = {"name": VIEW, "createdAt": now, "updatedAt": now, "state": json.dumps({"selectedColumns": columns})}
-    return {"mlflow.experiment.primaryMetric.name": HEADLINE[0], "mlflow.experiment.primaryMetric.greaterIsBetter":
-            "true", f"mlflow.sharedViewState.{VIEW}": json.dumps(view)}
-# MLflow rejects longer values and bigger batches: one long list-valued param must not end tracking.
-_MAX_VALUE, _MAX_KEY, _BATCH = 6000, 250, 100
-_BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
+    return {"mlflow.experiment.primaryMetric.name": HEADLINE[0],
+            "mlflow.experiment.primaryMetric.greaterIsBetter": "true",
+            f"mlflow.sharedViewState.{VIEW}": json.dumps(view)}
 
 
 class Terminated(SystemExit):
