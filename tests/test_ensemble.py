@@ -7,6 +7,7 @@ those PNGs' pixels exactly, in this process and through MLflow's registry.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,11 @@ def test_the_registered_model_predicts_the_same_pixels(trained, tmp_path, cli, m
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(exp).info.run_id
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     info = log_ensemble_model(uri, run, trained["file"], registered_name="sr-ensemble", scores={"test.psnr_y": 30.5})
+    # The process's own default store is untouched (other code of the process logs elsewhere).
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before and mlflow.get_tracking_uri() != uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert info.registered_model_version == 1
     assert client.get_model_version("sr-ensemble", "1").tags == {"test.psnr_y": "30.5"}
     model = mlflow.pyfunc.load_model("models:/sr-ensemble/1")
@@ -168,7 +173,6 @@ def test_the_registered_model_predicts_the_same_pixels(trained, tmp_path, cli, m
     with pytest.raises(mlflow.exceptions.MlflowException):  # the signature refuses other pixel types
         model.predict(read_image(trained["lr"][0])[None].astype(np.float32))
     # The command line fetches it by name; a wrong name or a store that is down is one line.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     lr = trained["lr"][0]
     code, _, _ = cli("upscale", "--weights", "models:/sr-ensemble/1", str(lr), "-o", str(tmp_path / "a"))
     assert code == 0 and np.array_equal(read_image(tmp_path / "a" / lr.name), read_image(trained["sr"] / lr.name))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -21,6 +22,24 @@ log = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("ensemble_model.py")
 MODEL_NAME = "ensemble"  # the logged model's name in its run
 ARTIFACT = "ensemble"  # ensemble_model.py reads the file under this key
+
+
+@contextmanager
+def _store(uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API (``log_model``, ``download_artifacts``) on the store ``uri``, for the block only:
+    ``mlflow.set_tracking_uri`` sets a process-wide default and ``MLFLOW_TRACKING_URI``, both put back after."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if uri:
+            mlflow.set_tracking_uri(None)  # no process-wide default (it unsets the variable too)
+            if before is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def signature() -> Any:
@@ -53,8 +72,7 @@ def log_ensemble_model(uri: str, run_id: str, path: Path, *, registered_name: st
     from srmodels.models.ensemble import read_ensemble
 
     description = read_ensemble(path)[0]
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with _store(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(path)}, signature=signature(),
             pip_requirements=requirements(), registered_model_name=registered_name,
@@ -93,9 +111,8 @@ def download_model(model_uri: str, tracking_uri: str | None, dst: Path) -> Path:
         for name, value in HTTP_ENV_DEFAULTS.items():  # a server that is down costs seconds, not minutes
             os.environ.setdefault(name, value)
     try:
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        with _store(tracking_uri):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except MlflowException as err:
         reason = " ".join(str(err.message).split())[:300]
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
