@@ -282,4 +282,5 @@ def test_ui_shows_the_runs_table_with_data_source_model_and_score(pipeline, serv
     assert "matching runs" in dom and parent.info.run_name in dom, "the runs table is not shown"
     assert "data/prepared/val" in dom, "the Dataset cell is empty"
     assert "dvc.yaml" in dom, "the Source cell is empty"
+    assert ">srmodels-ensemble<" in dom, "the Models cell does not show the registered ensemble"
     assert HEADLINE[0] in dom and f">{parent.data.metrics[HEADLINE[0]]}<" in dom, "the headline score is not shown"
