@@ -176,6 +176,8 @@ def _check_model_limits(model, args, inputs: Iterable[tuple[str | Path, int, int
 
 
 def _sr(model, lr: np.ndarray, args, device: torch.device, path: Path) -> np.ndarray:
+    if isinstance(model, Ensemble):  # its own settings; its inputs were checked against every member
+        return model.upscale_image(lr)
     x = to_tensor(lr).to(device)
     try:
         # bf16 autocast is what training and caching use on CUDA; on CPU it is slow but checks the numerics.
@@ -244,25 +246,19 @@ def cmd_eval(args) -> int:
     count = check_benchmark_sets(sets, scale=scale, crop_border=crop_border, sizes=sizes)
     log.info("checked %d image(s) in %d set(s)", count, len(sets))
     device = _device(args.device)
-    ensemble = _ensemble(args)
-    model = ensemble.to(device) if ensemble is not None else accelerate(
-        load_model(args.weights, args.arch).to(device), enabled=not args.plain)
-    if model.scale != scale:
-        raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
     # LR = mod-cropped HR / scale; one made from HR is named by its HR file
-    lr_sizes = [(entry.lr_path or entry.origin, h // scale, w // scale) for entry, (h, w) in sizes]
+    model = _model(args, device, [(entry.lr_path or entry.origin, h // scale, w // scale)
+                                  for entry, (h, w) in sizes], scale=scale)
+    ensemble = model if isinstance(model, Ensemble) else None
     if ensemble is not None:
-        for name, h, w in lr_sizes:
-            ensemble.check_input(h, w, name)
         label = args.label or f"fusion({'+'.join(ensemble.names)}){'+se' if ensemble.self_ensemble else ''}"
-        predict = lambda lr, entry: ensemble.upscale_image(lr)  # noqa: E731
         described = {"arch": "ensemble", "variant": None, **ensemble.describe()}
     else:
-        _check_model_limits(model, args, lr_sizes)
         label = args.label or f"{model.variant or model.arch}{'+se' if args.self_ensemble else ''}"
-        predict = lambda lr, entry: _sr(model, lr, args, device, entry.lr_path or Path(entry.origin))  # noqa: E731
         described = {"arch": model.arch, "variant": model.variant}
-    scored = score_benchmark_sets(sets, predict, scale=scale, crop_border=crop_border)
+    scored = score_benchmark_sets(
+        sets, lambda lr, entry: _sr(model, lr, args, device, entry.lr_path or Path(entry.origin)),
+        scale=scale, crop_border=crop_border)
     x8 = ensemble.self_ensemble if ensemble is not None else args.self_ensemble
     channel = "y" if args.y_channel else "rgb"
     table = sets_table({label: {s: r["mean"] for s, r in scored.items()}},
@@ -289,13 +285,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _model(args, device: torch.device, lr_sizes: list[tuple[str | Path, int, int]], scale: int | None = None):
+    """The model ``--weights`` names, on ``device``: the trained ensemble, or one backbone on the CPU kernels
+    (unless --plain). Checked before any forward: its scale against ``scale``, and every LR input (name, height,
+    width) against the smallest it processes."""
+    ensemble = _ensemble(args)
+    model = ensemble.to(device) if ensemble is not None else accelerate(
+        load_model(args.weights, args.arch).to(device), enabled=not args.plain)
+    if scale is not None and model.scale != scale:
+        raise CheckpointError(f"{args.weights}: the model upscales x{model.scale}, but --scale {scale}")
+    if ensemble is not None:
+        for name, h, w in lr_sizes:
+            ensemble.check_input(h, w, name)
+    else:
+        _check_model_limits(model, args, lr_sizes)
+    return model
+
+
 def _ensemble(args) -> Ensemble | None:
     """The ensemble ``--weights`` names (an ensemble file, its folder, an MLflow model's folder, or a
     ``models:/`` URI of the MLflow store), or None for a single model's checkpoint. An ensemble runs with the
     settings it was trained and tested with."""
     if args.weights.startswith(("models:/", "runs:/")):  # a model of the MLflow store (MLFLOW_TRACKING_URI)
         return _registered_ensemble(args)
-    file = find_ensemble(args.weights) if Path(args.weights).exists() else None
+    file = find_ensemble(args.weights)
     if file is None:
         return None
     _check_ensemble_flags(args)
@@ -334,14 +347,7 @@ def cmd_upscale(args) -> int:
     # the input policy: all checked before the model is built
     sizes = [(path, *_checked_size(path)) for path in files]
     device = _device(args.device)
-    ensemble = _ensemble(args)
-    if ensemble is not None:
-        model = ensemble.to(device)
-        for name, h, w in sizes:
-            ensemble.check_input(h, w, name)
-    else:
-        model = accelerate(load_model(args.weights, args.arch).to(device), enabled=not args.plain)
-        _check_model_limits(model, args, sizes)
+    model = _model(args, device, sizes)
 
     def target(path: Path) -> Path:
         stem = path.stem
@@ -354,9 +360,7 @@ def cmd_upscale(args) -> int:
         seen[target(path)] = path
     with _all_at_once(out) as staging:
         for path in files:
-            lr = read_image(path)
-            sr = ensemble.upscale_image(lr) if ensemble is not None else _sr(model, lr, args, device, path)
-            write_image(staging / target(path).name, sr)
+            write_image(staging / target(path).name, _sr(model, read_image(path), args, device, path))
             log.info("%s -> %s", path, target(path))
     return 0
 
@@ -551,7 +555,7 @@ def cmd_export(args) -> int:
     if args.to == "ntire":
         print(export_ntire(args.weights, args.output, team=args.team, name=args.team_name).summary())
         return 0
-    if Path(args.weights).exists() and find_ensemble(args.weights) is not None:
+    if find_ensemble(args.weights) is not None:
         raise UserError(f"--weights {args.weights}: the trained ensemble exports --to ntire; export one member's "
                         f"checkpoint (data/finetune/<b>/best.pth) --to {args.to}")
     # torch.export traces with autograd's ordinary tensors; main() runs commands under inference_mode.

@@ -148,17 +148,14 @@ def find_ensemble(path: str | Path) -> Path | None:
 
 
 def _metadata(path: Path) -> str | None:
-    """The ensemble's JSON text from a safetensors header, or None for any other file (read: the header only)."""
+    """The ensemble's JSON text from a safetensors header, or None for any other file (reads the header only)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= min(100_000_000, path.stat().st_size - 8):
-                return None
-            header = json.loads(f.read(n))
-    except (OSError, ValueError):
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta.get(METADATA_KEY) if isinstance(meta, dict) else None
 
 
 def read_ensemble(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

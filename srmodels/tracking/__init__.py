@@ -1,7 +1,7 @@
 """MLflow tracking for the DVC pipeline: one parent run per pipeline run, one nested child run per stage.
 
-May import: core, models (the ensemble logged as an MLflow model). The only package that imports mlflow, and only once a stage tracks (the import costs seconds). Each stage process
-finds or creates the top-level run tagged with its pipeline key (:func:`srmodels.core.provenance.pipeline_key`)
+May import: core, models (the ensemble logged as an MLflow model). The only package that imports mlflow, and only
+once a stage tracks (the import costs seconds). Each stage process finds or creates the top-level run tagged with its pipeline key (:func:`srmodels.core.provenance.pipeline_key`)
 and params hash (less the ``mlflow`` section: where results are logged does not change them). The first MLflow
 error logs one warning and turns the run into a no-op: tracking never changes a result.
 
@@ -49,6 +49,13 @@ KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow rejects longer values and bigger batches: one long list-valued param must not end tracking.
 _MAX_VALUE, _MAX_KEY, _BATCH = 6000, 250, 100
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")
+
+
+def use_http_defaults(uri: str) -> None:
+    """For an http(s) store, MLflow's retries and timeout as HTTP_ENV_DEFAULTS sets them, unless the user set them."""
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
 
 
 def ui_url(server: str, experiment_id: str) -> str:
@@ -131,9 +138,7 @@ class StageRun:
         if self.uri is None:
             self.active = False
             return log.info("MLflow tracking is off; stage %s is not tracked", self.stage)
-        if self.uri.startswith(("http://", "https://")):
-            for name, value in HTTP_ENV_DEFAULTS.items():
-                os.environ.setdefault(name, value)
+        use_http_defaults(self.uri)
         from mlflow import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from srmodels.tracking import HTTP_ENV_DEFAULTS
+from srmodels.tracking import use_http_defaults
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,7 @@ def download_model(model_uri: str, tracking_uri: str | None, dst: Path) -> Path:
     from srmodels.core.errors import UserError
 
     where = tracking_uri or "the default MLflow store"
-    if (tracking_uri or "").startswith(("http://", "https://")):
-        for name, value in HTTP_ENV_DEFAULTS.items():  # a server that is down costs seconds, not minutes
-            os.environ.setdefault(name, value)
+    use_http_defaults(tracking_uri or "")  # a server that is down costs seconds, not minutes
     try:
         with _store(tracking_uri):
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
